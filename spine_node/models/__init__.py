@@ -1,0 +1,1 @@
+"""Model bundle, triage ensemble, detector and gate."""

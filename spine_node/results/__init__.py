@@ -1,0 +1,1 @@
+"""Result types and the DICOM objects built from them."""

@@ -1,0 +1,160 @@
+"""Typed, immutable values passed between the cascade, the results builders and the worker."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: VinDr-SpineXR lesion labels, exactly as the data spells them (index = detector class id).
+LESION_LABELS: tuple[str, ...] = (
+    "Osteophytes",
+    "Disc space narrowing",
+    "Surgical implant",
+    "Spondylolysthesis",
+    "Foraminal stenosis",
+    "Vertebral collapse",
+    "Other lesions",
+)
+
+#: How a label is shown to people (VinDr misspells spondylolisthesis).
+DISPLAY_LABELS: Mapping[str, str] = {
+    "Spondylolysthesis": "Spondylolisthesis",
+}
+
+
+def display_label(label: str) -> str:
+    """Return the human-readable form of a VinDr label."""
+    return DISPLAY_LABELS.get(label, label)
+
+
+class Status(str, enum.Enum):
+    """Outcome of the cascade for one image."""
+
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    NOT_PROCESSED = "not_processed"
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One detected lesion.
+
+    Attributes
+    ----------
+    label : str
+        VinDr label (one of ``LESION_LABELS``).
+    score : float
+        Detector confidence in [0, 1].
+    box : tuple of float
+        ``(xmin, ymin, xmax, ymax)`` in source-image pixel coordinates (column, row).
+    grade : str or None
+        Meyerding grade (``"I"`` .. ``"IV"``) for spondylolisthesis findings, when graded.
+    """
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    grade: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.label not in LESION_LABELS:
+            raise ValueError(f"Finding label must be one of {LESION_LABELS}, got {self.label!r}")
+        if not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"Finding score must be in [0, 1], got {self.score!r}")
+        if len(self.box) != 4:
+            raise ValueError(f"Finding box must have 4 values, got {self.box!r}")
+        xmin, ymin, xmax, ymax = self.box
+        if not (xmax > xmin and ymax > ymin):
+            raise ValueError(f"Finding box must have xmax > xmin and ymax > ymin, got {self.box!r}")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What produced a result: identifies the model bundle in every output object.
+
+    Attributes
+    ----------
+    name : str
+        Bundle name (used as the device's model name).
+    version : str
+        Bundle version (part of every derived UID).
+    demo : bool
+        True for the phantom-trained demo bundle: every output object must say so.
+    intended_use : str
+        Free text from the manifest.
+    parameters : Mapping[str, Any]
+        Algorithm parameters worth recording (member weights, hashes, threshold, TTA views).
+    """
+
+    name: str
+    version: str
+    demo: bool = False
+    intended_use: str = ""
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CascadeResult:
+    """The cascade's answer for one image.
+
+    Attributes
+    ----------
+    sop_instance_uid : str
+        The source image's SOP Instance UID.
+    status : Status
+        positive, negative or not_processed.
+    reason : str or None
+        Why the image was not processed (required then), in words a radiologist understands.
+    score : float or None
+        Ensemble probability of "abnormal" (None when not processed).
+    threshold : float
+        Decision threshold in force.
+    findings : tuple of Finding
+        Detected lesions (empty unless the detector ran).
+    member_scores : Mapping[str, float]
+        Per-member probabilities, keyed by member name.
+    heatmap : Any
+        Optional Grad-CAM heatmap (numpy array, source-image shape, values in [0, 1]).
+    """
+
+    sop_instance_uid: str
+    status: Status
+    reason: str | None = None
+    score: float | None = None
+    threshold: float = 0.478
+    findings: tuple[Finding, ...] = ()
+    member_scores: Mapping[str, float] = field(default_factory=dict)
+    heatmap: Any = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.status, Status):
+            raise TypeError(f"status must be a Status, got {type(self.status).__name__}")
+        if self.status is Status.NOT_PROCESSED and not self.reason:
+            raise ValueError("a not_processed result needs a reason")
+        if self.status is not Status.NOT_PROCESSED and self.score is None:
+            raise ValueError(f"a {self.status.value} result needs a score")
+        if self.score is not None and not 0.0 <= self.score <= 1.0:
+            raise ValueError(f"score must be in [0, 1], got {self.score!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form used by ``spine-node analyze``, the database and webhooks."""
+        return {
+            "sop_instance_uid": self.sop_instance_uid,
+            "status": self.status.value,
+            "reason": self.reason,
+            "score": self.score,
+            "threshold": self.threshold,
+            "member_scores": dict(self.member_scores),
+            "findings": [
+                {
+                    "label": f.label,
+                    "display_label": display_label(f.label),
+                    "score": f.score,
+                    "box": list(f.box),
+                    "grade": f.grade,
+                }
+                for f in self.findings
+            ],
+        }

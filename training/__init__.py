@@ -1,0 +1,1 @@
+"""Training and evaluation of the spine-node models on VinDr-SpineXR (or the phantom)."""
