@@ -1,0 +1,252 @@
+"""Validated settings: a TOML file plus ``SPINE_NODE_<KEY>`` environment overrides.
+
+Every number the node runs on is a setting with a default here; nothing is read from module
+state. ``load_settings`` raises :class:`ConfigError`, naming the key and the bad value, which
+the command line turns into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+ENV_PREFIX = "SPINE_NODE_"
+_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
+
+
+class ConfigError(ValueError):
+    """A configuration file or value is invalid.
+
+    Parameters
+    ----------
+    key : str
+        Dotted name of the offending setting (``"port"``, ``"destinations.0.host"``).
+    value : Any
+        The value that was received.
+    message : str
+        What is wrong with it.
+    """
+
+    def __init__(self, key: str, value: Any, message: str) -> None:
+        self.key = key
+        self.value = value
+        self.message = message
+        super().__init__(f"invalid setting {key} = {value!r}: {message}")
+
+
+def _check_ae(value: str) -> str:
+    stripped = value.strip()
+    if not _AE_RE.match(stripped):
+        raise ValueError("an AE title is 1 to 16 printable characters, no backslash")
+    return stripped
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSSettings(_Strict):
+    """DICOM TLS (PS3.15 BCP 195) for the receiver or one destination."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_file: Path | None = None
+    require_client_certificate: bool = False
+
+
+class Destination(_Strict):
+    """A DICOM peer that receives our results by C-STORE."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    tls: TLSSettings = TLSSettings()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return _check_ae(value)
+
+
+class ResultsSettings(_Strict):
+    """What result objects are produced and how their series look."""
+
+    sr_series_number: int = Field(default=9901, ge=1, le=2**31 - 1)
+    sc_series_number: int = Field(default=9902, ge=1, le=2**31 - 1)
+    gsps_series_number: int = Field(default=9903, ge=1, le=2**31 - 1)
+    sr_series_description: str = "AI spine triage report"
+    sc_series_description: str = "AI spine triage overlay"
+    gsps_series_description: str = "AI spine triage annotations"
+    secondary_capture: bool = True
+    gsps: bool = False
+    institution_name: str = ""
+
+
+class Settings(_Strict):
+    """All settings of one node. See ``config/spine-node.toml`` for each key's meaning."""
+
+    ae_title: str = "SPINENODE"
+    port: int = Field(default=11112, ge=1, le=65535)
+    bind_address: str = "0.0.0.0"
+    data_dir: Path = Path("/var/lib/spine-node")
+    database_url: str | None = None
+    allowed_calling_aes: tuple[str, ...] = ()
+    require_called_ae: bool = True
+    max_associations: int = Field(default=10, ge=1, le=1000)
+    max_pdu_length: int = Field(default=65536, ge=4096, le=2**24)
+    network_timeout_s: float = Field(default=60.0, gt=0)
+    acse_timeout_s: float = Field(default=30.0, gt=0)
+    dimse_timeout_s: float = Field(default=60.0, gt=0)
+    min_free_bytes: int = Field(default=1024**3, ge=0)
+    tls: TLSSettings = TLSSettings()
+
+    bundle: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["torch", "onnx"] = "torch"
+    worker_batch_size: int = Field(default=4, ge=1, le=256)
+    worker_poll_s: float = Field(default=1.0, gt=0)
+    lease_s: float = Field(default=600.0, gt=0)
+    job_max_attempts: int = Field(default=3, ge=1, le=100)
+
+    send_max_attempts: int = Field(default=10, ge=1, le=1000)
+    send_backoff_base_s: float = Field(default=10.0, gt=0)
+    send_backoff_max_s: float = Field(default=3600.0, gt=0)
+    send_backoff_jitter: float = Field(default=0.2, ge=0, le=1)
+    send_batch_size: int = Field(default=50, ge=1, le=10000)
+    sweep_interval_s: float = Field(default=2.0, gt=0)
+    spool_retention_h: float = Field(default=168.0, ge=0)
+    webhook_url: str | None = None
+
+    log_json: bool = False
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    results: ResultsSettings = ResultsSettings()
+    destinations: tuple[Destination, ...] = ()
+
+    @field_validator("ae_title")
+    @classmethod
+    def _check_ae_title(cls, value: str) -> str:
+        return _check_ae(value)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_calling(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(_check_ae(v) for v in value)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
+        names = [d.name for d in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"destination name {name!r} is used twice")
+        return value
+
+    @property
+    def spool_dir(self) -> Path:
+        """Where received images are kept until their results are delivered."""
+        return self.data_dir / "spool"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Where result objects wait to be sent."""
+        return self.data_dir / "outbox"
+
+    @property
+    def db_url(self) -> str:
+        """SQLAlchemy URL of the queue database (SQLite under data_dir by default)."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'spine-node.db'}"
+
+    def destination(self, name: str) -> Destination:
+        """Return the destination called ``name``.
+
+        Raises
+        ------
+        KeyError
+            When no destination has that name.
+        """
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        known = ", ".join(d.name for d in self.destinations) or "none"
+        raise KeyError(f"no destination named {name!r} (configured: {known})")
+
+
+def _env_value(raw: str) -> Any:
+    """Parse an environment value: JSON when it parses (numbers, lists, booleans), else text."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay ``SPINE_NODE_<KEY>`` (and ``SPINE_NODE_<SECTION>__<KEY>``) variables."""
+    merged = dict(data)
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        path = name[len(ENV_PREFIX) :].lower().split("__")
+        if path[0] not in Settings.model_fields:
+            raise ConfigError(name, raw, "no such setting")
+        target = merged
+        for part in path[:-1]:
+            inner = target.get(part)
+            target[part] = dict(inner) if isinstance(inner, Mapping) else {}
+            target = target[part]
+        target[path[-1]] = _env_value(raw)
+    return merged
+
+
+def settings_from_mapping(
+    data: Mapping[str, Any], environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a mapping (the parsed TOML) with environment overrides applied.
+
+    Parameters
+    ----------
+    data : Mapping
+        Parsed configuration.
+    environ : Mapping, optional
+        Environment to read ``SPINE_NODE_*`` overrides from (default: ``os.environ``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first invalid key and its value.
+    """
+    merged = _apply_env(dict(data), os.environ if environ is None else environ)
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "<file>"
+        raise ConfigError(key, err.get("input"), err["msg"]) from None
+
+
+def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate a TOML settings file (or only the environment when ``path`` is None).
+
+    Raises
+    ------
+    ConfigError
+        When the file is missing, is not valid TOML, or holds an invalid value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError("--config", str(path), "file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
+    return settings_from_mapping(data, environ)

@@ -1,0 +1,271 @@
+"""The dispatcher: deliver result objects to every destination, with retries and dead letters.
+
+Each sweep claims due sends, opens one association per destination for the batch, sends each
+object by C-STORE and checks every DIMSE status. A failed send waits with exponential backoff
+and jitter; after the last attempt it is ``dead`` (visible in ``spine-node status``, requeued by
+``spine-node replay``). A retried send reuses the stored object, so its SOP Instance UID never
+changes. APScheduler drives the periodic sweeps (sends, expired leases, spool retention).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+from pydicom import dcmread
+from pynetdicom import AE, StoragePresentationContexts
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+from spine_node.config import Destination, Settings
+from spine_node.receiver import client_ssl_context
+from spine_node.store import Backoff, ClaimedSend, JobStore
+
+logger = logging.getLogger(__name__)
+
+#: DIMSE statuses that mean the peer stored the object (success and the storage warnings).
+DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+
+
+@dataclass(frozen=True)
+class DispatchSettings:
+    """Dispatcher knobs (from Settings)."""
+
+    calling_ae: str
+    max_attempts: int
+    backoff: Backoff
+    batch_size: int
+    lease_s: float
+    timeout_s: float
+    webhook_url: str | None
+
+
+def dispatch_settings(settings: Settings) -> DispatchSettings:
+    """Extract the dispatcher's settings."""
+    return DispatchSettings(
+        calling_ae=settings.ae_title,
+        max_attempts=settings.send_max_attempts,
+        backoff=Backoff(
+            settings.send_backoff_base_s, settings.send_backoff_max_s, settings.send_backoff_jitter
+        ),
+        batch_size=settings.send_batch_size,
+        lease_s=max(60.0, settings.dimse_timeout_s * 4),
+        timeout_s=settings.dimse_timeout_s,
+        webhook_url=settings.webhook_url,
+    )
+
+
+def _scu_ae(calling_ae: str, timeout_s: float, sop_classes: Sequence[str] = ()) -> AE:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = timeout_s
+    ae.dimse_timeout = timeout_s
+    ae.network_timeout = timeout_s
+    if sop_classes:
+        for uid in sorted(set(sop_classes)):
+            ae.add_requested_context(uid)
+    else:
+        ae.requested_contexts = StoragePresentationContexts
+    return ae
+
+
+def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> int | None:
+    """C-ECHO a destination; return the DIMSE status (None when no association was made)."""
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(Verification)
+    tls = (
+        (client_ssl_context(destination.tls), destination.host) if destination.tls.enabled else None
+    )
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls
+    )
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if "Status" in status else None
+    finally:
+        assoc.release()
+
+
+class Dispatcher:
+    """Delivers queued result objects.
+
+    Parameters
+    ----------
+    store : JobStore
+        The queue.
+    destinations : sequence of Destination
+        Configured peers, by name.
+    outbox_dir : pathlib.Path
+        Where result objects are stored.
+    settings : DispatchSettings
+        Attempts, backoff, batch size.
+    rng : random.Random
+        Jitter source (seeded by tests).
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        destinations: Sequence[Destination],
+        outbox_dir: Path,
+        settings: DispatchSettings,
+        rng: random.Random,
+    ) -> None:
+        self.store = store
+        self.destinations = {d.name: d for d in destinations}
+        self.outbox_dir = outbox_dir
+        self.settings = settings
+        self.rng = rng
+
+    def run_once(self) -> int:
+        """Claim due sends and try each once; return how many were attempted."""
+        sends = self.store.claim_sends(self.settings.lease_s, self.settings.batch_size)
+        by_dest: dict[str, list[ClaimedSend]] = defaultdict(list)
+        for send in sends:
+            by_dest[send.destination].append(send)
+        for name, batch in by_dest.items():
+            if name == "webhook":
+                for send in batch:
+                    self._post_webhook(send)
+            elif name not in self.destinations:
+                for send in batch:
+                    self._failed(send, f"destination {name!r} is no longer configured")
+            else:
+                self._send_dicom(self.destinations[name], batch)
+        return len(sends)
+
+    def _failed(self, send: ClaimedSend, error: str) -> None:
+        state = self.store.mark_send_failed(
+            send.send_id, error, self.settings.max_attempts, self.settings.backoff, self.rng
+        )
+        log = logger.error if state.value == "dead" else logger.warning
+        log(
+            "send %d to %s attempt %d: %s -> %s",
+            send.send_id,
+            send.destination,
+            send.attempts,
+            error,
+            state.value,
+        )
+
+    def _send_dicom(self, dest: Destination, batch: list[ClaimedSend]) -> None:
+        datasets = []
+        for send in batch:
+            try:
+                datasets.append((send, dcmread(self.outbox_dir / send.path)))
+            except Exception as exc:
+                self._failed(send, f"result object unreadable: {exc}")
+        if not datasets:
+            return
+        ae = _scu_ae(
+            self.settings.calling_ae,
+            self.settings.timeout_s,
+            [str(ds.SOPClassUID) for _, ds in datasets],
+        )
+        tls = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        if not assoc.is_established:
+            for send, _ in datasets:
+                self._failed(
+                    send,
+                    f"association with {dest.ae_title}@{dest.host}:{dest.port} "
+                    "was rejected or could not be made",
+                )
+            return
+        try:
+            for send, ds in datasets:
+                if not assoc.is_established:
+                    self._failed(send, "association ended before this object was sent")
+                    continue
+                try:
+                    rsp = assoc.send_c_store(ds)
+                except Exception as exc:
+                    self._failed(send, f"C-STORE error: {exc}")
+                    continue
+                status = int(rsp.Status) if "Status" in rsp else None
+                if status in DELIVERED_STATUSES:
+                    self.store.mark_sent(send.send_id)
+                    logger.info(
+                        "send %d delivered to %s (status 0x%04X)", send.send_id, dest.name, status
+                    )
+                else:
+                    text = "no response" if status is None else f"status 0x{status:04X}"
+                    self._failed(send, f"C-STORE refused by {dest.ae_title}: {text}")
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _post_webhook(self, send: ClaimedSend) -> None:
+        url = self.settings.webhook_url
+        if not url:
+            self._failed(send, "no webhook_url configured")
+            return
+        try:
+            body = (self.outbox_dir / send.path).read_bytes()
+            request = urllib.request.Request(
+                url, data=body, method="POST", headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+                code = response.status
+        except Exception as exc:
+            self._failed(send, f"webhook POST failed: {exc}")
+            return
+        if 200 <= code < 300:
+            self.store.mark_sent(send.send_id)
+        else:
+            self._failed(send, f"webhook answered HTTP {code}")
+
+
+def retention_sweep(store: JobStore, spool_dir: Path, retention_s: float, now: float) -> int:
+    """Delete spool files of delivered instances older than the retention; return the count."""
+    removed = 0
+    for instance_id, relative in store.deliverable_spool(now - retention_s):
+        (spool_dir / relative).unlink(missing_ok=True)
+        store.mark_spool_deleted(instance_id)
+        removed += 1
+    if removed:
+        logger.info("retention removed %d spooled images", removed)
+    return removed
+
+
+def start_scheduler(
+    settings: Settings, store: JobStore, dispatcher: Dispatcher | None
+) -> BackgroundScheduler:
+    """Start the periodic sweeps: sends, expired leases and spool retention."""
+    scheduler = BackgroundScheduler(daemon=True)
+    common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
+    if dispatcher is not None:
+        scheduler.add_job(
+            dispatcher.run_once,
+            "interval",
+            seconds=settings.sweep_interval_s,
+            id="dispatch",
+            **common,
+        )
+    scheduler.add_job(
+        store.expire_leases,
+        "interval",
+        seconds=max(5.0, settings.sweep_interval_s),
+        args=[settings.job_max_attempts],
+        id="leases",
+        **common,
+    )
+    scheduler.add_job(
+        lambda: retention_sweep(
+            store, settings.spool_dir, settings.spool_retention_h * 3600, time.time()
+        ),
+        "interval",
+        seconds=300,
+        id="retention",
+        **common,
+    )
+    scheduler.start()
+    return scheduler

@@ -1,0 +1,106 @@
+"""Durable files on disk: received images (spool) and result objects (outbox).
+
+File names never come from received values: they are the SHA-256 of the SOP Instance UID,
+so nothing can be written outside the configured directory whatever a sender puts in a UID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+class SpoolFull(OSError):
+    """Free space is below the configured watermark."""
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` (and parents) with mode 0700 when missing and return it."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return path
+
+
+def relative_name(uid: str, suffix: str = ".dcm") -> str:
+    """Return the relative path for an object: ``ab/abcdef....dcm`` from the UID's SHA-256.
+
+    Parameters
+    ----------
+    uid : str
+        Any string (a UID as received; it may hold anything).
+    suffix : str
+        File suffix.
+    """
+    digest = hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{digest[:2]}/{digest}{suffix}"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durable(root: Path, relative: str, data: bytes, min_free_bytes: int = 0) -> Path:
+    """Write ``data`` to ``root/relative`` atomically and durably.
+
+    The bytes go to a temporary file in the target directory, which is fsynced, renamed over the
+    target and the directory fsynced. On any failure the temporary file is removed, so no partial
+    file is ever visible under the final name.
+
+    Parameters
+    ----------
+    root : pathlib.Path
+        Spool or outbox directory.
+    relative : str
+        Relative path from :func:`relative_name`.
+    data : bytes
+        Content.
+    min_free_bytes : int
+        Refuse (``SpoolFull``) when less than this would remain free after writing.
+
+    Returns
+    -------
+    pathlib.Path
+        The final path.
+    """
+    target = (root / relative).resolve()
+    if root.resolve() not in target.parents:
+        raise ValueError(f"relative path {relative!r} escapes {root}")
+    directory = target.parent
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if min_free_bytes:
+        free = shutil.disk_usage(directory).free
+        if free - len(data) < min_free_bytes:
+            raise SpoolFull(f"only {free} bytes free in {root}, watermark {min_free_bytes}")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp_name, 0o600)
+        os.replace(tmp_name, target)
+        _fsync_dir(directory)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    return target
+
+
+def remove_stale_parts(root: Path) -> int:
+    """Delete temporary ``.part`` files left by a crash; return how many were removed."""
+    if not root.exists():
+        return 0
+    count = 0
+    for part in root.rglob(".incoming-*.part"):
+        part.unlink(missing_ok=True)
+        count += 1
+    return count

@@ -1,0 +1,258 @@
+"""The worker: claim queued jobs, run the cascade, write result objects, queue their sends.
+
+Models stay warm in the :class:`Cascade` passed in; queued images are processed in batches.
+A job whose processing raises is retried (``failed`` with backoff) up to ``job_max_attempts``;
+after the last attempt the worker still tries to give the radiologist a visible outcome: a
+"not processed" result saying processing failed. Only when even that is impossible does the
+job end ``dead``. SIGTERM (``stop`` set) lets the current batch finish.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import Dataset, dcmread
+from pydicom.filebase import DicomBytesIO
+
+from spine_node.results.types import CascadeResult, ModelInfo, Status
+from spine_node.spool import relative_name, write_durable
+from spine_node.store import ClaimedJob, JobOutcome, JobState, JobStore, LeaseLost, SendSpec
+
+logger = logging.getLogger(__name__)
+
+
+class CascadeLike(Protocol):
+    """What the worker needs of the cascade (spine_node.pipeline.Cascade)."""
+
+    model_info: ModelInfo
+
+    def analyze(self, datasets: Sequence[Dataset]) -> list[CascadeResult]:
+        """Return one result per dataset; never raise for one bad image."""
+        ...
+
+
+#: Builds the DICOM result objects for one image: (source, result, model, study priority).
+ResultBuilder = Callable[[Dataset, CascadeResult, ModelInfo, Any], list[Dataset]]
+#: Computes a study's priority from its results ``[(sop_instance_uid, CascadeResult)]``.
+PriorityFn = Callable[[Sequence[tuple[str, CascadeResult]]], Any]
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Worker knobs (from Settings)."""
+
+    owner: str
+    batch_size: int
+    lease_s: float
+    poll_s: float
+    max_attempts: int
+    retry_delay_s: float
+    destinations: tuple[str, ...]
+    webhook: bool
+
+
+def result_from_payload(payload: dict[str, Any]) -> CascadeResult:
+    """Rebuild a :class:`CascadeResult` from its stored JSON form."""
+    from spine_node.results.types import Finding
+
+    return CascadeResult(
+        sop_instance_uid=payload["sop_instance_uid"],
+        status=Status(payload["status"]),
+        reason=payload.get("reason"),
+        score=payload.get("score"),
+        threshold=payload.get("threshold", 0.478),
+        findings=tuple(
+            Finding(f["label"], f["score"], tuple(f["box"]), f.get("grade"))  # type: ignore[arg-type]
+            for f in payload.get("findings", [])
+        ),
+        member_scores=payload.get("member_scores", {}),
+    )
+
+
+def encode_dataset(ds: Dataset) -> bytes:
+    """Encode a result object as a DICOM Part 10 file (explicit VR little endian)."""
+    buffer = DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+class Worker:
+    """Runs the cascade on queued jobs.
+
+    Parameters
+    ----------
+    store : JobStore
+        The queue.
+    cascade : CascadeLike
+        Loaded, warm models.
+    build_results : ResultBuilder
+        Makes the SR / SC / GSPS datasets for one image.
+    priority : PriorityFn
+        Study priority from all of a study's results.
+    spool_dir, outbox_dir : pathlib.Path
+        Where received images are and where result objects are written.
+    settings : WorkerSettings
+        Batch size, lease, attempts, destinations.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        cascade: CascadeLike,
+        build_results: ResultBuilder,
+        priority: PriorityFn,
+        spool_dir: Path,
+        outbox_dir: Path,
+        settings: WorkerSettings,
+    ) -> None:
+        self.store = store
+        self.cascade = cascade
+        self.build_results = build_results
+        self.priority = priority
+        self.spool_dir = spool_dir
+        self.outbox_dir = outbox_dir
+        self.settings = settings
+
+    def run(self, stop: threading.Event) -> None:
+        """Process jobs until ``stop`` is set; the batch in hand is always finished."""
+        logger.info(
+            "worker %s started (model %s %s)",
+            self.settings.owner,
+            self.cascade.model_info.name,
+            self.cascade.model_info.version,
+        )
+        while not stop.is_set():
+            try:
+                done = self.run_once()
+            except Exception:
+                logger.exception("worker %s: unexpected error, continuing", self.settings.owner)
+                done = 0
+            if done == 0:
+                stop.wait(self.settings.poll_s)
+        logger.info("worker %s stopped", self.settings.owner)
+
+    def run_once(self) -> int:
+        """Claim one batch and process it; return how many jobs were claimed."""
+        jobs = self.store.claim_jobs(
+            self.settings.owner, self.settings.lease_s, self.settings.batch_size
+        )
+        if not jobs:
+            return 0
+        readable: list[tuple[ClaimedJob, Dataset]] = []
+        for job in jobs:
+            try:
+                ds = dcmread(self.spool_dir / job.spool_path, force=True)
+                readable.append((job, ds))
+            except Exception as exc:
+                self._fail(job, None, f"spooled file could not be read: {exc}")
+        if readable:
+            try:
+                results = self.cascade.analyze([ds for _, ds in readable])
+            except Exception as exc:
+                for job, ds in readable:
+                    self._fail(job, ds, f"cascade error: {type(exc).__name__}: {exc}")
+                return len(jobs)
+            for (job, ds), result in zip(readable, results, strict=True):
+                try:
+                    self._finish(job, ds, result)
+                except LeaseLost as exc:
+                    logger.warning("job %d: %s; result discarded", job.job_id, exc)
+                except Exception as exc:
+                    logger.exception("job %d: could not record the result", job.job_id)
+                    self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
+        return len(jobs)
+
+    def _finish(self, job: ClaimedJob, ds: Dataset, result: CascadeResult) -> None:
+        previous = [
+            (uid, result_from_payload(p))
+            for uid, p in self.store.study_results(job.study_instance_uid)
+            if uid != job.sop_instance_uid
+        ]
+        priority = self.priority([*previous, (job.sop_instance_uid, result)])
+        objects = self.build_results(ds, result, self.cascade.model_info, priority)
+        sends: list[SendSpec] = []
+        for obj in objects:
+            uid = str(obj.SOPInstanceUID)
+            relative = relative_name(uid)
+            write_durable(self.outbox_dir, relative, encode_dataset(obj))
+            sends.extend(
+                SendSpec(dest, "dicom", uid, relative) for dest in self.settings.destinations
+            )
+        payload = result.to_json()
+        payload["study_instance_uid"] = job.study_instance_uid
+        payload["objects"] = [str(o.SOPInstanceUID) for o in objects]
+        if self.settings.webhook:
+            hook = {
+                "study_instance_uid": job.study_instance_uid,
+                "priority": _jsonable(priority),
+                "images": [{"sop_instance_uid": u, **r.to_json()} for u, r in previous] + [payload],
+                "model": {
+                    "name": self.cascade.model_info.name,
+                    "version": self.cascade.model_info.version,
+                },
+            }
+            hook_uid = f"webhook:{job.study_instance_uid}:{len(previous) + 1}"
+            relative = relative_name(hook_uid, ".json")
+            write_durable(self.outbox_dir, relative, json.dumps(hook, sort_keys=True).encode())
+            sends.append(SendSpec("webhook", "webhook", hook_uid, relative))
+        outcome = JobOutcome(result.status.value, result.score, result.reason, payload)
+        self.store.complete_job(job.job_id, self.settings.owner, outcome, sends)
+        logger.info(
+            "job %d: %s score=%s findings=%d objects=%d",
+            job.job_id,
+            result.status.value,
+            None if result.score is None else round(result.score, 4),
+            len(result.findings),
+            len(objects),
+        )
+
+    def _fail(self, job: ClaimedJob, ds: Dataset | None, error: str) -> None:
+        logger.warning("job %d attempt %d failed: %s", job.job_id, job.attempts, error)
+        last = job.attempts >= self.settings.max_attempts
+        if last and ds is not None:
+            reason = f"processing failed after {job.attempts} attempts: {error}"
+            try:
+                result = CascadeResult(
+                    sop_instance_uid=job.sop_instance_uid,
+                    status=Status.NOT_PROCESSED,
+                    reason=reason[:500],
+                )
+                self._finish(job, ds, result)
+                return
+            except Exception:
+                logger.exception("job %d: could not even report 'not processed'", job.job_id)
+        try:
+            state = self.store.fail_job(
+                job.job_id,
+                self.settings.owner,
+                error,
+                self.settings.max_attempts,
+                self.settings.retry_delay_s,
+            )
+        except LeaseLost as exc:
+            logger.warning("job %d: %s", job.job_id, exc)
+            return
+        if state is JobState.DEAD:
+            logger.error("job %d is dead after %d attempts: %s", job.job_id, job.attempts, error)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        import dataclasses
+
+        return _jsonable(dataclasses.asdict(value))
+    if hasattr(value, "value"):
+        return _jsonable(value.value)
+    return str(value)

@@ -1,0 +1,55 @@
+"""Rank studies for the reading worklist: abnormal first (highest score first), then arrival."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from spine_node.results.priority import study_priority
+from spine_node.worker import result_from_payload
+
+#: Reading order of priority levels: abnormal studies first, then those the AI could not read
+#: (a radiologist must read them unassisted), then normal.
+LEVEL_ORDER = {"abnormal": 0, "not_processed": 1, "normal": 2}
+
+
+def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rank studies.
+
+    Parameters
+    ----------
+    studies : sequence of dict
+        From :meth:`JobStore.studies`: ``study_instance_uid``, ``arrival`` and ``results``
+        (``[(sop_instance_uid, payload)]``).
+
+    Returns
+    -------
+    list of dict
+        One row per study with ``rank``, ``priority``, ``max_score``, ``n_images``,
+        ``n_positive``, ``n_not_processed``, ``arrival`` and ``study_instance_uid``.
+    """
+    rows = []
+    for study in studies:
+        results = [(uid, result_from_payload(p)) for uid, p in study["results"]]
+        priority = study_priority(results)
+        rows.append(
+            {
+                "study_instance_uid": study["study_instance_uid"],
+                "priority": priority.level,
+                "max_score": priority.max_score,
+                "n_images": priority.n_images,
+                "n_positive": priority.n_positive,
+                "n_not_processed": priority.n_not_processed,
+                "arrival": study["arrival"],
+            }
+        )
+    rows.sort(
+        key=lambda r: (
+            LEVEL_ORDER.get(r["priority"], 3),
+            -(r["max_score"] or 0.0) if r["priority"] == "abnormal" else 0.0,
+            r["arrival"],
+        )
+    )
+    for rank, row in enumerate(rows, start=1):
+        row["rank"] = rank
+    return rows

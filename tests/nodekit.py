@@ -1,0 +1,104 @@
+"""Helpers for node tests: free ports, small DICOM files, node settings, DCMTK peers."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from spine_node.config import Settings, settings_from_mapping
+
+CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+DX_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_image(
+    path: Path,
+    *,
+    sop_uid: str | None = None,
+    study_uid: str | None = None,
+    sop_class: str = CR_IMAGE_STORAGE,
+    rows: int = 64,
+    cols: int = 48,
+    modality: str = "CR",
+    body_part: str = "LSPINE",
+    seed: int = 0,
+) -> Dataset:
+    """Write a small, valid uncompressed radiograph and return its dataset."""
+    rng = np.random.default_rng(seed)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.SOPClassUID = sop_class
+    ds.StudyInstanceUID = study_uid or generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "Test^Secret"
+    ds.PatientID = "SECRET-ID-42"
+    ds.Modality = modality
+    ds.BodyPartExamined = body_part
+    ds.Rows, ds.Columns = rows, cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = rng.integers(0, 4096, (rows, cols), dtype=np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def node_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    """Settings for a node under ``tmp_path`` on a free loopback port."""
+    data: dict[str, Any] = {
+        "ae_title": "SPINENODE",
+        "port": free_port(),
+        "bind_address": "127.0.0.1",
+        "data_dir": str(tmp_path / "data"),
+        "allowed_calling_aes": [],
+        "min_free_bytes": 0,
+        "sweep_interval_s": 0.2,
+        "worker_poll_s": 0.1,
+        "send_backoff_base_s": 0.2,
+        "send_backoff_max_s": 1.0,
+    }
+    data.update(overrides)
+    return settings_from_mapping(data, environ={})
+
+
+def storescu(port: int, files: list[Path], *, aet: str = "MODALITY1", aec: str = "SPINENODE",
+             extra: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """Send files with DCMTK storescu; return the finished process (verbose output)."""
+    cmd = ["storescu", "-v", "-aet", aet, "-aec", aec, *extra, "127.0.0.1", str(port),
+           *map(str, files)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: float = 0.1) -> Any:
+    """Poll until ``predicate()`` is truthy; return its value or raise TimeoutError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"condition not met within {timeout} s")
+
+
+__all__ = ["CR_IMAGE_STORAGE", "DX_PRESENTATION", "CTImageStorage", "free_port", "make_image",
+           "node_settings", "storescu", "wait_for"]
