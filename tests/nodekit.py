@@ -42,6 +42,7 @@ def make_image(
     """Write a small, valid uncompressed radiograph and return its dataset."""
     rng = np.random.default_rng(seed)
     ds = Dataset()
+    ds.preamble = b"\x00" * 128
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = sop_class
