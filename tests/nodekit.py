@@ -103,3 +103,36 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, interval: floa
 
 __all__ = ["CR_IMAGE_STORAGE", "DX_PRESENTATION", "CTImageStorage", "free_port", "make_image",
            "node_settings", "storescu", "wait_for"]
+
+
+class StoreSCP:
+    """DCMTK ``storescp`` playing the PACS on loopback; files land in ``out_dir``."""
+
+    def __init__(self, out_dir: Path, port: int | None = None, aet: str = "PACS") -> None:
+        self.out_dir = out_dir
+        self.port = port or free_port()
+        self.aet = aet
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> StoreSCP:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.aet, "-od", str(self.out_dir),
+             "+xa", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._listening, timeout=15)
+        return self
+
+    def _listening(self) -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def received(self) -> list[Path]:
+        return sorted(p for p in self.out_dir.iterdir() if p.is_file())

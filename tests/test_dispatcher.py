@@ -1,0 +1,108 @@
+"""The dispatcher against DCMTK storescp: down, then up; every object arrives once."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from pydicom import dcmread
+
+from spine_node.dispatcher import Dispatcher, dispatch_settings, echo, retention_sweep
+from spine_node.node import open_store, prepare_data_dir
+from spine_node.spool import relative_name, write_durable
+from spine_node.store import InstanceRecord, JobOutcome, SendSpec
+from tests.nodekit import StoreSCP, free_port, make_image, node_settings
+
+
+def _queue_objects(settings, store, n: int, tmp_path: Path) -> list[str]:  # type: ignore[no-untyped-def]
+    uids = []
+    sends = []
+    for i in range(n):
+        ds = make_image(tmp_path / f"r{i}.dcm", seed=i)
+        uid = str(ds.SOPInstanceUID)
+        rel = relative_name(uid)
+        write_durable(settings.outbox_dir, rel, (tmp_path / f"r{i}.dcm").read_bytes())
+        sends += [SendSpec(d.name, "dicom", uid, rel) for d in settings.destinations]
+        uids.append(uid)
+    store.record_instance(InstanceRecord("src.1", "1.2", "1.3", "1.4", "1.2.840.10008.1.2.1", "M",
+                                         "x/y.dcm", 1))
+    (job,) = store.claim_jobs("w", 60, 1)
+    store.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {}), sends)
+    return uids
+
+
+def test_destination_down_then_up_every_object_arrives_once(tmp_path: Path) -> None:
+    pacs = StoreSCP(tmp_path / "pacs", port=free_port())
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        send_backoff_base_s=0.01, send_backoff_max_s=0.02, send_max_attempts=50,
+    )
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    uids = _queue_objects(settings, store, 3, tmp_path)
+    dispatcher = Dispatcher(store, settings.destinations, settings.outbox_dir,
+                            dispatch_settings(settings), random.Random(0))
+    assert dispatcher.run_once() == 3  # PACS down: all fail, retried later
+    assert store.status()["outbound"]["pacs"]["pending"] == 3
+    assert echo(settings.destination("pacs"), "SPINENODE", 2.0) is None
+    pacs.start()
+    try:
+        assert echo(settings.destination("pacs"), "SPINENODE", 5.0) == 0
+        import time
+
+        deadline = time.monotonic() + 20
+        while store.status()["outbound"]["pacs"]["sent"] < 3 and time.monotonic() < deadline:
+            dispatcher.run_once()
+            time.sleep(0.05)
+        assert store.status()["outbound"]["pacs"]["sent"] == 3
+        for _ in range(3):
+            dispatcher.run_once()  # nothing more goes out
+        got = sorted(str(dcmread(p).SOPInstanceUID) for p in pacs.received())
+        assert got == sorted(uids)
+    finally:
+        pacs.stop()
+        store.close()
+
+
+def test_last_attempt_marks_send_dead_visibly(tmp_path: Path) -> None:
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": free_port()}],
+        send_backoff_base_s=0.001, send_backoff_max_s=0.001, send_max_attempts=2,
+    )
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    _queue_objects(settings, store, 1, tmp_path)
+    dispatcher = Dispatcher(store, settings.destinations, settings.outbox_dir,
+                            dispatch_settings(settings), random.Random(0))
+    import time
+
+    for _ in range(3):
+        dispatcher.run_once()
+        time.sleep(0.01)
+    dead = store.dead_letters()["sends"]
+    assert len(dead) == 1 and "could not be made" in dead[0]["error"]
+    assert store.replay("sends") == 1
+    assert store.status()["outbound"]["pacs"]["pending"] == 1
+    store.close()
+
+
+def test_retention_removes_only_delivered_spool_files(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path)
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    for uid in ("a.1", "a.2"):
+        rel = relative_name(uid)
+        write_durable(settings.spool_dir, rel, b"x")
+        store.record_instance(InstanceRecord(uid, "1.2", "1.3", "1.4", "1.2.840.10008.1.2.1", "M",
+                                             rel, 1))
+    (job,) = store.claim_jobs("w", 60, 1)  # a.1 finishes; a.2 stays queued
+    store.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {}), [])
+    import time
+
+    assert retention_sweep(store, settings.spool_dir, 3600, time.time()) == 0  # too recent
+    assert retention_sweep(store, settings.spool_dir, 0, time.time() + 1) == 1
+    assert not (settings.spool_dir / relative_name("a.1")).exists()
+    assert (settings.spool_dir / relative_name("a.2")).exists()
+    store.close()
