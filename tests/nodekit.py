@@ -136,3 +136,37 @@ class StoreSCP:
 
     def received(self) -> list[Path]:
         return sorted(p for p in self.out_dir.iterdir() if p.is_file())
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    """Write settings as a TOML file the ``spine-node`` command reads."""
+    data = settings.model_dump(mode="json", exclude_none=True)
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(fmt(x) for x in v) + "]"
+        raise TypeError(type(v))
+
+    lines = []
+    tables = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            tables.append((key, value))
+        elif key == "destinations":
+            continue
+        else:
+            lines.append(f"{key} = {fmt(value)}")
+    for key, table in tables:
+        lines.append(f"[{key}]")
+        lines += [f"{k} = {fmt(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for dest in data.get("destinations", []):
+        lines.append("[[destinations]]")
+        lines += [f"{k} = {fmt(v)}" for k, v in dest.items() if not isinstance(v, dict)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
