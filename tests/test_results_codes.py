@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from pydicom.sr._concepts_dict import concepts
 
@@ -11,7 +13,8 @@ from spine_node.results.types import LESION_LABELS
 
 def _dictionary_meanings(scheme: str, value: str) -> set[str]:
     meanings = set()
-    for entries in concepts[scheme].values():
+    table: dict[str, Any] = concepts[scheme]  # type: ignore[assignment]
+    for entries in table.values():
         if value in entries:
             meanings.add(entries[value][0].lower())
     return meanings

@@ -60,6 +60,8 @@ def sloppy_source() -> Dataset:
     ds.SeriesInstanceUID = "ffeeddccbbaa99887766554433221100"
     ds.StudyDate = "2021-13-45"
     ds.PatientSex = "male"
+    ds.PatientOrientation = ["LEFT", "F"]
+    ds.Laterality = "left"
     ds.Rows, ds.Columns = 96, 64
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -85,7 +87,9 @@ def result_for(source: Dataset, status: Status, findings: bool = True) -> Cascad
     rows, cols = int(source.Rows), int(source.Columns)
     found = (
         (
-            Finding("Spondylolysthesis", 0.81, (cols * 0.2, rows * 0.3, cols * 0.6, rows * 0.5), "II"),
+            Finding(
+                "Spondylolysthesis", 0.81, (cols * 0.2, rows * 0.3, cols * 0.6, rows * 0.5), "II"
+            ),
             Finding("Vertebral collapse", 0.55, (cols * 0.5, rows * 0.6, cols * 0.9, rows * 0.9)),
         )
         if findings
@@ -126,6 +130,12 @@ def dsrdump(path: Path) -> str:
     return out.stdout
 
 
+def _report(sr: Dataset) -> hd.sr.MeasurementReport:
+    content = sr.content  # type: ignore[attr-defined]
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
 def by_modality(objects: list[Dataset]) -> dict[str, Dataset]:
     return {o.Modality: o for o in objects}
 
@@ -154,13 +164,13 @@ def test_objects_are_valid_and_round_trip(name, status, tmp_path):
         assert back.SpecificCharacterSet == "ISO_IR 192"
         assert back.StudyInstanceUID == ref.StudyInstanceUID
         assert uids.is_valid_uid(back.SOPInstanceUID)
-        assert back.PatientID == ref.PatientID
-        assert back.PatientName == ref.PatientName
+        assert (back.PatientID or "") == (ref.PatientID or "")
+        assert str(back.PatientName or "") == str(ref.PatientName or "")
         if back.Modality == "SR":
             report = hd.sr.srread(path)
             assert report.VerificationFlag == "UNVERIFIED"
             assert report.SOPClassUID == pydicom.uid.ComprehensiveSRStorage
-            groups = report.content.get_planar_roi_measurement_groups()
+            groups = _report(report).get_planar_roi_measurement_groups()
             assert len(groups) == len(result.findings)
             for group, finding in zip(groups, result.findings, strict=True):
                 assert group.finding_type == codes.finding_code(finding.label)
@@ -231,9 +241,14 @@ def test_large_cr_radiograph_positive(tmp_path):
         path, _ = roundtrip(obj, tmp_path)
         assert_dciodvfy_clean(path)
     assert objects["PR"].PresentationLUTShape == "INVERSE"  # keeps bone bright
-    assert objects["SR"].CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[
-        0
-    ].ReferencedSOPSequence[0].ReferencedSOPClassUID == pydicom.uid.ComputedRadiographyImageStorage
+    assert (
+        objects["SR"]
+        .CurrentRequestedProcedureEvidenceSequence[0]
+        .ReferencedSeriesSequence[0]
+        .ReferencedSOPSequence[0]
+        .ReferencedSOPClassUID
+        == pydicom.uid.ComputedRadiographyImageStorage
+    )
 
 
 def test_uids_are_deterministic_and_change_with_bundle_version():
@@ -271,7 +286,7 @@ def test_tracking_uids_are_deterministic(tmp_path):
     def tracking(model):
         sr = build_results(source, result, model)[0]
         path, _ = roundtrip(sr, tmp_path)
-        groups = hd.sr.srread(path).content.get_planar_roi_measurement_groups()
+        groups = _report(hd.sr.srread(path)).get_planar_roi_measurement_groups()
         return [g.tracking_uid for g in groups]
 
     assert tracking(MODEL) == tracking(MODEL)
@@ -320,7 +335,7 @@ def test_overlay_pixels_show_image_boxes_and_banner():
     assert positive.shape[0] > pixels.shape[0] - 1  # findings line adds banner rows
     body = positive[positive.shape[0] - enlarged.shape[0] :]
     assert not np.array_equal(body, enlarged)
-    x0, y0, x1, y1 = (round(v * k) for v in positive_result.findings[1].box)
+    x0, _, x1, y1 = (round(v * k) for v in positive_result.findings[1].box)
     assert (body[y1, x0 + 5 : x1 - 5] == 255).mean() > 0.9  # bottom edge of box 2 is white
 
 
@@ -328,7 +343,9 @@ def test_negative_and_not_processed_get_sr_and_overlay_but_no_gsps():
     source = _read("CT_small.dcm")
     options = ResultOptions(gsps=True)
     for status in (Status.NEGATIVE, Status.NOT_PROCESSED):
-        kinds = [o.Modality for o in build_results(source, result_for(source, status), MODEL, options)]
+        kinds = [
+            o.Modality for o in build_results(source, result_for(source, status), MODEL, options)
+        ]
         assert kinds == ["SR", "OT"]
     positive_without_boxes = result_for(source, Status.POSITIVE, findings=False)
     kinds = [o.Modality for o in build_results(source, positive_without_boxes, MODEL, options)]
@@ -365,8 +382,17 @@ def test_sloppy_source_gets_valid_derived_study_uid():
     assert ref.StudyInstanceUID.startswith("2.25.")
     assert ref.SOPClassUID == pydicom.uid.DigitalXRayImageStorageForPresentation
     assert ref.StudyDate is None and ref.PatientSex is None and ref.PatientName is None
+    assert "PatientOrientation" not in ref and "Laterality" not in ref
     again = build_results(source, result_for(source, Status.NEGATIVE), MODEL)
     assert again[0].StudyInstanceUID == ref.StudyInstanceUID
+
+
+def test_valid_orientation_and_laterality_are_kept():
+    source = _read("CT_small.dcm")
+    source.PatientOrientation = ["L", "PF"]
+    source.Laterality = "R"
+    sc = by_modality(build_results(source, result_for(source, Status.NEGATIVE), MODEL))["OT"]
+    assert list(sc.PatientOrientation) == ["L", "PF"] and sc.Laterality == "R"
 
 
 def test_odd_character_set_is_written_as_utf8(tmp_path):

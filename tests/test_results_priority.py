@@ -15,7 +15,11 @@ def _r(uid: str, status: Status, score: float | None = None) -> tuple[str, Casca
 
 def test_any_positive_is_abnormal_with_highest_score():
     p = study_priority(
-        [_r("1.1", Status.NEGATIVE, 0.2), _r("1.2", Status.POSITIVE, 0.8), _r("1.3", Status.NOT_PROCESSED)]
+        [
+            _r("1.1", Status.NEGATIVE, 0.2),
+            _r("1.2", Status.POSITIVE, 0.8),
+            _r("1.3", Status.NOT_PROCESSED),
+        ]
     )
     assert (p.level, p.max_score, p.n_images, p.n_positive, p.n_not_processed) == (
         "abnormal",

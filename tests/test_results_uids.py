@@ -73,7 +73,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="valid DICOM UID"):
         uids.sop_instance_uid("abc", uids.ResultKind.SR, "b/1")
     with pytest.raises(ValueError):
-        uids.sop_instance_uid(SOP, "pdf", "b/1")  # type: ignore[arg-type]
+        uids.sop_instance_uid(SOP, "pdf", "b/1")
     with pytest.raises(ValueError, match="non-empty"):
         uids.uid_from_name("a", "")
     with pytest.raises(TypeError):
