@@ -45,8 +45,8 @@ def configure_logging(level: str, as_json: bool) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running"
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:

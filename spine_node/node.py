@@ -63,6 +63,8 @@ def prepare_data_dir(settings: Settings) -> None:
 
 def open_store(settings: Settings) -> JobStore:
     """Open the queue database; a SQLite file is made private (0600)."""
+    if settings.database_url is None:
+        ensure_private_dir(settings.data_dir)
     store = JobStore.open(settings.db_url)
     if settings.db_url.startswith("sqlite:///"):
         db = Path(settings.db_url.removeprefix("sqlite:///"))

@@ -170,3 +170,37 @@ def write_config(path: Path, settings: Settings) -> Path:
         lines += [f"{k} = {fmt(v)}" for k, v in dest.items() if not isinstance(v, dict)]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+class CountingPACS:
+    """A pynetdicom C-STORE SCP that records every SOP Instance UID it receives (duplicates too)."""
+
+    def __init__(self, port: int | None = None, aet: str = "PACS") -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.port = port or free_port()
+        self.received: list[str] = []
+        self.classes: list[str] = []
+        self._evt = evt
+        self._ae = AE(ae_title=aet)
+        for cx in AllStoragePresentationContexts:
+            self._ae.add_supported_context(cx.abstract_syntax)
+        self._ae.add_supported_context("1.2.840.10008.1.1")  # Verification
+        self._server: Any = None
+
+    def _on_store(self, event: Any) -> int:
+        ds = event.dataset
+        self.received.append(str(ds.SOPInstanceUID))
+        self.classes.append(str(ds.SOPClassUID))
+        return 0x0000
+
+    def start(self) -> CountingPACS:
+        self._server = self._ae.start_server(
+            ("127.0.0.1", self.port), block=False,
+            evt_handlers=[(self._evt.EVT_C_STORE, self._on_store)])
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

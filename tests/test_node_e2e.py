@@ -1,0 +1,205 @@
+"""The whole node as a process: receive, run a tiny bundle, deliver; status, worklist, replay."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pynetdicom import AE
+
+from spine_node.store import JobStore
+from tests.nodekit import CountingPACS, make_image, node_settings, storescu, wait_for, write_config
+
+CLI = [sys.executable, "-m", "spine_node.cli"]
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from training.export import make_tiny_bundle
+
+    path = tmp_path_factory.mktemp("bundle") / "tiny"
+    make_tiny_bundle(path, seed=0, onnx=False)
+    return path
+
+
+@pytest.fixture
+def pacs() -> Iterator[CountingPACS]:
+    p = CountingPACS().start()
+    yield p
+    p.stop()
+
+
+def _serve(config: Path, log: Path, role: str = "all") -> subprocess.Popen[bytes]:
+    return subprocess.Popen([*CLI, "serve", "--config", str(config), "--role", role],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"))  # noqa: SIM115
+
+
+def _settings(tmp_path: Path, bundle: Path, pacs: CountingPACS, **kw: object):  # type: ignore[no-untyped-def]
+    return node_settings(
+        tmp_path, bundle=str(bundle), device="cpu",
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+        **kw,
+    )
+
+
+def _status(config: Path) -> dict:  # type: ignore[type-arg]
+    out = subprocess.run([*CLI, "status", "--config", str(config), "--json"], capture_output=True,
+                         text=True, timeout=60, check=True)
+    return json.loads(out.stdout)
+
+
+def _settled(config: Path, n: int) -> dict | None:  # type: ignore[type-arg]
+    s = _status(config)
+    jobs, sends = s["jobs"], s["outbound"].get("pacs", {})
+    done = jobs["done"] + jobs["not_processed"] + jobs["dead"]
+    if done == n and sends and sends["pending"] == 0 and sends["sending"] == 0:
+        return s
+    return None
+
+
+def test_node_end_to_end_with_status_worklist_and_replay(tmp_path: Path, tiny_bundle: Path,
+                                                         pacs: CountingPACS) -> None:
+    settings = _settings(tmp_path, tiny_bundle, pacs)
+    config = write_config(tmp_path / "node.toml", settings)
+    log = tmp_path / "node.log"
+    proc = _serve(config, log)
+    try:
+        wait_for(lambda: subprocess.run(["echoscu", "-aec", "SPINENODE", "127.0.0.1",
+                                         str(settings.port)], capture_output=True).returncode == 0)
+        study = "1.2.826.0.1.3680043.8.498.1"
+        files = [tmp_path / f"i{i}.dcm" for i in range(3)]
+        for i, f in enumerate(files):
+            make_image(f, rows=320, cols=256, seed=i, study_uid=study)
+        ct = tmp_path / "ct.dcm"
+        make_image(ct, rows=320, cols=256, modality="CT", sop_class="1.2.840.10008.5.1.4.1.1.2")
+        assert storescu(settings.port, [*files, ct]).returncode == 0
+        status = wait_for(lambda: _settled(config, 4), timeout=180)
+        assert status["instances"] == 4
+        assert sum(status["results"].values()) == 4
+        # every image has an SR (and an overlay when its pixels decode) at the PACS, once
+        counts = Counter(pacs.received)
+        assert all(n == 1 for n in counts.values())
+        assert pacs.classes.count("1.2.840.10008.5.1.4.1.1.88.33") == 4  # Comprehensive SR
+        assert status["outbound"]["pacs"]["sent"] == len(pacs.received)
+        # the misrouted CT is not processed, with a reason
+        store = JobStore.open(settings.db_url)
+        try:
+            ct_uid = str(dcmread(ct).SOPInstanceUID)
+            assert store.job_state(ct_uid) == "not_processed"
+        finally:
+            store.close()
+        # the worklist lists both studies
+        out = subprocess.run([*CLI, "worklist", "--config", str(config), "--json"],
+                             capture_output=True, text=True, timeout=60, check=True)
+        rows = json.loads(out.stdout)
+        assert [r["rank"] for r in rows] == [1, 2]
+        assert {r["study_instance_uid"] for r in rows} >= {study}
+        assert next(r for r in rows if r["study_instance_uid"] == study)["n_images"] == 3
+        table = subprocess.run([*CLI, "status", "--config", str(config)], capture_output=True,
+                               text=True, timeout=60, check=True).stdout
+        assert "instances received" in table and "pacs:" in table
+        # sending the same images again adds nothing
+        assert storescu(settings.port, files).returncode == 0
+        time.sleep(1.0)
+        assert _status(config)["instances"] == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    text = log.read_text()
+    assert "SECRET-ID-42" not in text and "Secret" not in text
+    assert "job " in text
+
+
+def test_echo_and_replay_commands(tmp_path: Path, tiny_bundle: Path, pacs: CountingPACS) -> None:
+    settings = _settings(tmp_path, tiny_bundle, pacs)
+    config = write_config(tmp_path / "node.toml", settings)
+    out = subprocess.run([*CLI, "echo", "pacs", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "success" in out.stdout
+    pacs.stop()
+    out = subprocess.run([*CLI, "echo", "pacs", "--config", str(config), "--timeout", "2"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "failed" in out.stdout
+    out = subprocess.run([*CLI, "echo", "nope", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "no destination named 'nope'" in out.stderr
+    out = subprocess.run([*CLI, "replay", "sends", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60, check=True)
+    assert "requeued 0 sends" in out.stdout
+
+
+def test_worker_without_bundle_says_so_and_does_not_start(tmp_path: Path) -> None:
+    settings = node_settings(tmp_path)
+    config = write_config(tmp_path / "node.toml", settings)
+    out = subprocess.run([*CLI, "serve", "--config", str(config), "--role", "worker"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "no model bundle is configured" in out.stderr
+
+
+def test_sigkill_with_worker_processes_each_image_exactly_once(
+    tmp_path: Path, tiny_bundle: Path, pacs: CountingPACS
+) -> None:
+    settings = _settings(tmp_path, tiny_bundle, pacs, lease_s=3.0)
+    config = write_config(tmp_path / "node.toml", settings)
+    log = tmp_path / "node.log"
+    files = []
+    for i in range(16):
+        f = tmp_path / f"i{i}.dcm"
+        make_image(f, rows=320, cols=256, seed=i)
+        files.append(f)
+    acked: list[str] = []
+
+    def sender() -> None:
+        ae = AE(ae_title="MODALITY1")
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1")
+        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
+        queue = list(files)
+        deadline = time.monotonic() + 120
+        while queue and time.monotonic() < deadline:
+            assoc = ae.associate("127.0.0.1", settings.port, ae_title="SPINENODE")
+            if not assoc.is_established:
+                time.sleep(0.1)
+                continue
+            while queue and assoc.is_established:
+                ds = dcmread(queue[0])
+                rsp = assoc.send_c_store(ds)
+                if "Status" not in rsp or int(rsp.Status) != 0:
+                    break
+                acked.append(str(ds.SOPInstanceUID))
+                queue.pop(0)
+                time.sleep(0.05)
+            if assoc.is_established:
+                assoc.release()
+
+    proc = _serve(config, log)
+    thread = threading.Thread(target=sender)
+    thread.start()
+    rng = random.Random(3)
+    for _ in range(4):
+        time.sleep(rng.uniform(0.5, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = _serve(config, log)
+    thread.join(timeout=150)
+    try:
+        assert len(acked) == len(files)
+        status = wait_for(lambda: _settled(config, len(files)), timeout=240)
+        assert status["instances"] == len(files)
+        assert sum(status["results"].values()) == len(files)  # one result per image
+        counts = Counter(pacs.received)
+        assert len(counts) == status["outbound"]["pacs"]["sent"]
+        assert pacs.classes.count("1.2.840.10008.5.1.4.1.1.88.33") >= len(files)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
