@@ -39,7 +39,7 @@ def hex_to_uid(value: str) -> str:
     return f"2.25.{number}"
 
 
-def make_sendable(ds: Dataset) -> Dataset:
+def make_sendable(ds: Any) -> Dataset:
     """What a DICOM router does to a VinDr-style file: valid UIDs, a SOP class and modality."""
     for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         ds[keyword].value = hex_to_uid(str(ds[keyword].value))
@@ -74,10 +74,10 @@ def start_pacs(out_dir: Path, port: int = 0) -> _Pacs:
 
     ae = AE(ae_title="DEMOPACS")
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax)
+        ae.add_supported_context(str(context.abstract_syntax))
     ae.add_supported_context(Verification)
-    server = ae.start_server(("127.0.0.1", port), block=False,
-                             evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server: Any = ae.start_server(("127.0.0.1", port), block=False,
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
     return _Pacs(server, int(server.server_address[1]), out_dir)
 
 
@@ -105,7 +105,8 @@ def _free_port() -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``spine-node demo``."""
-    parser.add_argument("--out", default="spine-node-demo", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default="spine-node-demo",
+                        help="output folder (default: %(default)s)")
     parser.add_argument("--studies", type=int, default=4, help="phantom studies to send")
     parser.add_argument("--seed", type=int, default=20261122)
     parser.add_argument("--bundle", default="demo", help="bundle directory (default: embedded demo)")

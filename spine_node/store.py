@@ -628,7 +628,7 @@ class JobStore:
         now = self.clock()
         with self._tx() as s:
             if what == "sends":
-                cond = Outbound.state == SendState.DEAD.value
+                cond: Any = Outbound.state == SendState.DEAD.value
                 if ids:
                     cond = cond & Outbound.id.in_(ids)
                 stmt: Any = (
@@ -637,7 +637,7 @@ class JobStore:
                     .values(state=SendState.PENDING.value, attempts=0, next_attempt_at=now)
                 )
             elif what == "jobs":
-                jcond = Job.state.in_([JobState.DEAD.value, JobState.FAILED.value])
+                jcond: Any = Job.state.in_([JobState.DEAD.value, JobState.FAILED.value])
                 if ids:
                     jcond = jcond & Job.id.in_(ids)
                 stmt = (

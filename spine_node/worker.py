@@ -147,7 +147,7 @@ class Worker:
         readable: list[tuple[ClaimedJob, Dataset]] = []
         for job in jobs:
             try:
-                ds = dcmread(self.spool_dir / job.spool_path, force=True)
+                ds: Dataset = dcmread(self.spool_dir / job.spool_path, force=True)
                 readable.append((job, ds))
             except Exception as exc:
                 self._fail(job, None, f"spooled file could not be read: {exc}")

@@ -11,19 +11,18 @@ import threading
 import time
 from pathlib import Path
 
-import pynetdicom
 from pydicom import dcmread
 from pynetdicom import AE
 
 from spine_node.spool import relative_name
 from spine_node.store import JobStore
-from tests.nodekit import make_image, node_settings, wait_for, write_config
+from tests.nodekit import make_image, node_settings, write_config
 
 
 def _start(config: Path, role: str, log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-m", "spine_node.cli", "serve", "--config", str(config), "--role", role],
-        stdout=subprocess.DEVNULL, stderr=open(log, "ab"),  # noqa: SIM115
+        stdout=subprocess.DEVNULL, stderr=open(log, "ab"),
     )
 
 

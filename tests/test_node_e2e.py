@@ -41,7 +41,7 @@ def pacs() -> Iterator[CountingPACS]:
 
 def _serve(config: Path, log: Path, role: str = "all") -> subprocess.Popen[bytes]:
     return subprocess.Popen([*CLI, "serve", "--config", str(config), "--role", role],
-                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"))  # noqa: SIM115
+                            stdout=subprocess.DEVNULL, stderr=open(log, "ab"))
 
 
 def _settings(tmp_path: Path, bundle: Path, pacs: CountingPACS, **kw: object):  # type: ignore[no-untyped-def]

@@ -130,7 +130,7 @@ def test_expire_leases_kills_poison_job(store: tuple[JobStore, Clock]) -> None:
 
 
 def test_complete_records_result_and_sends_once(store: tuple[JobStore, Clock]) -> None:
-    s, clock = store
+    s, _ = store
     s.record_instance(record("6.1"))
     (job,) = s.claim_jobs("w", 10, 1)
     sends = [SendSpec("pacs", "dicom", "9.9.1", "a/b.dcm"), SendSpec("pacs2", "dicom", "9.9.1", "a/b.dcm")]
