@@ -1,0 +1,177 @@
+"""``spine-node analyze FILE...``: run the cascade on files, offline, and print the results.
+
+``--json`` prints a JSON list with one object per input file (``file``, ``sop_instance_uid``,
+``status``, ``reason``, ``score``, ``threshold``, ``member_scores``, ``findings`` with ``label``,
+``score``, ``box`` ``[xmin, ymin, xmax, ymax]`` in source pixels). ``--out DIR`` also writes the
+result objects (SR, overlay) built by ``spine_node.results.builder``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``analyze`` arguments (``--config`` is added by ``cli.py``)."""
+    parser.add_argument("files", nargs="+", metavar="FILE", help="DICOM files to analyse")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of results")
+    parser.add_argument(
+        "--out", metavar="DIR", help="also write the result objects (SR, overlay) here"
+    )
+    parser.add_argument(
+        "--bundle",
+        metavar="DIR",
+        help="model bundle directory (default: the configured bundle, else the embedded demo bundle)",
+    )
+    parser.add_argument(
+        "--backend", choices=["torch", "onnx"], default=None, help="inference backend"
+    )
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--heatmaps", action="store_true", help="compute Grad-CAM heatmaps")
+
+
+def demo_bundle_dir() -> Path:
+    """Path of the embedded demo bundle (``spine_node/demo_bundle``)."""
+    return Path(str(resources.files("spine_node") / "demo_bundle"))
+
+
+def _configured(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
+    """Bundle, backend and device from ``--config`` when one is given."""
+    config = getattr(args, "config", None)
+    if not config:
+        return None, None, None
+    from spine_node.config import load_settings
+
+    settings = load_settings(Path(config))
+    bundle = settings.bundle
+    if bundle == "demo":
+        bundle = str(demo_bundle_dir())
+    return bundle, settings.backend, settings.device
+
+
+def _choose_bundle(args: argparse.Namespace, configured: str | None) -> Path | None:
+    """``--bundle``, else the configured bundle, else the embedded demo; None if not a bundle.
+
+    An explicit choice that is not a bundle never silently falls back to the demo.
+    """
+    candidate = Path(args.bundle or configured or demo_bundle_dir())
+    return candidate if (candidate / "manifest.json").is_file() else None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Analyse the files; return the exit status (2 when no usable bundle)."""
+    from spine_node.config import ConfigError
+
+    try:
+        configured, backend, device = _configured(args)
+    except ConfigError as exc:
+        print(f"spine-node analyze: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bundle = _choose_bundle(args, configured)
+    if bundle is None:
+        where = args.bundle or configured or str(demo_bundle_dir())
+        print(
+            f"spine-node analyze: no model bundle at {where} (no manifest.json); "
+            "pass --bundle DIR or configure one",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+
+    from spine_node.models.bundle import BundleError
+    from spine_node.pipeline import Cascade
+
+    try:
+        cascade = Cascade.load(
+            bundle,
+            device=args.device or device or "auto",
+            backend=args.backend or backend or "torch",
+            heatmaps=bool(args.heatmaps),
+        )
+    except (BundleError, ValueError) as exc:
+        print(f"spine-node analyze: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+    from spine_node.imaging import ImageError, read_dataset
+
+    rows: list[dict[str, Any]] = []
+    status = EXIT_OK
+    for name in args.files:
+        try:
+            ds = read_dataset(name)
+        except (ImageError, OSError, ValueError) as exc:
+            reason = exc.reason if isinstance(exc, ImageError) else str(exc)
+            rows.append(_unreadable(name, f"file could not be read: {reason}"))
+            continue
+        except Exception as exc:  # pydicom raises many kinds for a damaged file
+            rows.append(_unreadable(name, f"file could not be read: {type(exc).__name__}: {exc}"))
+            continue
+        (result,) = cascade.analyze([ds])
+        rows.append({"file": str(name), **result.to_json()})
+        if args.out and not _write_objects(Path(args.out), ds, result, cascade.model_info):
+            status = EXIT_FAILED
+
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for row in rows:
+            print(_line(row))
+    return status
+
+
+def _unreadable(name: str, reason: str) -> dict[str, Any]:
+    return {
+        "file": str(name),
+        "sop_instance_uid": None,
+        "status": "not_processed",
+        "reason": reason,
+        "score": None,
+        "threshold": None,
+        "member_scores": {},
+        "findings": [],
+    }
+
+
+def _line(row: dict[str, Any]) -> str:
+    if row["status"] == "not_processed":
+        return f"{row['file']}: not processed: {row['reason']}"
+    text = f"{row['file']}: {row['status']} (score {row['score']:.3f}, threshold {row['threshold']:.3f})"
+    for f in row["findings"]:
+        box = ", ".join(f"{v:.0f}" for v in f["box"])
+        text += f"\n  {f.get('display_label', f['label'])} {f['score']:.2f} [{box}]"
+    return text
+
+
+def _write_objects(out: Path, ds: Any, result: Any, model_info: Any) -> bool:
+    try:
+        from spine_node.results.builder import ResultOptions, build_results
+    except ImportError as exc:
+        print(
+            f"spine-node analyze: cannot write result objects, the results builder is unavailable ({exc})",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        objects = build_results(ds, result, model_info, ResultOptions())
+        out.mkdir(parents=True, exist_ok=True)
+        for obj in objects:
+            obj.save_as(out / f"{obj.SOPInstanceUID}.dcm", enforce_file_format=True)
+    except Exception as exc:  # report and go on with the next file
+        log.warning(
+            "result objects for %s could not be written", result.sop_instance_uid, exc_info=True
+        )
+        print(f"spine-node analyze: result objects not written: {exc}", file=sys.stderr)
+        return False
+    return True
