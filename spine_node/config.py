@@ -113,6 +113,8 @@ class Settings(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     backend: Literal["torch", "onnx"] = "torch"
     worker_batch_size: int = Field(default=4, ge=1, le=256)
+    decode_isolation: bool = True
+    decode_timeout_s: float = Field(default=120.0, gt=0)
     worker_poll_s: float = Field(default=1.0, gt=0)
     lease_s: float = Field(default=600.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1, le=100)

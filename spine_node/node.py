@@ -76,10 +76,18 @@ def open_store(settings: Settings) -> JobStore:
 
 def load_cascade(settings: Settings) -> Any:
     """Load the configured bundle's cascade (models warm on the chosen device)."""
+    from spine_node.imaging import prepare
+    from spine_node.isolation import IsolatedPreparer
     from spine_node.pipeline import Cascade
 
+    preparer: Any = (
+        IsolatedPreparer(prepare, settings.decode_timeout_s) if settings.decode_isolation else prepare
+    )
     return Cascade.load(
-        resolve_bundle(settings.bundle), device=settings.device, backend=settings.backend
+        resolve_bundle(settings.bundle),
+        device=settings.device,
+        backend=settings.backend,
+        preparer=preparer,
     )
 
 
@@ -134,6 +142,7 @@ class RunningNode:
     scheduler: Any = None
     worker_thread: threading.Thread | None = None
     stop_event: threading.Event | None = None
+    cascade: Any = None
 
     def stop(self) -> None:
         """Stop accepting, let the worker finish its batch, stop the sweeps, close the queue."""
@@ -145,6 +154,9 @@ class RunningNode:
             self.worker_thread.join()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
+        close = getattr(getattr(self.cascade, "preparer", None), "close", None)
+        if callable(close):
+            close()
         self.store.close()
 
 
@@ -184,6 +196,7 @@ def start_node(
             logger.warning("%s", exc)
             cascade = None
         if cascade is not None:
+            node.cascade = cascade
             worker = build_worker(settings, store, cascade)
             node.stop_event = threading.Event()
             node.worker_thread = threading.Thread(

@@ -18,6 +18,7 @@ import pydicom
 import torch
 
 from spine_node.imaging import ImageError, PreparedImage, PrepParams, prepare
+from spine_node.isolation import DecoderCrash
 from spine_node.models.bundle import BundleError, Manifest, load_manifest
 from spine_node.models.detector import (
     Detections,
@@ -140,6 +141,11 @@ class Cascade:
         Compute Grad-CAM heatmaps (needs ``explainers``).
     grader : callable, optional
         Meyerding grader for spondylolisthesis findings.
+    preparer : callable, optional
+        ``(dataset, PrepParams) -> PreparedImage``; default :func:`spine_node.imaging.prepare`
+        in this process, or a :class:`spine_node.isolation.IsolatedPreparer` to decode in a
+        child process. Its :class:`~spine_node.isolation.DecoderCrash` propagates (with the
+        image's UID) so the worker can retry that one job.
     """
 
     def __init__(
@@ -153,6 +159,7 @@ class Cascade:
         explainers: Mapping[str, TriageMember] | None = None,
         heatmaps: bool = False,
         grader: GradeFn | None = None,
+        preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
     ) -> None:
         if not isinstance(manifest, Manifest):
             raise TypeError(f"manifest must be a Manifest, got {type(manifest).__name__}")
@@ -168,6 +175,7 @@ class Cascade:
         self.explainers = dict(explainers or {})
         self.heatmaps = heatmaps
         self.grader = grader
+        self.preparer = preparer
         self.prep = PrepParams(**dict(manifest.prep))
 
     @classmethod
@@ -179,6 +187,7 @@ class Cascade:
         backend: str = "torch",
         heatmaps: bool = False,
         max_batch: int = 40,
+        preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
     ) -> Cascade:
         """Load a bundle: verify every hash, build the models once, keep them warm.
 
@@ -260,6 +269,7 @@ class Cascade:
             explainers=explainers,
             heatmaps=heatmaps,
             grader=grader,
+            preparer=preparer,
         )
 
     # ------------------------------------------------------------------ analysis
@@ -292,7 +302,9 @@ class Cascade:
             for note in decision.notes:
                 log.info("image %s: %s", uid, note)
             try:
-                prepared = prepare(ds, self.prep)
+                prepared = self.preparer(ds, self.prep)
+            except DecoderCrash as exc:
+                raise DecoderCrash(str(exc), uid) from exc
             except ImageError as exc:
                 results[i] = self._refused(uid, f"image could not be decoded: {exc.reason}")
                 continue

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
+from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 
+from spine_node.isolation import DecoderCrash
 from spine_node.results.types import CascadeResult, ModelInfo, Status
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import ClaimedJob, JobOutcome, JobState, JobStore, LeaseLost, SendSpec
@@ -151,13 +153,27 @@ class Worker:
                 readable.append((job, ds))
             except Exception as exc:
                 self._fail(job, None, f"spooled file could not be read: {exc}")
-        if readable:
+        while readable:
             try:
                 results = self.cascade.analyze([ds for _, ds in readable])
+            except DecoderCrash as exc:
+                # only the image that crashed the isolated decoder fails; the rest go again
+                crashed = [(j, d) for j, d in readable if j.sop_instance_uid == exc.uid]
+                if not crashed:
+                    crashed = readable[:1]
+                for job, ds in crashed:
+                    self._fail(job, _without_pixels(ds), str(exc))
+                crashed_ids = {job.job_id for job, _ in crashed}
+                readable = [item for item in readable if item[0].job_id not in crashed_ids]
+                continue
             except Exception as exc:
                 for job, ds in readable:
                     self._fail(job, ds, f"cascade error: {type(exc).__name__}: {exc}")
                 return len(jobs)
+            break
+        else:
+            return len(jobs)
+        if readable:
             for (job, ds), result in zip(readable, results, strict=True):
                 try:
                     self._finish(job, ds, result)
@@ -240,6 +256,16 @@ class Worker:
             return
         if state is JobState.DEAD:
             logger.error("job %d is dead after %d attempts: %s", job.job_id, job.attempts, error)
+
+
+def _without_pixels(ds: Dataset) -> Dataset:
+    """A shallow copy without pixel data: a "processing failed" report must not decode again."""
+    copy = Dataset(ds)
+    copy.file_meta = getattr(ds, "file_meta", FileMetaDataset())
+    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
+        if keyword in copy:
+            del copy[keyword]
+    return copy
 
 
 def _jsonable(value: Any) -> Any:
