@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,7 +13,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pynetdicom import AE
 
 from spine_node.store import JobStore
 from tests.nodekit import CountingPACS, make_image, node_settings, storescu, wait_for, write_config
@@ -145,61 +142,3 @@ def test_worker_without_bundle_says_so_and_does_not_start(tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "no model bundle is configured" in out.stderr
-
-
-def test_sigkill_with_worker_processes_each_image_exactly_once(
-    tmp_path: Path, tiny_bundle: Path, pacs: CountingPACS
-) -> None:
-    settings = _settings(tmp_path, tiny_bundle, pacs, lease_s=3.0)
-    config = write_config(tmp_path / "node.toml", settings)
-    log = tmp_path / "node.log"
-    files = []
-    for i in range(16):
-        f = tmp_path / f"i{i}.dcm"
-        make_image(f, rows=320, cols=256, seed=i)
-        files.append(f)
-    acked: list[str] = []
-
-    def sender() -> None:
-        ae = AE(ae_title="MODALITY1")
-        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1")
-        ae.acse_timeout = ae.network_timeout = ae.dimse_timeout = 5
-        queue = list(files)
-        deadline = time.monotonic() + 120
-        while queue and time.monotonic() < deadline:
-            assoc = ae.associate("127.0.0.1", settings.port, ae_title="SPINENODE")
-            if not assoc.is_established:
-                time.sleep(0.1)
-                continue
-            while queue and assoc.is_established:
-                ds = dcmread(queue[0])
-                rsp = assoc.send_c_store(ds)
-                if "Status" not in rsp or int(rsp.Status) != 0:
-                    break
-                acked.append(str(ds.SOPInstanceUID))
-                queue.pop(0)
-                time.sleep(0.05)
-            if assoc.is_established:
-                assoc.release()
-
-    proc = _serve(config, log)
-    thread = threading.Thread(target=sender)
-    thread.start()
-    rng = random.Random(3)
-    for _ in range(4):
-        time.sleep(rng.uniform(0.5, 2.0))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        proc = _serve(config, log)
-    thread.join(timeout=150)
-    try:
-        assert len(acked) == len(files)
-        status = wait_for(lambda: _settled(config, len(files)), timeout=240)
-        assert status["instances"] == len(files)
-        assert sum(status["results"].values()) == len(files)  # one result per image
-        counts = Counter(pacs.received)
-        assert len(counts) == status["outbound"]["pacs"]["sent"]
-        assert pacs.classes.count("1.2.840.10008.5.1.4.1.1.88.33") >= len(files)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=60)
