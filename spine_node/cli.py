@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         analyze.add_arguments(p)
         p.set_defaults(func=analyze.run)
 
+    from spine_node import export
+
+    p = with_config(sub.add_parser("export", help="research export, de-identified by default"))
+    export.add_arguments(p)
+    p.set_defaults(func=export.run)
+
     try:
         from spine_node import demo
     except ImportError:  # pragma: no cover

@@ -105,6 +105,15 @@ def test_node_end_to_end_with_status_worklist_and_replay(tmp_path: Path, tiny_bu
         table = subprocess.run([*CLI, "status", "--config", str(config)], capture_output=True,
                                text=True, timeout=60, check=True).stdout
         assert "instances received" in table and "pacs:" in table
+        # research export is de-identified by default and keeps references consistent
+        export_dir = tmp_path / "export"
+        subprocess.run([*CLI, "export", "--config", str(config), "--out", str(export_dir),
+                        "--salt", "s"], capture_output=True, text=True, timeout=120, check=True)
+        exported = [dcmread(p) for p in export_dir.glob("*.dcm")]
+        assert len(exported) >= 8  # 4 sources + at least 4 SRs
+        assert all(str(d.get("PatientID", "")) == "" for d in exported)
+        assert all(d.PatientIdentityRemoved == "YES" for d in exported)
+        assert not {str(d.SOPInstanceUID) for d in exported} & set(pacs.received)
         # sending the same images again adds nothing
         assert storescu(settings.port, files).returncode == 0
         time.sleep(1.0)
