@@ -321,13 +321,14 @@ class JobStore:
                 is not None
             )
 
-    def record_instance(self, record: InstanceRecord) -> bool:
+    def record_instance(self, record: InstanceRecord) -> int | None:
         """Insert the instance and its queued job in one transaction.
 
         Returns
         -------
-        bool
-            True when new; False when the SOP Instance UID was already known (nothing changes).
+        int or None
+            The new job's id; None when the SOP Instance UID was already known (nothing
+            changes).
         """
         now = self.clock()
         try:
@@ -335,7 +336,7 @@ class JobStore:
                 if s.scalar(
                     select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
                 ):
-                    return False
+                    return None
                 inst = Instance(
                     sop_instance_uid=record.sop_instance_uid,
                     sop_class_uid=record.sop_class_uid,
@@ -349,19 +350,20 @@ class JobStore:
                 )
                 s.add(inst)
                 s.flush()
-                s.add(
-                    Job(
-                        instance_id=inst.id,
-                        state=JobState.QUEUED.value,
-                        attempts=0,
-                        not_before=0.0,
-                        created_at=now,
-                        updated_at=now,
-                    )
+                job = Job(
+                    instance_id=inst.id,
+                    state=JobState.QUEUED.value,
+                    attempts=0,
+                    not_before=0.0,
+                    created_at=now,
+                    updated_at=now,
                 )
-            return True
+                s.add(job)
+                s.flush()
+                job_id = int(job.id)
+            return job_id
         except IntegrityError:
-            return False  # a concurrent association stored the same instance first
+            return None  # a concurrent association stored the same instance first
 
     # -- jobs ----------------------------------------------------------------------------------
 

@@ -54,8 +54,8 @@ def record(uid: str, study: str = "1.2.3") -> InstanceRecord:
 
 def test_record_is_idempotent(store: tuple[JobStore, Clock]) -> None:
     s, _ = store
-    assert s.record_instance(record("1.1")) is True
-    assert s.record_instance(record("1.1")) is False
+    assert isinstance(s.record_instance(record("1.1")), int)
+    assert s.record_instance(record("1.1")) is None
     status = s.status()
     assert status["instances"] == 1
     assert status["jobs"]["queued"] == 1
