@@ -118,6 +118,7 @@ class Settings(_Strict):
     worker_poll_s: float = Field(default=1.0, gt=0)
     lease_s: float = Field(default=600.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1, le=100)
+    job_retry_delay_s: float = Field(default=10.0, ge=0)
 
     send_max_attempts: int = Field(default=10, ge=1, le=1000)
     send_backoff_base_s: float = Field(default=10.0, gt=0)

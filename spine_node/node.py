@@ -126,7 +126,7 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
             lease_s=settings.lease_s,
             poll_s=settings.worker_poll_s,
             max_attempts=settings.job_max_attempts,
-            retry_delay_s=10.0,
+            retry_delay_s=settings.job_retry_delay_s,
             destinations=tuple(d.name for d in settings.destinations),
             webhook=bool(settings.webhook_url),
         ),

@@ -213,7 +213,7 @@ class Worker:
                     "version": self.cascade.model_info.version,
                 },
             }
-            hook_uid = f"webhook:{job.study_instance_uid}:{len(previous) + 1}"
+            hook_uid = f"webhook:{job.study_instance_uid}:{job.job_id}"
             relative = relative_name(hook_uid, ".json")
             write_durable(self.outbox_dir, relative, json.dumps(hook, sort_keys=True).encode())
             sends.append(SendSpec("webhook", "webhook", hook_uid, relative))
