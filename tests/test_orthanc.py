@@ -20,9 +20,7 @@ from spine_node.config import Settings
 from spine_node.node import start_node
 from spine_node.store import JobStore
 from tests.nodekit import make_image, node_settings, storescu, wait_for
-from tests.orthanc_kit import NEGATIVE, POSITIVE, Orthanc, ScriptedCascade, orthanc_binary
-
-pytestmark = pytest.mark.skipif(orthanc_binary() is None, reason="Orthanc is not installed")
+from tests.orthanc_kit import NEGATIVE, POSITIVE, Orthanc, ScriptedCascade
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
