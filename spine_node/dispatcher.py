@@ -24,8 +24,8 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.config import Destination, Settings
-from spine_node.receiver import client_ssl_context
 from spine_node.store import Backoff, ClaimedSend, JobStore
+from spine_node.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
 

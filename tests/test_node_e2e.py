@@ -151,3 +151,34 @@ def test_worker_without_bundle_says_so_and_does_not_start(tmp_path: Path) -> Non
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "no model bundle is configured" in out.stderr
+
+
+def test_sigterm_finishes_the_current_batch_then_exits(tmp_path: Path, tiny_bundle: Path,
+                                                       pacs: CountingPACS) -> None:
+    settings = _settings(tmp_path, tiny_bundle, pacs, worker_batch_size=2)
+    config = write_config(tmp_path / "node.toml", settings)
+    log = tmp_path / "node.log"
+    files = [tmp_path / f"i{i}.dcm" for i in range(12)]
+    for i, f in enumerate(files):
+        make_image(f, rows=320, cols=256, seed=i)
+    proc = _serve(config, log)
+    try:
+        wait_for(lambda: subprocess.run(["echoscu", "-aec", "SPINENODE", "127.0.0.1",
+                                         str(settings.port)], capture_output=True).returncode == 0)
+        assert storescu(settings.port, files).returncode == 0
+        wait_for(lambda: sum(_status(config)["results"].values()) >= 1, timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    status = _status(config)
+    assert status["jobs"]["running"] == 0  # nothing left half-done
+    assert status["jobs"]["queued"] + sum(status["results"].values()) == len(files)
+    assert "finishing current work" in log.read_text()
+    proc = _serve(config, log)  # the rest is processed after a restart
+    try:
+        wait_for(lambda: _settled(config, len(files)), timeout=180)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
