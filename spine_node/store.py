@@ -303,6 +303,18 @@ class JobStore:
 
     # -- receiving ---------------------------------------------------------------------------
 
+    def known(self, sop_instance_uid: str) -> str | None:
+        """One look-up for the receiver: ``"own"`` (a result object this node made),
+        ``"instance"`` (received before) or None (new)."""
+        with self._tx() as s:
+            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)):
+                return "instance"
+            if s.scalar(
+                select(Outbound.id).where(Outbound.object_uid == sop_instance_uid).limit(1)
+            ):
+                return "own"
+        return None
+
     def has_instance(self, sop_instance_uid: str) -> bool:
         """Return True when the instance was received before."""
         with self._tx() as s:
