@@ -306,14 +306,21 @@ class JobStore:
     def known(self, sop_instance_uid: str) -> str | None:
         """One look-up for the receiver: ``"own"`` (a result object this node made),
         ``"instance"`` (received before) or None (new)."""
-        with self._tx() as s:
-            if s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)):
-                return "instance"
-            if s.scalar(
-                select(Outbound.id).where(Outbound.object_uid == sop_instance_uid).limit(1)
-            ):
-                return "own"
-        return None
+        instance = (
+            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid).scalar_subquery()
+        )
+        own = (
+            select(Outbound.id)
+            .where(Outbound.object_uid == sop_instance_uid)
+            .limit(1)
+            .scalar_subquery()
+        )
+        with self.engine.connect() as conn:  # one statement, no ORM session: on the hot path
+            row = conn.execute(select(instance, own)).one()
+            conn.rollback()
+        if row[0] is not None:
+            return "instance"
+        return "own" if row[1] is not None else None
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         """Return True when the instance was received before."""
