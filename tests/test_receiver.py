@@ -6,10 +6,10 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pynetdicom
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-import pynetdicom
 from pynetdicom import AE
 
 from spine_node.config import Settings
@@ -195,7 +195,7 @@ def test_read_only_spool_is_a700(tmp_path: Path, small_mount: Path) -> None:
 
 def test_hostile_uid_cannot_escape_data_dir(receiver: tuple[Settings, RunningNode],
                                             tmp_path: Path) -> None:
-    settings, node = receiver
+    settings, _node = receiver
     src = tmp_path / "a.dcm"
     ds = make_image(src)
     ds.SOPInstanceUID = "../../../../tmp/evil"

@@ -69,11 +69,11 @@ class DemoSettings:
     seed: int = 0
     folds: int = 5
     triage_size: int = 192
-    detect_size: int = 320
+    detect_size: int = 448
     member_epochs: int = 12
     member_batch: int = 32
     member_lr: float = 1e-3
-    detector_epochs: int = 30
+    detector_epochs: int = 50
     detector_batch: int = 16
     detector_scale: tuple[float, float, int] = (0.33, 0.1875, 256)
     tta_views: int = 5
@@ -412,6 +412,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--member-epochs", type=int, default=d.member_epochs)
     parser.add_argument("--detector-epochs", type=int, default=d.detector_epochs)
+    parser.add_argument("--detect-size", type=int, default=d.detect_size)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
 
 
@@ -424,6 +425,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         member_epochs=args.member_epochs,
         detector_epochs=args.detector_epochs,
+        detect_size=args.detect_size,
     )
     manifest = build_demo_bundle(Path(args.out), Path(args.work), settings)
     print(json.dumps(dict(manifest.metrics), indent=2, default=str))
