@@ -114,6 +114,11 @@ def test_node_end_to_end_with_status_worklist_and_replay(tmp_path: Path, tiny_bu
         assert all(str(d.get("PatientID", "")) == "" for d in exported)
         assert all(d.PatientIdentityRemoved == "YES" for d in exported)
         assert not {str(d.SOPInstanceUID) for d in exported} & set(pacs.received)
+        # our own result objects, forwarded back to us, are accepted and not queued
+        own = sorted(settings.outbox_dir.rglob("*.dcm"))[:2]
+        assert len(own) == 2
+        assert storescu(settings.port, own, extra=("-R",)).returncode == 0
+        assert _status(config)["instances"] == 4
         # sending the same images again adds nothing
         assert storescu(settings.port, files).returncode == 0
         time.sleep(1.0)
