@@ -35,22 +35,13 @@ from torch.utils.data import Dataset
 
 from spine_node.imaging import PreparedImage, PrepParams, prepare, read_dataset
 from spine_node.results.types import LESION_LABELS
+from training.phantom import CSV_COLUMNS
 
 logger = logging.getLogger(__name__)
 
 NO_FINDING = "No finding"
 SPLITS: tuple[str, ...] = ("train", "test")
-REQUIRED_COLUMNS: tuple[str, ...] = (
-    "study_id",
-    "series_id",
-    "image_id",
-    "rad_id",
-    "lesion_type",
-    "xmin",
-    "ymin",
-    "xmax",
-    "ymax",
-)
+REQUIRED_COLUMNS: tuple[str, ...] = CSV_COLUMNS  # VinDr-SpineXR's annotation columns
 
 
 @dataclass(frozen=True)
