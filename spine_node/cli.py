@@ -47,6 +47,9 @@ def configure_logging(level: str, as_json: bool) -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running"
+    # pydicom warns about every sloppy value it reads (e.g. VinDr's 32-hex "UIDs"); the node
+    # handles those and reports what matters per job
+    logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:

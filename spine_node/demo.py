@@ -13,6 +13,7 @@ import logging
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from spine_node.config import settings_from_mapping
 logger = logging.getLogger(__name__)
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+_KIND = {"SR": "SR", "OT": "overlay", "PR": "GSPS"}
 
 
 def hex_to_uid(value: str) -> str:
@@ -84,8 +86,9 @@ def start_pacs(out_dir: Path, port: int = 0) -> _Pacs:
 def send_files(port: int, datasets: list[Dataset], called_ae: str) -> list[int]:
     """C-STORE datasets to the node; return the DIMSE statuses."""
     ae = AE(ae_title="DEMOMODALITY")
-    ae.add_requested_context(CR_IMAGE_STORAGE, [str(datasets[0].file_meta.TransferSyntaxUID),
-                                                ExplicitVRLittleEndian])
+    for syntax in sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets}):
+        ae.add_requested_context(CR_IMAGE_STORAGE, syntax)  # one context per syntax: no re-encode
+    ae.add_requested_context(CR_IMAGE_STORAGE, ExplicitVRLittleEndian)
     assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     if not assoc.is_established:
         raise RuntimeError(f"the node on port {port} refused the association")
@@ -148,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
         summary = write_phantom_dataset(Path(tmp), n_images=max(2, args.studies * 2),
                                         seed=args.seed, test_fraction=0.5)
         files = sorted(Path(tmp).glob("*_images/*.dicom"))
-        datasets = [make_sendable(dcmread(f)) for f in files]
+        with warnings.catch_warnings():  # the phantom's VinDr-style ids are not valid UIDs
+            warnings.simplefilter("ignore")
+            datasets = [make_sendable(dcmread(f)) for f in files]
     del summary
     print(f"starting the node on 127.0.0.1:{settings.port} (bundle: {args.bundle}) ...")
     t0 = time.monotonic()
@@ -188,6 +193,14 @@ def run(args: argparse.Namespace) -> int:
             findings = f"not processed: {payload.get('reason')}"
         print(f"...{study[-11:]:<11} ...{uid[-11:]:<11} {payload['status']:<14} {score:>6}  "
               f"{findings or '-'}")
+    by_uid = {p.stem: p for p in received}
+    print()
+    print("result objects received by the PACS stand-in, per image:")
+    for _study, uid, payload in rows:
+        files = [by_uid[o] for o in payload.get("objects", []) if o in by_uid]
+        named = ", ".join(f"{_KIND.get(p.parent.name, p.parent.name)} {p.relative_to(out)}"
+                          for p in files)
+        print(f"  ...{uid[-11:]}: {named or 'none yet'}")
     print()
     print(f"{len(rows)} results in {elapsed:.1f} s; the PACS stand-in received {len(received)} "
           f"objects under {out / 'pacs'}:")
