@@ -77,7 +77,7 @@ class DemoSettings:
     detector_batch: int = 16
     detector_scale: tuple[float, float, int] = (0.33, 0.1875, 256)
     tta_views: int = 5
-    version: str = "demo-1"
+    version: str = "demo-2"
     members: tuple[tuple[str, str, Mapping[str, Any]], ...] = field(default=DEMO_MEMBERS)
 
 

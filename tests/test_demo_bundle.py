@@ -1,0 +1,124 @@
+"""Behaviour with the embedded demo bundle: phantom lesions found where they were drawn,
+non-spine radiographs refused with a reason, and ``spine-node demo`` end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.data import get_testdata_file
+
+from spine_node.models.bundle import load_manifest
+from spine_node.node import demo_bundle_path
+from spine_node.pipeline import Cascade
+from spine_node.results.types import Status
+from training.phantom import write_phantom_dataset
+from training.vindr import load_records
+
+CLI = [sys.executable, "-m", "spine_node.cli"]
+
+
+@pytest.fixture(scope="module")
+def cascade() -> Cascade:
+    return Cascade.load(demo_bundle_path(), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("phantom")
+    write_phantom_dataset(root, n_images=24, seed=4242, balanced=True, test_fraction=0.5)
+    return root
+
+
+def test_manifest_is_flagged_demo_and_reports_held_out_figures() -> None:
+    manifest = load_manifest(demo_bundle_path())  # verifies every sha256
+    assert manifest.demo is True
+    assert "not for clinical use" in manifest.intended_use
+    size = sum(p.stat().st_size for p in demo_bundle_path().rglob("*") if p.is_file())
+    assert size <= 30 * 1024**2
+    metrics = dict(manifest.metrics)
+    assert metrics["triage_auroc"] >= 0.95
+    assert metrics["detector_map50"] >= 0.5
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def test_phantom_lesions_are_found_where_they_were_drawn(cascade: Cascade, phantom: Path) -> None:
+    records = load_records(phantom, "train") + load_records(phantom, "test")
+    datasets = [dcmread(r.path) for r in records]
+    results = cascade.analyze(datasets)
+    labels = np.array([r.abnormal for r in records])
+    scores = np.array([res.score if res.score is not None else 0.0 for res in results])
+    assert all(res.status is not Status.NOT_PROCESSED for res in results), [
+        res.reason for res in results if res.status is Status.NOT_PROCESSED]
+    from sklearn.metrics import roc_auc_score
+
+    assert roc_auc_score(labels, scores) >= 0.9
+    drawn = found = 0
+    for record, result in zip(records, results, strict=True):
+        for box in record.boxes:
+            drawn += 1
+            gt = (box.xmin, box.ymin, box.xmax, box.ymax)
+            if any(f.label == box.label and _iou(f.box, gt) >= 0.3 for f in result.findings):
+                found += 1
+    assert drawn > 20
+    assert found / drawn >= 0.5, f"found {found} of {drawn} drawn lesions"
+
+
+@pytest.mark.parametrize("name", ["RG1_J2KR.dcm", "RG3_J2KR.dcm"])
+def test_real_non_spine_radiographs_are_not_processed(cascade: Cascade, name: str) -> None:
+    ds = dcmread(get_testdata_file(name))
+    (tagged,) = cascade.analyze([ds])
+    assert tagged.status is Status.NOT_PROCESSED
+    assert "not spine" in (tagged.reason or "")
+    del ds.BodyPartExamined  # a film tagged wrongly (or not at all): the content check decides
+    (untagged,) = cascade.analyze([ds])
+    assert untagged.status is Status.NOT_PROCESSED
+    assert "does not look like a spine radiograph" in (untagged.reason or "")
+
+
+def test_analyze_uses_the_demo_bundle_by_default(phantom: Path) -> None:
+    files = sorted((phantom / "test_images").glob("*.dicom"))[:2]
+    chest = get_testdata_file("RG1_UNCR.dcm")
+    out = subprocess.run([*CLI, "analyze", *map(str, files), str(chest), "--json"],
+                         capture_output=True, text=True, timeout=600, check=True)
+    rows = json.loads(out.stdout)
+    assert [r["file"] for r in rows] == [*map(str, files), str(chest)]
+    assert rows[-1]["status"] == "not_processed" and rows[-1]["reason"]
+    for row in rows[:2]:
+        assert row["status"] in ("positive", "negative")
+        assert 0.0 <= row["score"] <= 1.0 and row["threshold"] == pytest.approx(
+            float(load_manifest(demo_bundle_path()).threshold))
+
+
+def test_demo_command_end_to_end(tmp_path: Path) -> None:
+    out = subprocess.run([*CLI, "demo", "--out", str(tmp_path), "--studies", "2"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "DEMO BUNDLE" in out.stdout
+    received = list((tmp_path / "pacs").rglob("*.dcm"))
+    srs = [p for p in received if dcmread(p).Modality == "SR"]
+    assert len(srs) == 4  # one SR per image (2 studies x 2 images)
+    assert any(dcmread(p).Modality == "OT" or dcmread(p).SOPClassUID.endswith(".7")
+               for p in received)
+
+
+def test_onnx_backend_matches_pytorch_on_the_demo_bundle(cascade: Cascade, phantom: Path) -> None:
+    files = sorted((phantom / "test_images").glob("*.dicom"))[:4]
+    datasets = [dcmread(f) for f in files]
+    onnx = Cascade.load(demo_bundle_path(), device="cpu", backend="onnx")
+    for a, b in zip(cascade.analyze(datasets), onnx.analyze(datasets), strict=True):
+        assert a.status == b.status
+        assert a.score == pytest.approx(b.score, abs=1e-4)
+        assert [f.label for f in a.findings] == [f.label for f in b.findings]
