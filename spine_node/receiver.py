@@ -570,14 +570,9 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
     if not cmd_instance:
         return STATUS_CANNOT_UNDERSTAND
 
+    # The file is made durable first and the database asked once afterwards (duplicates and
+    # our own objects are rare; one transaction less per image on the hot path).
     try:
-        known = ctx.store.known(cmd_instance)
-        if known == "own":
-            logger.info("C-STORE from %s: our own result object, accepted, not queued", calling_ae)
-            return STATUS_SUCCESS
-        if known == "instance":
-            logger.info("C-STORE from %s: instance already received, not queued again", calling_ae)
-            return STATUS_SUCCESS
         relative = relative_name(cmd_instance)
         if path is not None:
             adopt_file(ctx.spool_dir, relative, path, ctx.min_free_bytes)
@@ -606,15 +601,21 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
         size_bytes=size,
     )
     try:
-        new = ctx.store.record_instance(record)
+        outcome, job_id = ctx.store.receive(record)
     except Exception as exc:
         # Out of resources: the queue could not be written; the sender must retry
         logger.error("C-STORE from %s refused: queue write failed: %s", calling_ae, exc)
         return STATUS_OUT_OF_RESOURCES
-    if new is None:
-        logger.info("instance file=%s from=%s was already queued", relative, calling_ae)
+    if outcome == "new":
+        logger.info("job %s queued: stored file=%s bytes=%d from=%s", job_id, relative, size,
+                    calling_ae)
+    elif outcome == "own":
+        (ctx.spool_dir / relative).unlink(missing_ok=True)
+        logger.info("C-STORE from %s: our own result object, accepted, not queued", calling_ae)
     else:
-        logger.info("job %d queued: stored file=%s bytes=%d from=%s", new, relative, size, calling_ae)
+        if outcome == "duplicate_removed":
+            (ctx.spool_dir / relative).unlink(missing_ok=True)  # retention already removed it
+        logger.info("C-STORE from %s: instance already received, not queued again", calling_ae)
     return STATUS_SUCCESS
 
 

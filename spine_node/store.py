@@ -303,25 +303,6 @@ class JobStore:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def known(self, sop_instance_uid: str) -> str | None:
-        """One look-up for the receiver: ``"own"`` (a result object this node made),
-        ``"instance"`` (received before) or None (new)."""
-        instance = (
-            select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid).scalar_subquery()
-        )
-        own = (
-            select(Outbound.id)
-            .where(Outbound.object_uid == sop_instance_uid)
-            .limit(1)
-            .scalar_subquery()
-        )
-        with self.engine.connect() as conn:  # one statement, no ORM session: on the hot path
-            row = conn.execute(select(instance, own)).one()
-            conn.rollback()
-        if row[0] is not None:
-            return "instance"
-        return "own" if row[1] is not None else None
-
     def has_instance(self, sop_instance_uid: str) -> bool:
         """Return True when the instance was received before."""
         with self._tx() as s:
@@ -346,16 +327,36 @@ class JobStore:
         Returns
         -------
         int or None
-            The new job's id; None when the SOP Instance UID was already known (nothing
-            changes).
+            The new job's id; None when the SOP Instance UID was already known, or is one of
+            our own result objects (nothing changes).
+        """
+        return self.receive(record)[1]
+
+    def receive(self, record: InstanceRecord) -> tuple[str, int | None]:
+        """What the receiver does after the file is durable, in one transaction.
+
+        Returns
+        -------
+        (str, int or None)
+            ``("new", job_id)``; ``("duplicate", None)`` when the instance was received before
+            and its spooled file is kept; ``("duplicate_removed", None)`` when its spooled file
+            was already removed by retention; ``("own", None)`` for a result object this node
+            made (loop prevention). Only ``new`` changes the database.
         """
         now = self.clock()
         try:
             with self._tx() as s:
+                existing = s.execute(
+                    select(Instance.id, Instance.spool_deleted_at).where(
+                        Instance.sop_instance_uid == record.sop_instance_uid
+                    )
+                ).first()
+                if existing is not None:
+                    return ("duplicate" if existing[1] is None else "duplicate_removed", None)
                 if s.scalar(
-                    select(Instance.id).where(Instance.sop_instance_uid == record.sop_instance_uid)
+                    select(Outbound.id).where(Outbound.object_uid == record.sop_instance_uid).limit(1)
                 ):
-                    return None
+                    return ("own", None)
                 inst = Instance(
                     sop_instance_uid=record.sop_instance_uid,
                     sop_class_uid=record.sop_class_uid,
@@ -380,9 +381,9 @@ class JobStore:
                 s.add(job)
                 s.flush()
                 job_id = int(job.id)
-            return job_id
+            return ("new", job_id)
         except IntegrityError:
-            return None  # a concurrent association stored the same instance first
+            return ("duplicate", None)  # a concurrent association stored it first
 
     # -- jobs ----------------------------------------------------------------------------------
 
