@@ -51,7 +51,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from spine_node.config import Settings
-from spine_node.spool import SpoolFull, relative_name, write_durable
+from spine_node.spool import SpoolFull, fsync_dir, relative_name, write_durable
 from spine_node.store import InstanceRecord, JobStore
 from spine_node.tls import client_ssl_context, server_ssl_context
 
@@ -84,7 +84,6 @@ MAX_ASSOCIATE_PDU_LENGTH = 256 * 1024
 FIXED_PDU_LENGTH = 4
 #: Name of the directory (inside the spool) where pynetdicom streams incoming datasets.
 INCOMING_DIR = ".incoming"
-_COPY_CHUNK = 1024 * 1024
 #: How often (bytes received) a chunked receive re-checks the free-space watermark.
 FREE_CHECK_BYTES = 4 * 1024 * 1024
 
@@ -438,14 +437,6 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def adopt_file(root: Path, relative: str, source: Path, min_free_bytes: int = 0) -> Path:
     """Move a received file into ``root/relative`` atomically and durably.
 
@@ -484,25 +475,9 @@ def adopt_file(root: Path, relative: str, source: Path, min_free_bytes: int = 0)
             os.fsync(fh.fileno())
         os.chmod(source, 0o600)
         os.replace(source, target)
-        _fsync_dir(directory)
+        fsync_dir(directory)
         return target
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, open(source, "rb") as src:
-            while chunk := src.read(_COPY_CHUNK):
-                out.write(chunk)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp_name, 0o600)
-        os.replace(tmp_name, target)
-        _fsync_dir(directory)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return target
+    return write_durable(root, relative, source)  # another filesystem: copy, fsync, rename
 
 
 def _received(event: evt.Event) -> tuple[Path | None, bytes | None]:
@@ -607,8 +582,9 @@ def handle_store(event: evt.Event, ctx: ReceiverContext) -> int:
         logger.error("C-STORE from %s refused: queue write failed: %s", calling_ae, exc)
         return STATUS_OUT_OF_RESOURCES
     if outcome == "new":
-        logger.info("job %s queued: stored file=%s bytes=%d from=%s", job_id, relative, size,
-                    calling_ae)
+        logger.info(
+            "job %s queued: stored file=%s bytes=%d from=%s", job_id, relative, size, calling_ae
+        )
     elif outcome == "own":
         (ctx.spool_dir / relative).unlink(missing_ok=True)
         logger.info("C-STORE from %s: our own result object, accepted, not queued", calling_ae)

@@ -12,6 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+_COPY_CHUNK = 4 * 1024 * 1024
+
 
 class SpoolFull(OSError):
     """Free space is below the configured watermark."""
@@ -37,7 +39,8 @@ def relative_name(uid: str, suffix: str = ".dcm") -> str:
     return f"{digest[:2]}/{digest}{suffix}"
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so a rename inside it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -45,7 +48,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(root: Path, relative: str, data: bytes, min_free_bytes: int = 0) -> Path:
+def write_durable(root: Path, relative: str, data: bytes | Path, min_free_bytes: int = 0) -> Path:
     """Write ``data`` to ``root/relative`` atomically and durably.
 
     The bytes go to a temporary file in the target directory, which is fsynced, renamed over the
@@ -58,8 +61,8 @@ def write_durable(root: Path, relative: str, data: bytes, min_free_bytes: int = 
         Spool or outbox directory.
     relative : str
         Relative path from :func:`relative_name`.
-    data : bytes
-        Content.
+    data : bytes or pathlib.Path
+        Content, or a file whose content is copied (in chunks: memory stays bounded).
     min_free_bytes : int
         Refuse (``SpoolFull``) when less than this would remain free after writing.
 
@@ -74,18 +77,23 @@ def write_durable(root: Path, relative: str, data: bytes, min_free_bytes: int = 
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     if min_free_bytes:
+        size = data.stat().st_size if isinstance(data, Path) else len(data)
         free = shutil.disk_usage(directory).free
-        if free - len(data) < min_free_bytes:
+        if free - size < min_free_bytes:
             raise SpoolFull(f"only {free} bytes free in {root}, watermark {min_free_bytes}")
     fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            if isinstance(data, Path):
+                with open(data, "rb") as src:
+                    shutil.copyfileobj(src, fh, _COPY_CHUNK)
+            else:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp_name, 0o600)
         os.replace(tmp_name, target)
-        _fsync_dir(directory)
+        fsync_dir(directory)
     except BaseException:
         try:
             os.unlink(tmp_name)
