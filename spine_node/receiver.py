@@ -51,7 +51,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 from spine_node.config import Settings
-from spine_node.spool import SpoolFull, fsync_dir, relative_name, write_durable
+from spine_node.spool import SpoolFull, fsync_dir, relative_name, target_path, write_durable
 from spine_node.store import InstanceRecord, JobStore
 from spine_node.tls import client_ssl_context, server_ssl_context
 
@@ -460,11 +460,8 @@ def adopt_file(root: Path, relative: str, source: Path, min_free_bytes: int = 0)
     pathlib.Path
         The final path.
     """
-    target = (root / relative).resolve()
-    if root.resolve() not in target.parents:
-        raise ValueError(f"relative path {relative!r} escapes {root}")
+    target = target_path(root, relative)
     directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     size = source.stat().st_size
     same_fs = source.stat().st_dev == directory.stat().st_dev
     free = shutil.disk_usage(directory).free

@@ -48,6 +48,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def target_path(root: Path, relative: str) -> Path:
+    """Resolve ``root/relative``, refuse a path escaping ``root``, create its folder (0700)."""
+    target = (root / relative).resolve()
+    if root.resolve() not in target.parents:
+        raise ValueError(f"relative path {relative!r} escapes {root}")
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return target
+
+
 def write_durable(root: Path, relative: str, data: bytes | Path, min_free_bytes: int = 0) -> Path:
     """Write ``data`` to ``root/relative`` atomically and durably.
 
@@ -71,11 +80,8 @@ def write_durable(root: Path, relative: str, data: bytes | Path, min_free_bytes:
     pathlib.Path
         The final path.
     """
-    target = (root / relative).resolve()
-    if root.resolve() not in target.parents:
-        raise ValueError(f"relative path {relative!r} escapes {root}")
+    target = target_path(root, relative)
     directory = target.parent
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     if min_free_bytes:
         size = data.stat().st_size if isinstance(data, Path) else len(data)
         free = shutil.disk_usage(directory).free
