@@ -12,14 +12,15 @@ single-frame grayscale sources (``supports``).
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import highdicom as hd
 from highdicom._standard_utils import is_multiframe_image
 from pydicom.dataset import Dataset
 
-from spine_node import __version__
 from spine_node.results import codes
+from spine_node.results.equipment import algorithm_equipment, software_versions
+from spine_node.results.options import ResultOptions
 from spine_node.results.sr import box_polyline
 from spine_node.results.types import CascadeResult, ModelInfo, Status, display_label
 from spine_node.results.uids import (
@@ -29,9 +30,6 @@ from spine_node.results.uids import (
     sop_instance_uid,
     tracking_uid,
 )
-
-if TYPE_CHECKING:
-    from spine_node.results.builder import ResultOptions
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +177,7 @@ def build_gsps(
         instance_number=1,
         manufacturer=options.manufacturer,
         manufacturer_model_name=model.name[:64],
-        software_versions=f"spine-node {__version__}; bundle {model.version}"[:64],
+        software_versions=cast(tuple[str], tuple(software_versions(model))),
         device_serial_number=cast(str, None),
         content_label=CONTENT_LABEL,
         content_description=description[:64],
@@ -190,6 +188,7 @@ def build_gsps(
         presentation_lut_transformation=presentation_lut,
         series_description=options.series_description("gsps", model),
         specific_character_set=reference.SpecificCharacterSet,
+        contributing_equipment=[algorithm_equipment(model, options)],
     )
     gsps.Laterality = reference.get("Laterality") or ""  # type 2C in General Series
     logger.debug("built GSPS %s for %s", gsps.SOPInstanceUID, source_uid)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING
 
 import cv2
 import highdicom as hd
@@ -25,14 +24,13 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from spine_node import __version__, imaging
+from spine_node import imaging
 from spine_node.results import codes
+from spine_node.results.equipment import algorithm_equipment, software_versions
+from spine_node.results.options import ResultOptions
 from spine_node.results.priority import StudyPriority
 from spine_node.results.types import CascadeResult, ModelInfo, Status, display_label
 from spine_node.results.uids import ResultKind, bundle_key, series_instance_uid, sop_instance_uid
-
-if TYPE_CHECKING:
-    from spine_node.results.builder import ResultOptions
 
 logger = logging.getLogger(__name__)
 
@@ -205,10 +203,11 @@ def build_overlay(
         transfer_syntax_uid=ExplicitVRLittleEndian,
         series_description=options.series_description("sc", model),
         manufacturer_model_name=model.name[:64],
-        software_versions=f"spine-node {__version__}; bundle {model.version}"[:64],
+        software_versions=software_versions(model),
         institution_name=options.institution_name or None,
         institutional_department_name=options.institutional_department_name or None,
         specific_character_set=reference.SpecificCharacterSet,
+        contributing_equipment=[algorithm_equipment(model, options)],
     )
     sc.copy_patient_and_study_information(reference)
     sc.PatientOrientation = reference.get("PatientOrientation", [])  # type 2C: empty if unknown

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -31,8 +32,9 @@ from highdicom._standard_utils import is_attribute_in_iod
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes as dcm_codes
 
-from spine_node import __version__
 from spine_node.results import codes
+from spine_node.results.equipment import algorithm_equipment, software_versions
+from spine_node.results.options import ResultOptions
 from spine_node.results.priority import StudyPriority
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 from spine_node.results.uids import (
@@ -43,9 +45,6 @@ from spine_node.results.uids import (
     sop_instance_uid,
     tracking_uid,
 )
-
-if TYPE_CHECKING:
-    from spine_node.results.builder import ResultOptions
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +57,7 @@ def build_sr(
     *,
     study_priority: StudyPriority | None = None,
     frame_number: int | None = None,
+    notes: Sequence[str] = (),
 ) -> hd.sr.ComprehensiveSR:
     """Build the TID 1500 measurement report for one image.
 
@@ -75,6 +75,9 @@ def build_sr(
         Priority of the whole study.
     frame_number : int, optional
         1-based frame the boxes refer to, for multi-frame sources.
+    notes : sequence of str
+        Sentences about the source written as TEXT comments (e.g. a source UID that was
+        unusable and replaced).
 
     Returns
     -------
@@ -98,7 +101,9 @@ def build_sr(
             model_name=model.name,
         ),
     )
-    groups: list[Any] = [_triage_group(reference, result, model, algorithm, bundle, study_priority)]
+    groups: list[Any] = [
+        _triage_group(reference, result, model, algorithm, bundle, study_priority, notes)
+    ]
     for index, finding in enumerate(result.findings, start=1):
         groups.append(_finding_group(reference, finding, index, algorithm, bundle, frame_number))
     report = hd.sr.MeasurementReport(
@@ -123,8 +128,9 @@ def build_sr(
         institutional_department_name=options.institutional_department_name or None,
         series_description=options.series_description("sr", model),
         manufacturer_model_name=model.name[:64],
-        software_versions=f"spine-node {__version__}; bundle {model.version}"[:64],
+        software_versions=software_versions(model),
         coding_schemes=[codes.coding_scheme_identification()],
+        contributing_equipment=[algorithm_equipment(model, options)],
         specific_character_set=reference.SpecificCharacterSet,
     )
     logger.debug("built SR %s for %s", sr.SOPInstanceUID, source_uid)
@@ -183,6 +189,7 @@ def _triage_group(
     algorithm: hd.sr.AlgorithmIdentification,
     bundle: str,
     study_priority: StudyPriority | None,
+    notes: Sequence[str],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     source_uid = str(reference.SOPInstanceUID)
     measurements = []
@@ -243,6 +250,7 @@ def _triage_group(
         comments.append(f"Member {member} probability: {float(score):.4f}")
     if study_priority is not None:
         comments.append(study_priority.summary())
+    comments.extend(notes)
     if model.intended_use:
         comments.append(f"Intended use: {model.intended_use}")
     comments.append(codes.NOT_FOR_DIAGNOSTIC_USE)

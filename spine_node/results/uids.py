@@ -14,8 +14,13 @@ replaces rather than duplicates an object:
 The *bundle identity* is ``bundle_key(model)``: the model bundle name and version, so a new
 bundle version produces new objects (the old results stay, for audit).
 
-Source UIDs that are not valid DICOM UIDs (e.g. VinDr's 32-hex identifiers) are replaced
-by a UID derived deterministically from the invalid string (``valid_or_derived``).
+Identity policy: a source UID is carried *exactly as received* whenever it is usable: at
+most 64 characters of digits and dots (``is_usable_uid``), even when it breaks PS3.5 9.1
+(leading zeros such as ``.0123``, an odd length): PACS store such UIDs as they are, and
+results must land in the same study and reference the same instances. Only an unusable
+value (e.g. VinDr's 32-hex identifiers, letters, more than 64 characters) is replaced by a
+UID derived deterministically from it (``usable_or_derived``); the SR then says so.
+Every UID this module *creates* is a valid ``2.25`` UID.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from spine_node.results.types import ModelInfo
 NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:spine-node:dicom-uid")
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
+_USABLE_RE = re.compile(r"^[0-9]+(\.[0-9]+)+$")
 _SEP = "\x1f"
 
 
@@ -56,6 +62,24 @@ def is_valid_uid(value: object) -> bool:
         components without leading zeros.
     """
     return isinstance(value, str) and len(value) <= 64 and _UID_RE.match(value) is not None
+
+
+def is_usable_uid(value: object) -> bool:
+    """Return True when ``value`` can be carried into result objects as it is.
+
+    Parameters
+    ----------
+    value : object
+        Candidate UID, as received (padding already removed).
+
+    Returns
+    -------
+    bool
+        True for a string of at most 64 characters made of at least two dot-separated
+        runs of digits; leading zeros and odd lengths are allowed (PS3.5 9.1 forbids the
+        former, archives store them anyway).
+    """
+    return isinstance(value, str) and len(value) <= 64 and _USABLE_RE.match(value) is not None
 
 
 def uid_from_name(*parts: str) -> str:
@@ -90,30 +114,42 @@ def bundle_key(model: ModelInfo) -> str:
     return f"{model.name}/{model.version}"
 
 
-def valid_or_derived(value: object, role: str) -> str:
-    """Return ``value`` when it is a valid UID, otherwise a UID derived from it.
+def usable_or_derived(value: object, role: str) -> str:
+    """Return ``value`` when it is a usable UID, otherwise a UID derived from it.
 
     Parameters
     ----------
     value : object
-        UID as received (str, pydicom UID, or anything else).
+        UID as received (str, pydicom UID, or anything else); NUL and space padding is
+        removed first.
     role : str
         What the UID identifies (``"study"``, ``"series"``, ``"instance"``); part of the
-        derivation so the same invalid string maps to different UIDs per role.
+        derivation so the same unusable string maps to different UIDs per role.
 
     Returns
     -------
     str
-        A valid UID; identical input gives identical output.
+        The received UID unchanged when ``is_usable_uid``; otherwise a valid ``2.25`` UID.
+        Identical input gives identical output.
+
+    Raises
+    ------
+    ValueError
+        When ``value`` is empty (nothing to derive from) or ``role`` is empty.
     """
     if not isinstance(role, str) or not role:
         raise ValueError(f"role must be a non-empty str, got {role!r}")
-    text = "" if value is None else str(value).strip().rstrip("\x00").strip()
-    if is_valid_uid(text):
+    text = received_uid(value)
+    if is_usable_uid(text):
         return text
     if not text:
         raise ValueError(f"no {role} UID to derive from, got {value!r}")
     return uid_from_name("source-uid", role, text)
+
+
+def received_uid(value: object) -> str:
+    """Return a received UID value without its NUL / space padding (``""`` for None)."""
+    return "" if value is None else str(value).strip().rstrip("\x00").strip()
 
 
 def series_instance_uid(study_instance_uid: str, kind: ResultKind | str, bundle: str) -> str:
@@ -122,7 +158,7 @@ def series_instance_uid(study_instance_uid: str, kind: ResultKind | str, bundle:
     Parameters
     ----------
     study_instance_uid : str
-        Study Instance UID of the source (valid form, see ``valid_or_derived``).
+        Study Instance UID of the source as carried (see ``usable_or_derived``).
     kind : ResultKind or str
         Object kind (``"sr"``, ``"sc"``, ``"gsps"``).
     bundle : str
@@ -154,6 +190,6 @@ def device_uid(manufacturer: str, device_name: str, bundle: str) -> str:
 
 
 def _check_uid(value: str) -> str:
-    if not is_valid_uid(value):
-        raise ValueError(f"expected a valid DICOM UID, got {value!r}")
+    if not is_usable_uid(value):
+        raise ValueError(f"expected a usable DICOM UID (<= 64 digits and dots), got {value!r}")
     return value
