@@ -59,8 +59,8 @@ def test_private_codes_are_unique():
 def test_bad_inputs_are_refused():
     with pytest.raises(ValueError, match="No finding"):
         codes.finding_code("No finding")
-    with pytest.raises(ValueError, match="V"):
-        codes.meyerding_code("V")
+    with pytest.raises(ValueError, match="VI"):
+        codes.meyerding_code("VI")
     assert codes.meyerding_code("III").meaning == "Meyerding grade III"
 
 

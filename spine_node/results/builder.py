@@ -116,14 +116,39 @@ def build_results(
             )
         )
     if options.gsps and result.findings:
-        if gsps_module.supports(reference):
-            objects.append(gsps_module.build_gsps(reference, result, model, options))
-        else:
-            logger.info(
-                "no GSPS for %s: the source is not a single-frame grayscale image",
-                reference.SOPInstanceUID,
-            )
+        presentation_state = _try_gsps(reference, result, model, options)
+        if presentation_state is not None:
+            objects.append(presentation_state)
     return objects
+
+
+def _try_gsps(
+    reference: Dataset, result: CascadeResult, model: ModelInfo, options: ResultOptions
+) -> Dataset | None:
+    """Build the optional GSPS; None (with the reason logged) when it cannot be built.
+
+    The GSPS is a convenience: whatever goes wrong with it (an odd source presentation, a
+    value highdicom refuses) must never cost the image its SR and overlay.
+    """
+    if not gsps_module.supports(reference):
+        logger.info(
+            "no GSPS for %s: the source is not a single-frame grayscale image (%r)",
+            reference.SOPInstanceUID,
+            reference.get("PhotometricInterpretation"),
+        )
+        return None
+    try:
+        return gsps_module.build_gsps(reference, result, model, options)
+    except gsps_module.GSPSUnavailable as exc:
+        logger.info("no GSPS for %s: %s", reference.SOPInstanceUID, exc)
+    except Exception as exc:  # optional object: log and go on without it
+        logger.warning(
+            "no GSPS for %s: building it failed (%s: %s)",
+            reference.SOPInstanceUID,
+            type(exc).__name__,
+            exc,
+        )
+    return None
 
 
 def _try_decode(source: Dataset, result: CascadeResult) -> imaging.SourceImage | None:

@@ -19,6 +19,7 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 from spine_node.results.types import LESION_LABELS
+from spine_node.results.types import MEYERDING_GRADES as GRADE_VOCABULARY
 
 #: Designator of the private coding scheme.
 PRIVATE_SCHEME = "99SPINENODE"
@@ -59,11 +60,10 @@ NOT_PROCESSED = _private("SN-101", "Not processed")
 STUDY_PRIORITY = _private("SN-102", "Study AI triage priority")
 STUDY_MAX_PROBABILITY = _private("SN-103", "Study maximum probability of abnormality")
 MEYERDING_GRADE = _private("SN-110", "Meyerding grade")
+#: One code per grade of the one vocabulary (``types.MEYERDING_GRADES``): SN-111 .. SN-115.
 MEYERDING_GRADES: Mapping[str, Code] = {
-    "I": _private("SN-111", "Meyerding grade I"),
-    "II": _private("SN-112", "Meyerding grade II"),
-    "III": _private("SN-113", "Meyerding grade III"),
-    "IV": _private("SN-114", "Meyerding grade IV"),
+    grade: _private(f"SN-{111 + i}", f"Meyerding grade {grade}")
+    for i, grade in enumerate(GRADE_VOCABULARY)
 }
 
 #: Finding code per VinDr label.
@@ -98,6 +98,8 @@ PRIORITY_CODES: Mapping[str, Code] = {
 
 if set(FINDING_CODES) != set(LESION_LABELS):  # pragma: no cover - guards an edit mistake
     raise RuntimeError("FINDING_CODES must cover LESION_LABELS exactly")
+if tuple(MEYERDING_GRADES) != GRADE_VOCABULARY:  # pragma: no cover - guards an edit mistake
+    raise RuntimeError("MEYERDING_GRADES must cover the grade vocabulary exactly")
 
 
 def finding_code(label: str) -> Code:
@@ -120,7 +122,7 @@ def finding_code(label: str) -> Code:
 
 
 def meyerding_code(grade: str) -> Code:
-    """Return the private code for a Meyerding grade (``"I"`` .. ``"IV"``)."""
+    """Return the private code for a Meyerding grade (``"I"`` .. ``"V"``)."""
     try:
         return MEYERDING_GRADES[grade]
     except KeyError:

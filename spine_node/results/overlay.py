@@ -3,7 +3,9 @@
 Choice: 8-bit MONOCHROME2. A grayscale SC is a third of the size of an RGB one (spine
 radiographs run to 3000 x 3000 pixels) and every viewer shows it the same way. Boxes are
 drawn white with a black rim so they stand out on bright bone and dark background alike;
-each box carries its number, label and score on a black tab.
+each box carries its number, label and score on a black tab, placed by ``layout`` so that no
+tab covers another tab or another finding's box (a tab away from its box gets a leader line;
+when findings leave no free place, tabs go to a column added right of the image).
 
 The display image is ``imaging.decode(source).pixels`` (modality LUT, VOI LUT / window,
 MONOCHROME1 inverted: bone is bright). Images narrower than ``MIN_WIDTH`` are enlarged by an
@@ -25,11 +27,11 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spine_node import imaging
-from spine_node.results import codes
+from spine_node.results import codes, layout
 from spine_node.results.equipment import algorithm_equipment, software_versions
 from spine_node.results.options import ResultOptions
 from spine_node.results.priority import StudyPriority
-from spine_node.results.types import CascadeResult, ModelInfo, Status, display_label
+from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 from spine_node.results.uids import ResultKind, bundle_key, series_instance_uid, sop_instance_uid
 
 logger = logging.getLogger(__name__)
@@ -102,7 +104,9 @@ def render_overlay(
     Returns
     -------
     numpy.ndarray
-        uint8 (banner_rows + k * rows, k * columns), ``k`` the enlargement factor.
+        uint8 (banner_rows + k * rows, k * columns + side), ``k`` the enlargement factor,
+        ``side`` the label column added when findings leave no free place for a label
+        (``layout.place_labels``; 0 otherwise).
     """
     array = np.asarray(pixels)
     if array.ndim != 2 or min(array.shape) < 1:
@@ -123,14 +127,31 @@ def render_overlay(
     thickness = max(1, round(width / 700))
     box_thickness = max(2, round(width / 400))
 
-    for index, finding in enumerate(result.findings, start=1):
+    labels = [_label_text(i, f) for i, f in enumerate(result.findings, start=1)]
+    rim = (box_thickness + 2) // 2 + 1  # the drawn outline reaches this far outside the box
+    boxes = [layout.Rect(*_box_pixels(f.box, scale, image.shape, rim)) for f in result.findings]
+    placement = layout.place_labels(
+        boxes,
+        [_label_size(t, font_scale, thickness) for t in labels],
+        width,
+        image.shape[0],
+        edge=2 * rim + 1,
+    )
+    if placement.side_width:
+        image = np.hstack(
+            [image, np.full((image.shape[0], placement.side_width), _BLACK, dtype=np.uint8)]
+        )
+        width = image.shape[1]
+    for finding in result.findings:
         x0, y0, x1, y1 = (round(v * scale) for v in finding.box)
         cv2.rectangle(image, (x0, y0), (x1, y1), _BLACK, box_thickness + 2, cv2.LINE_AA)
         cv2.rectangle(image, (x0, y0), (x1, y1), _WHITE, box_thickness, cv2.LINE_AA)
-        text = f"{index}. {display_label(finding.label)} {finding.score:.2f}"
-        if finding.grade:
-            text += f" grade {finding.grade}"
-        _label(image, _ascii(text), (x0, y0), font_scale, thickness)
+    for box, rect in zip(boxes, placement.labels, strict=True):
+        near = layout.Rect(rect.x0 - 1, rect.y0 - 1, rect.x1 + 1, rect.y1 + 1)
+        if not near.intersects(box):  # away from its box: a leader line shows which it names
+            _leader(image, rect, box, thickness)
+    for text, rect in zip(labels, placement.labels, strict=True):
+        _draw_label(image, text, rect, font_scale, thickness)
 
     banner = _banner(banner_lines(result, model, study_priority), width, font_scale, thickness)
     return np.vstack([banner, image])
@@ -250,22 +271,60 @@ def _image_reference(reference: Dataset, image: imaging.SourceImage) -> Dataset:
     return item
 
 
-def _label(
-    image: np.ndarray, text: str, origin: tuple[int, int], font_scale: float, thickness: int
-) -> None:
+def _label_text(index: int, finding: Finding) -> str:
+    text = f"{index}. {display_label(finding.label)} {finding.score:.2f}"
+    if finding.grade:
+        text += f" grade {finding.grade}"
+    return _ascii(text)
+
+
+def _label_size(text: str, font_scale: float, thickness: int) -> tuple[int, int]:
+    """Width and height of a label tab (text plus padding) in pixels."""
     (tw, th), baseline = cv2.getTextSize(text, _FONT, font_scale, thickness)
     pad = max(2, th // 4)
-    x0 = int(min(max(origin[0], 0), max(image.shape[1] - tw - 2 * pad, 0)))
-    y_top = origin[1] - th - baseline - 2 * pad
-    if y_top < 0:  # no room above the box: put the tab inside it
-        y_top = max(origin[1], 0)
-    y_top = int(min(y_top, max(image.shape[0] - th - baseline - 2 * pad, 0)))
-    cv2.rectangle(
-        image, (x0, y_top), (x0 + tw + 2 * pad, y_top + th + baseline + 2 * pad), _BLACK, -1
+    return tw + 2 * pad, th + baseline + 2 * pad
+
+
+def _box_pixels(
+    box: tuple[float, float, float, float], scale: int, shape: tuple[int, ...], rim: int
+) -> tuple[int, int, int, int]:
+    """The box as drawn (outline included), clipped to the image, as a half-open rectangle."""
+    rows, columns = int(shape[0]), int(shape[1])
+    x0, y0, x1, y1 = (round(v * scale) for v in box)
+    return (
+        min(max(x0 - rim, 0), columns),
+        min(max(y0 - rim, 0), rows),
+        min(max(x1 + rim + 1, 0), columns),
+        min(max(y1 + rim + 1, 0), rows),
     )
+
+
+def _draw_label(
+    image: np.ndarray, text: str, rect: layout.Rect, font_scale: float, thickness: int
+) -> None:
+    (_, th), _ = cv2.getTextSize(text, _FONT, font_scale, thickness)
+    pad = max(2, th // 4)
+    image[rect.y0 : rect.y1, rect.x0 : rect.x1] = _BLACK
     cv2.putText(
-        image, text, (x0 + pad, y_top + pad + th), _FONT, font_scale, _WHITE, thickness, cv2.LINE_AA
+        image,
+        text,
+        (rect.x0 + pad, rect.y0 + pad + th),
+        _FONT,
+        font_scale,
+        _WHITE,
+        thickness,
+        cv2.LINE_AA,
     )
+
+
+def _leader(image: np.ndarray, rect: layout.Rect, box: layout.Rect, thickness: int) -> None:
+    """A thin line from the label to the nearest point of its box."""
+    cx, cy = (rect.x0 + rect.x1) // 2, (rect.y0 + rect.y1) // 2
+    tx = min(max(cx, box.x0), max(box.x1 - 1, box.x0))
+    ty = min(max(cy, box.y0), max(box.y1 - 1, box.y0))
+    sx = min(max(tx, rect.x0), rect.x1 - 1)
+    sy = min(max(ty, rect.y0), rect.y1 - 1)
+    cv2.line(image, (sx, sy), (tx, ty), _WHITE, max(1, thickness // 2), cv2.LINE_AA)
 
 
 def _banner(lines: list[str], width: int, font_scale: float, thickness: int) -> np.ndarray:

@@ -18,6 +18,11 @@ LESION_LABELS: tuple[str, ...] = (
     "Other lesions",
 )
 
+#: Meyerding grades of spondylolisthesis (slip as a fraction of the vertebral body: I < 25 %,
+#: II 25-50 %, III 50-75 %, IV 75-100 %, V > 100 %, spondyloptosis). The one vocabulary of
+#: the grader, ``Finding.grade`` and the SR codes.
+MEYERDING_GRADES: tuple[str, ...] = ("I", "II", "III", "IV", "V")
+
 #: How a label is shown to people (VinDr misspells spondylolisthesis).
 DISPLAY_LABELS: Mapping[str, str] = {
     "Spondylolysthesis": "Spondylolisthesis",
@@ -50,7 +55,8 @@ class Finding:
     box : tuple of float
         ``(xmin, ymin, xmax, ymax)`` in source-image pixel coordinates (column, row).
     grade : str or None
-        Meyerding grade (``"I"`` .. ``"IV"``) for spondylolisthesis findings, when graded.
+        Meyerding grade (one of ``MEYERDING_GRADES``, ``"I"`` .. ``"V"``) for
+        spondylolisthesis findings, when graded.
     """
 
     label: str
@@ -68,6 +74,10 @@ class Finding:
         xmin, ymin, xmax, ymax = self.box
         if not (xmax > xmin and ymax > ymin):
             raise ValueError(f"Finding box must have xmax > xmin and ymax > ymin, got {self.box!r}")
+        if self.grade is not None and self.grade not in MEYERDING_GRADES:
+            raise ValueError(
+                f"Finding grade must be None or one of {MEYERDING_GRADES}, got {self.grade!r}"
+            )
 
 
 @dataclass(frozen=True)
