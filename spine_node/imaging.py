@@ -20,8 +20,16 @@ Rules decided here (each one also leaves a line in :attr:`SourceImage.notes` whe
 * Colour (RGB, YBR_*, PALETTE COLOR): converted to luminance with the ITU-R BT.601 weights
   (0.299 R + 0.587 G + 0.114 B, those of DICOM YBR_FULL) and scaled by the largest value the
   samples can hold; no windowing or inversion applies to colour.
-* VOI LUT Sequence: the first item is used; its output is scaled by the minimum and maximum
-  of the LUT data (many LUTs declare 16-bit entries but fill only 12 bits).
+* Modality LUT and VOI LUT Sequences are read by :func:`read_lut` (the node's own reader, as
+  DCMTK's dcmimgle reads them; pydicom's helpers fail on several field encodings): the first
+  item is used; 8 to 16 bits per entry; 8-bit entries one per word or packed two per word;
+  descriptor 0 = 65536 entries; the first mapped value read signed or unsigned as the input
+  is. A Modality LUT wins over Rescale Slope/Intercept; rescale needs both values; a slope of
+  0 or an unreadable one leaves the values unchanged, with a note (DCMTK does the same).
+* VOI LUT output is scaled to ``[0, 1]`` by ``2**bits - 1``, ``bits`` taken from the data
+  (DCMTK ``--ignore-vlut-depth``: a LUT that declares 16 bits but holds 12-bit values still
+  spans the display). When both a VOI LUT and a window are present, the VOI LUT is used (as
+  ``dcm2pnm +Wl 1``; dcm2pnm applies neither unless told).
 * Window: the first Window Center/Width pair is used with the VOI LUT Function (LINEAR,
   LINEAR_EXACT or SIGMOID, PS3.3 C.11.2.1.2); the result equals pydicom's
   ``apply_windowing`` scaled to ``[0, 1]``.
@@ -56,13 +64,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
-from pydicom.pixels.processing import apply_modality_lut, apply_voi
 from pydicom.pixels.utils import get_expected_length
 
 __all__ = [
     "DEFAULT_PARAMS",
     "ImageError",
     "Letterbox",
+    "LookupTable",
     "PrepParams",
     "PreparedImage",
     "SourceImage",
@@ -73,6 +81,7 @@ __all__ = [
     "prepare",
     "prepare_array",
     "read_dataset",
+    "read_lut",
     "resize_square",
 ]
 
@@ -508,6 +517,177 @@ def _ensure_transfer_syntax(ds: Dataset) -> tuple[dicom_uid.UID, str | None]:
     return inferred, note
 
 
+# --------------------------------------------------------------------------- lookup tables
+
+
+@dataclass(frozen=True)
+class LookupTable:
+    """A Modality or VOI LUT as read from a LUT Sequence item (PS3.3 C.11.1, C.11.2).
+
+    Parameters
+    ----------
+    first : int
+        First input value mapped (LUT Descriptor value 2, read as signed or unsigned as the
+        input requires).
+    data : numpy.ndarray
+        1-D ``uint16`` table entries (8-bit entries widened to one per element).
+    bits : int
+        Bits per output entry used to scale a VOI LUT's output to the display range: taken
+        from the data (``max(8, bit length of the largest entry)``), as DCMTK's
+        ``--ignore-vlut-depth`` does, so a table declaring 16 bits but holding 12-bit values
+        still spans the display.
+
+    Notes
+    -----
+    Input values below ``first`` map to the first entry, values past the last entry to the
+    last one (PS3.3 C.11.2.1.1).
+    """
+
+    first: int
+    data: np.ndarray
+    bits: int
+
+    def __post_init__(self) -> None:
+        _check_int(self.first, "first", minimum=-(1 << 16))
+        if not isinstance(self.data, np.ndarray) or self.data.dtype != np.uint16:
+            raise TypeError(f"data must be a uint16 numpy.ndarray, got {self.data!r:.60}")
+        if self.data.ndim != 1 or self.data.size < 1:
+            raise ValueError(f"data must be a non-empty 1-D array, got shape {self.data.shape}")
+        _check_int(self.bits, "bits", minimum=1)
+        if self.bits > 16:
+            raise ValueError(f"bits must be <= 16, got {self.bits}")
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Map ``values`` (any shape; floats are rounded) through the table.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``uint16`` array of the same shape.
+        """
+        if values.dtype.kind not in "iu":
+            values = np.rint(values)
+        index = values.astype(np.int64) - self.first
+        np.clip(index, 0, self.data.size - 1, out=index)
+        return self.data[index]
+
+
+def _descriptor(item: Dataset) -> list[int] | None:
+    """The three LUT Descriptor values as raw unsigned 16-bit numbers, or None."""
+    elem = item.get("LUTDescriptor")
+    value = getattr(elem, "value", elem)
+    if isinstance(value, bytes | bytearray):  # read as UN / OW: three little-endian words
+        value = [int(v) for v in np.frombuffer(bytes(value)[:6], "<u2")]
+    if isinstance(value, int | float):
+        value = [value]
+    try:
+        numbers = [int(v) & 0xFFFF for v in value] if value is not None else []
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) >= 3 else None
+
+
+def _lut_words(item: Dataset, little_endian: bool) -> np.ndarray | None:
+    """LUT Data as 16-bit words, whatever VR it was stored with (OW, US, SS, OB)."""
+    value = item.get("LUTData")
+    value = getattr(value, "value", value)
+    if value is None:
+        return None
+    if isinstance(value, bytes | bytearray):
+        raw = bytes(value)[: len(value) // 2 * 2]
+        return np.frombuffer(raw, "<u2" if little_endian else ">u2").astype(np.uint16)
+    if isinstance(value, int | float):
+        value = [value]
+    try:
+        return (np.asarray(list(value), dtype=np.int64) & 0xFFFF).astype(np.uint16)
+    except (TypeError, ValueError):
+        return None
+
+
+def _little_endian(ds: Dataset) -> bool:
+    encoding = getattr(ds, "original_encoding", (None, None))
+    if encoding[1] is not None:
+        return bool(encoding[1])
+    ts = getattr(ds, "file_meta", FileMetaDataset()).get("TransferSyntaxUID")
+    return ts != dicom_uid.ExplicitVRBigEndian
+
+
+def read_lut(
+    ds: Dataset, sequence: str, *, signed_input: bool, notes: list[str]
+) -> LookupTable | None:
+    """Read the first item of a Modality or VOI LUT Sequence the way DCMTK's dcmimgle does.
+
+    Handles what real files carry: 8 to 16 bits per entry (also 10, 12, 14, which PS3.3 does
+    not allow for Modality LUTs), 8-bit entries stored one per 16-bit word or packed two per
+    word (CP-522), 65536 entries (descriptor value 0), a first mapped value stored as US
+    though the input is signed (or the reverse), LUT Data as OW, US or SS, and several items
+    (the first is used). A table whose data length disagrees with its descriptor is used
+    with the entries present (DCMTK ``DiLookupTable::checkTable``).
+
+    Parameters
+    ----------
+    ds : pydicom.dataset.Dataset
+        The image dataset (its encoding decides the byte order of OW LUT Data).
+    sequence : str
+        ``"ModalityLUTSequence"`` or ``"VOILUTSequence"``.
+    signed_input : bool
+        Whether the values the table maps can be negative (Pixel Representation 1 for a
+        Modality LUT; a signed modality output for a VOI LUT); decides how the first mapped
+        value is read.
+    notes : list of str
+        Receives a line for every repair or choice made.
+
+    Returns
+    -------
+    LookupTable or None
+        None when the sequence is absent, or when its first item is unusable (a note says why).
+
+    Sources
+    -------
+    PS3.3 C.11.1.1.1, C.11.2.1.1; DICOM CP-522; DCMTK ``dcmimgle/libsrc/diluptab.cc``.
+    """
+    if sequence not in ("ModalityLUTSequence", "VOILUTSequence"):
+        raise ValueError(
+            f"sequence must be ModalityLUTSequence or VOILUTSequence, got {sequence!r}"
+        )
+    items = ds.get(sequence)
+    if not items:
+        return None
+    name = "modality LUT" if sequence == "ModalityLUTSequence" else "VOI LUT"
+    if len(items) > 1:
+        notes.append(f"{name}: used the first of {len(items)}")
+    item = items[0]
+    descriptor = _descriptor(item)
+    words = _lut_words(item, _little_endian(ds))
+    if descriptor is None or words is None or words.size == 0:
+        notes.append(f"{name} incomplete (descriptor or data missing): ignored")
+        return None
+    entries = descriptor[0] or 1 << 16
+    first = descriptor[1]
+    if signed_input and first >= 1 << 15:
+        first -= 1 << 16
+    declared = descriptor[2]
+    if words.size == entries:
+        data = words
+    elif words.size == (entries + 1) // 2:  # 8-bit entries packed two per word (CP-522)
+        pairs = np.stack([words & 0xFF, words >> 8], axis=1).ravel()
+        data = pairs[:entries].astype(np.uint16)
+        notes.append(f"{name}: 8-bit entries packed two per word")
+    else:
+        notes.append(
+            f"{name}: descriptor says {entries} entries, data holds {words.size}: used the data"
+        )
+        data = words
+    allowed = (8, 16) if sequence == "ModalityLUTSequence" else (8, *range(10, 17))
+    if declared not in allowed:
+        notes.append(f"{name}: {declared} bits per entry declared (not allowed): used the data")
+    largest = int(data.max())
+    bits = max(8, largest.bit_length())
+    return LookupTable(
+        first=int(first), data=np.ascontiguousarray(data, dtype=np.uint16), bits=bits
+    )
+
+
 # --------------------------------------------------------------------------- decoding
 
 
@@ -572,48 +752,53 @@ def _float_copy(values: np.ndarray) -> FloatArray:
     return values.astype(dtype)
 
 
-def _modality(values: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray:
-    if ds.get("ModalityLUTSequence"):
+def _modality(values: np.ndarray, ds: Dataset, notes: list[str]) -> tuple[np.ndarray, bool]:
+    """Modality LUT or rescale (PS3.3 C.11.1) as DCMTK applies it.
+
+    Returns the modality values and whether they can be negative (how a VOI LUT's first
+    mapped value is then read). A Modality LUT Sequence wins over Rescale Slope/Intercept;
+    rescale needs both values; a slope of 0 (or an unreadable one) means identity, with a
+    note and a warning (DCMTK ``DiMonoModality::checkRescaling``).
+    """
+    signed = _header_int(ds, "PixelRepresentation", required=False) == 1
+    table = read_lut(ds, "ModalityLUTSequence", signed_input=signed, notes=notes)
+    if table is not None:
         notes.append("modality LUT applied")
-        return np.asarray(apply_modality_lut(values, ds))
+        if "RescaleSlope" in ds or "RescaleIntercept" in ds:
+            notes.append("rescale slope/intercept ignored: the modality LUT is used")
+        return table.apply(values), False
     slope, _ = _first_number(ds, "RescaleSlope")
     intercept, _ = _first_number(ds, "RescaleIntercept")
-    slope = 1.0 if slope is None else slope
-    intercept = 0.0 if intercept is None else intercept
+    if slope is None and intercept is None:
+        return values, bool(values.size) and float(values.min()) < 0
+    if slope is None or intercept is None:
+        notes.append(
+            f"rescale {'slope' if slope is None else 'intercept'} missing or unreadable: "
+            "modality transform ignored"
+        )
+        logger.warning("%s", notes[-1])
+        return values, bool(values.size) and float(values.min()) < 0
     if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
-        raise ImageError(f"rescale slope/intercept are unusable ({slope}, {intercept})")
+        notes.append(f"rescale slope {slope:g} is invalid: modality transform ignored")
+        logger.warning("%s", notes[-1])
+        return values, bool(values.size) and float(values.min()) < 0
     if slope == 1.0 and intercept == 0.0:
-        return values
+        return values, bool(values.size) and float(values.min()) < 0
     out = _float_copy(values)
     out *= slope
     out += intercept
-    return out
+    return out, bool(out.size) and float(out.min()) < 0
 
 
-def _voi_lut(values: np.ndarray, ds: Dataset, notes: list[str]) -> FloatArray | None:
-    items = ds.get("VOILUTSequence")
-    if not items:
+def _voi_lut(values: np.ndarray, ds: Dataset, signed: bool, notes: list[str]) -> FloatArray | None:
+    """VOI LUT Sequence (first item) to ``[0, 1]``: entry / (2**bits - 1), as DCMTK scales it."""
+    table = read_lut(ds, "VOILUTSequence", signed_input=signed, notes=notes)
+    if table is None:
         return None
-    item = items[0]
-    descriptor = item.get("LUTDescriptor")
-    if descriptor is None or item.get("LUTData") is None:
-        notes.append("VOI LUT sequence incomplete: ignored")
-        return None
-    if len(items) > 1:
-        notes.append(f"VOI LUT: used the first of {len(items)}")
-    if values.dtype.kind not in "iu":
-        values = np.rint(values).astype(np.int64)
-    entries = int(descriptor[0]) or 1 << 16
-    first = int(descriptor[1])
-    table = apply_voi(np.arange(first, first + entries, dtype=np.int64), ds, 0)
-    low, high = float(table.min()), float(table.max())
-    out = _float_copy(apply_voi(values, ds, 0))
-    if high <= low:
-        notes.append("VOI LUT is flat: image is uniform")
-        out[...] = 0.0
-        return out
-    out -= low
-    out *= 1.0 / (high - low)
+    if "WindowCenter" in ds:
+        notes.append("VOI LUT used; the window in the header is ignored")
+    out = _float_copy(table.apply(values))
+    out *= 1.0 / ((1 << table.bits) - 1)
     return out
 
 
@@ -689,8 +874,8 @@ def _value_chain(
     counts: Callable[[], np.ndarray] | None,
 ) -> np.ndarray:
     """Modality -> VOI LUT | window | robust range -> inversion, on ``values`` (any shape)."""
-    modality = _modality(values, ds, notes)
-    out = _voi_lut(modality, ds, notes)
+    modality, signed = _modality(values, ds, notes)
+    out = _voi_lut(modality, ds, signed, notes)
     if out is None:
         window = _window(ds, notes)
         if window is not None:

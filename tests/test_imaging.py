@@ -611,3 +611,23 @@ def test_default_params_follow_the_spec() -> None:
 def test_bad_arguments_raise_named_errors(call: object, error: type[Exception]) -> None:
     with pytest.raises(error):
         call()  # type: ignore[operator]
+
+
+def test_rle_with_empty_offset_table_and_delimiter_bytes_in_a_fragment_decodes_exactly() -> None:
+    """pydicom#1140: FE FF DD E0 inside RLE data must not end the pixel data early."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    stored = (np.arange(256 * 96, dtype=np.uint32).reshape(256, 96) * 7 % 4096).astype(np.uint16)
+    for row in (10, 100, 200):
+        stored[row, 40:44] = [0x03FE, 0x05FF, 0x07DD, 0x09E0]
+    ds = _native(stored)
+    ds.BitsStored, ds.HighBit = 12, 11
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.WindowCenter, ds.WindowWidth = 2048, 4096
+    plain = decode(copy.deepcopy(ds)).pixels
+    ds.compress(dicom_uid.RLELossless, encoding_plugin="pydicom", generate_instance_uid=False)
+    frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert b"\xfe\xff\xdd\xe0" in frame
+    ds.PixelData = encapsulate([frame], has_bot=False)
+    ds["PixelData"].is_undefined_length = True
+    np.testing.assert_array_equal(decode(ds).pixels, plain)
