@@ -99,6 +99,7 @@ class Settings(_Strict):
     bind_address: str = "0.0.0.0"
     data_dir: Path = Path("/var/lib/spine-node")
     database_url: str | None = None
+    db_busy_timeout_s: float = Field(default=30.0, ge=0)
     allowed_calling_aes: tuple[str, ...] = ()
     require_called_ae: bool = True
     max_associations: int = Field(default=10, ge=1, le=1000)

@@ -65,7 +65,7 @@ def open_store(settings: Settings) -> JobStore:
     """Open the queue database; a SQLite file is made private (0600)."""
     if settings.database_url is None:
         ensure_private_dir(settings.data_dir)
-    store = JobStore.open(settings.db_url)
+    store = JobStore.open(settings.db_url, busy_timeout_s=settings.db_busy_timeout_s)
     if settings.db_url.startswith("sqlite:///"):
         db = Path(settings.db_url.removeprefix("sqlite:///"))
         for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):

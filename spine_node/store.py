@@ -8,9 +8,16 @@ Job states::
 
     queued --claim--> running --ok--> done | not_processed
                          |--error, attempts left--> failed (waits not_before) --claim--> running
-                         |--error, attempts spent--> dead (or not_processed when a
-                         |                           "processing failed" result could be made)
-                         '--lease expired--> claimable again (attempt already counted)
+                         |--error, attempts spent--> not_processed ("processing failed" result)
+                         |                           or dead when even that cannot be made
+                         '--lease expired (worker died)--> claimable again (attempt counted)
+
+A job is processed at most ``job_max_attempts`` times whatever ended its attempts: the claim
+that finds a job's attempts spent hands it to the worker to report "not processed" (the
+worker writes that result without decoding pixels); if that claim's worker dies too, the job
+ends ``dead``. A locked SQLite database is waited for, never an error (see
+:func:`retry_while_locked`), except in :meth:`JobStore.receive`, which gives up after the busy
+timeout so the receiver can answer "out of resources".
 
 Outbound states: ``pending`` (due at next_attempt_at) -> ``sending`` (leased) -> ``sent``,
 or back to ``pending`` with exponential backoff, or ``dead`` after the last attempt.
@@ -22,11 +29,11 @@ import enum
 import json
 import logging
 import random
+import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     Engine,
@@ -46,6 +53,15 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: How long one SQLite statement waits for another connection's write lock (``busy_timeout``).
+DEFAULT_BUSY_TIMEOUT_S = 30.0
+#: Pause between two tries when the database stayed locked for a whole busy timeout.
+_RETRY_PAUSE_S = (0.05, 1.0)
+#: While waiting for a locked database, a warning is logged at most this often.
+_LOCK_LOG_EVERY_S = 30.0
 
 
 class JobState(str, enum.Enum):
@@ -167,6 +183,9 @@ class ClaimedJob:
     study_instance_uid: str
     spool_path: str
     attempts: int
+    #: Set when the job's attempts are spent (its worker died each time): the worker must not
+    #: run the cascade again but report the image "not processed" for this reason.
+    report_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -221,24 +240,42 @@ class LeaseLost(RuntimeError):
     """The job's lease expired and another worker may own it now."""
 
 
-def make_engine(url: str) -> Engine:
+class DatabaseBusy(RuntimeError):
+    """The database stayed locked by another connection for longer than the caller waits."""
+
+
+def make_engine(url: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Engine:
     """Create the engine with the pragmas (SQLite) that make the queue durable.
 
     Parameters
     ----------
     url : str
         SQLAlchemy URL: ``sqlite:///path`` or ``postgresql+psycopg://...``.
+    busy_timeout_s : float
+        SQLite only: how long one statement waits for another connection's write lock
+        before it fails with "database is locked" (which :class:`JobStore` then retries or
+        reports, see its ``lock_wait_s``).
+
+    Raises
+    ------
+    ValueError
+        When ``busy_timeout_s`` is negative.
     """
+    if busy_timeout_s < 0:
+        raise ValueError(f"busy_timeout_s must be >= 0, got {busy_timeout_s!r}")
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = create_engine(
+            url, connect_args={"timeout": busy_timeout_s, "check_same_thread": False}
+        )
+        busy_ms = int(busy_timeout_s * 1000)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_conn: Any, _record: Any) -> None:
             dbapi_conn.isolation_level = None  # we issue BEGIN ourselves
             cur = dbapi_conn.cursor()
+            cur.execute(f"PRAGMA busy_timeout={busy_ms}")
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA synchronous=FULL")
-            cur.execute("PRAGMA busy_timeout=30000")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.close()
 
@@ -250,13 +287,74 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True)
 
 
-def _is_locked(exc: OperationalError) -> bool:
-    text = str(exc.orig).lower()
-    return "locked" in text or "busy" in text
+def _is_locked(exc: Exception) -> bool:
+    """True for SQLite's "database is locked" / "database is busy" (another writer holds it)."""
+    if not isinstance(exc, OperationalError | sqlite3.OperationalError):
+        return False
+    text = str(getattr(exc, "orig", None) or exc).lower()
+    return "database is locked" in text or "database is busy" in text
+
+
+def retry_while_locked(op: Callable[[], T], wait_s: float | None, what: str) -> T:
+    """Run ``op``; while it fails because the database is locked, wait and run it again.
+
+    Each try already waits up to the SQLite busy timeout inside SQLite; this loop adds the
+    caller's patience on top. No traceback is logged: one warning when the wait starts (and
+    every 30 s while it lasts), one line when it is over.
+
+    Parameters
+    ----------
+    op : callable
+        One complete unit of work (a whole transaction), safe to run again after it failed.
+    wait_s : float or None
+        How long to keep trying after the first locked try; None waits until the lock is
+        released (workers, dispatcher), 0 tries once (the receiver: the sender retries).
+    what : str
+        Names the operation in the log.
+
+    Raises
+    ------
+    DatabaseBusy
+        When the database is still locked after ``wait_s``.
+    """
+    started: float | None = None
+    last_log = 0.0
+    pause = _RETRY_PAUSE_S[0]
+    while True:
+        try:
+            value = op()
+        except (OperationalError, sqlite3.OperationalError) as exc:
+            if not _is_locked(exc):
+                raise
+            now = time.monotonic()
+            if started is None:
+                started = now
+            waited = now - started
+            if wait_s is not None and waited >= wait_s:
+                raise DatabaseBusy(
+                    f"{what}: the database is locked by another connection"
+                    + (f" (waited {waited:.1f} s)" if wait_s else "")
+                ) from None
+            if now - last_log >= _LOCK_LOG_EVERY_S:
+                logger.warning("%s: the database is locked by another connection; waiting", what)
+                last_log = now
+            time.sleep(pause)
+            pause = min(_RETRY_PAUSE_S[1], pause * 2)
+            continue
+        if started is not None:
+            logger.info(
+                "%s: the database lock was released after %.1f s", what, time.monotonic() - started
+            )
+        return value
 
 
 class JobStore:
     """Queue operations over one database. Every method is one short transaction.
+
+    A transaction that finds the database locked by another connection (SQLite) is run again
+    as a whole (:func:`retry_while_locked`): workers and dispatchers wait for as long as the
+    lock is held, while :meth:`receive` gives up after the busy timeout so that the receiver
+    can answer "out of resources" and the sender retries.
 
     Parameters
     ----------
@@ -272,54 +370,66 @@ class JobStore:
         self._sessions = sessionmaker(engine, expire_on_commit=False)
 
     @classmethod
-    def open(cls, url: str, clock: Callable[[], float] = time.time) -> JobStore:
-        """Open (and create when needed) the queue database at ``url``."""
-        engine = make_engine(url)
-        Base.metadata.create_all(engine)
+    def open(
+        cls,
+        url: str,
+        clock: Callable[[], float] = time.time,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> JobStore:
+        """Open (and create when needed) the queue database at ``url``.
+
+        A database locked by another process is waited for (no error while it stays locked).
+        """
+        engine = make_engine(url, busy_timeout_s)
+        retry_while_locked(lambda: Base.metadata.create_all(engine), None, "opening the queue")
         return cls(engine, clock)
 
     def close(self) -> None:
         """Release the connection pool."""
         self.engine.dispose()
 
-    @contextmanager
-    def _tx(self, retries: int = 5) -> Iterator[Session]:
-        """One transaction; a locked SQLite database is retried, not fatal."""
-        attempt = 0
-        while True:
-            session = self._sessions()
-            try:
-                with session.begin():
-                    yield session
-                return
-            except OperationalError as exc:
-                attempt += 1
-                if not _is_locked(exc) or attempt > retries:
-                    raise
-                logger.warning("database locked, retrying (attempt %d)", attempt)
-                time.sleep(0.05 * attempt)
-            finally:
-                session.close()
+    def _run(self, fn: Callable[[Session], T], wait_s: float | None = None) -> T:
+        """Run ``fn(session)`` in one transaction; rerun it whole while the database is locked.
+
+        Parameters
+        ----------
+        fn : callable
+            The transaction's body; it may run more than once, so it must only touch the
+            session (and its own locals).
+        wait_s : float or None
+            See :func:`retry_while_locked` (None: wait until the lock is released).
+        """
+
+        def once() -> T:
+            with self._sessions() as session, session.begin():
+                return fn(session)
+
+        what = getattr(fn, "__qualname__", "transaction").split(".<locals>.")[0]
+        return retry_while_locked(once, wait_s, what)
 
     # -- receiving ---------------------------------------------------------------------------
 
     def has_instance(self, sop_instance_uid: str) -> bool:
         """Return True when the instance was received before."""
-        with self._tx() as s:
-            return (
-                s.scalar(select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid))
-                is not None
+
+        def has_instance(s: Session) -> bool:
+            found = s.scalar(
+                select(Instance.id).where(Instance.sop_instance_uid == sop_instance_uid)
             )
+            return found is not None
+
+        return self._run(has_instance)
 
     def is_own_object(self, sop_instance_uid: str) -> bool:
         """Return True when ``sop_instance_uid`` is one of the result objects this node made."""
-        with self._tx() as s:
-            return (
-                s.scalar(
-                    select(Outbound.id).where(Outbound.object_uid == sop_instance_uid).limit(1)
-                )
-                is not None
+
+        def is_own_object(s: Session) -> bool:
+            found = s.scalar(
+                select(Outbound.id).where(Outbound.object_uid == sop_instance_uid).limit(1)
             )
+            return found is not None
+
+        return self._run(is_own_object)
 
     def record_instance(self, record: InstanceRecord) -> int | None:
         """Insert the instance and its queued job in one transaction.
@@ -342,65 +452,88 @@ class JobStore:
             and its spooled file is kept; ``("duplicate_removed", None)`` when its spooled file
             was already removed by retention; ``("own", None)`` for a result object this node
             made (loop prevention). Only ``new`` changes the database.
+
+        Raises
+        ------
+        DatabaseBusy
+            When another connection held the write lock for the whole busy timeout: the
+            receiver answers "out of resources" and the sender retries (nothing was written).
         """
         now = self.clock()
+
+        def receive(s: Session) -> tuple[str, int | None]:
+            existing = s.execute(
+                select(Instance.id, Instance.spool_deleted_at).where(
+                    Instance.sop_instance_uid == record.sop_instance_uid
+                )
+            ).first()
+            if existing is not None:
+                return ("duplicate" if existing[1] is None else "duplicate_removed", None)
+            if s.scalar(
+                select(Outbound.id).where(Outbound.object_uid == record.sop_instance_uid).limit(1)
+            ):
+                return ("own", None)
+            inst = Instance(
+                sop_instance_uid=record.sop_instance_uid,
+                sop_class_uid=record.sop_class_uid,
+                study_instance_uid=record.study_instance_uid,
+                series_instance_uid=record.series_instance_uid,
+                transfer_syntax_uid=record.transfer_syntax_uid,
+                calling_ae=record.calling_ae,
+                spool_path=record.spool_path,
+                size_bytes=record.size_bytes,
+                received_at=now,
+            )
+            s.add(inst)
+            s.flush()
+            job = Job(
+                instance_id=inst.id,
+                state=JobState.QUEUED.value,
+                attempts=0,
+                not_before=0.0,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(job)
+            s.flush()
+            return ("new", int(job.id))
+
         try:
-            with self._tx() as s:
-                existing = s.execute(
-                    select(Instance.id, Instance.spool_deleted_at).where(
-                        Instance.sop_instance_uid == record.sop_instance_uid
-                    )
-                ).first()
-                if existing is not None:
-                    return ("duplicate" if existing[1] is None else "duplicate_removed", None)
-                if s.scalar(
-                    select(Outbound.id).where(Outbound.object_uid == record.sop_instance_uid).limit(1)
-                ):
-                    return ("own", None)
-                inst = Instance(
-                    sop_instance_uid=record.sop_instance_uid,
-                    sop_class_uid=record.sop_class_uid,
-                    study_instance_uid=record.study_instance_uid,
-                    series_instance_uid=record.series_instance_uid,
-                    transfer_syntax_uid=record.transfer_syntax_uid,
-                    calling_ae=record.calling_ae,
-                    spool_path=record.spool_path,
-                    size_bytes=record.size_bytes,
-                    received_at=now,
-                )
-                s.add(inst)
-                s.flush()
-                job = Job(
-                    instance_id=inst.id,
-                    state=JobState.QUEUED.value,
-                    attempts=0,
-                    not_before=0.0,
-                    created_at=now,
-                    updated_at=now,
-                )
-                s.add(job)
-                s.flush()
-                job_id = int(job.id)
-            return ("new", job_id)
+            return self._run(receive, wait_s=0.0)
         except IntegrityError:
             return ("duplicate", None)  # a concurrent association stored it first
 
     # -- jobs ----------------------------------------------------------------------------------
 
-    def claim_jobs(self, owner: str, lease_s: float, limit: int) -> list[ClaimedJob]:
+    def claim_jobs(
+        self, owner: str, lease_s: float, limit: int, max_attempts: int
+    ) -> list[ClaimedJob]:
         """Lease up to ``limit`` claimable jobs to ``owner`` (oldest first).
 
-        Claimable: queued; failed whose backoff has passed; running whose lease expired.
+        Claimable: queued; failed whose backoff has passed; running whose lease expired (its
+        worker died or hung). A job is processed at most ``max_attempts`` times, however the
+        earlier attempts ended: a claimable job whose attempts are spent is leased once more
+        with :attr:`ClaimedJob.report_reason` set, and the worker reports it "not processed"
+        without running the cascade. If even that claim's worker dies, the job ends ``dead``.
+
+        Raises
+        ------
+        ValueError
+            When ``limit`` or ``max_attempts`` is below 1.
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit!r}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts!r}")
         now = self.clock()
+        lease_expired = (Job.state == JobState.RUNNING.value) & (Job.lease_until < now)
         claimable = (
             (Job.state == JobState.QUEUED.value)
             | ((Job.state == JobState.FAILED.value) & (Job.not_before <= now))
-            | ((Job.state == JobState.RUNNING.value) & (Job.lease_until < now))
+            | lease_expired
         )
-        with self._tx() as s:
+
+        def claim_jobs(s: Session) -> list[ClaimedJob]:
             jobs = s.scalars(
                 select(Job)
                 .where(claimable)
@@ -410,6 +543,21 @@ class JobStore:
             ).all()
             claimed = []
             for job in jobs:
+                died = job.state == JobState.RUNNING.value
+                if died:
+                    job.last_error = _died_error(job.last_error)
+                report_reason = None
+                if job.attempts > max_attempts:
+                    # the worker died while writing the "not processed" report itself
+                    job.state = JobState.DEAD.value
+                    job.last_error = f"{job.last_error}; the worker died again while reporting it"
+                    job.lease_owner = None
+                    job.lease_until = None
+                    job.updated_at = now
+                    logger.error("job %d is dead: %s", job.id, job.last_error)
+                    continue
+                if job.attempts == max_attempts:
+                    report_reason = _exhausted_reason(job.attempts, job.last_error)
                 job.state = JobState.RUNNING.value
                 job.attempts += 1
                 job.lease_owner = owner
@@ -424,9 +572,12 @@ class JobStore:
                         inst.study_instance_uid,
                         inst.spool_path,
                         job.attempts,
+                        report_reason,
                     )
                 )
             return claimed
+
+        return self._run(claim_jobs)
 
     def renew_lease(self, job_id: int, owner: str, lease_s: float) -> None:
         """Extend a running job's lease.
@@ -437,7 +588,8 @@ class JobStore:
             When the job is no longer leased to ``owner``.
         """
         now = self.clock()
-        with self._tx() as s:
+
+        def renew_lease(s: Session) -> None:
             n = s.execute(
                 update(Job)
                 .where(
@@ -449,6 +601,8 @@ class JobStore:
             ).rowcount  # type: ignore[attr-defined]
             if n != 1:
                 raise LeaseLost(f"job {job_id} is no longer leased to {owner}")
+
+        self._run(renew_lease)
 
     def complete_job(
         self, job_id: int, owner: str, outcome: JobOutcome, sends: Sequence[SendSpec]
@@ -465,7 +619,8 @@ class JobStore:
                 f"outcome.status must be positive/negative/not_processed, got {outcome.status!r}"
             )
         now = self.clock()
-        with self._tx() as s:
+
+        def complete_job(s: Session) -> None:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.lease_owner != owner or job.state != JobState.RUNNING.value:
                 raise LeaseLost(f"job {job_id} is no longer leased to {owner}")
@@ -492,6 +647,8 @@ class JobStore:
             job.lease_until = None
             job.last_error = outcome.reason if outcome.status == "not_processed" else None
             job.updated_at = now
+
+        self._run(complete_job)
 
     def _add_sends(
         self, s: Session, result_id: int | None, sends: Sequence[SendSpec], now: float
@@ -521,8 +678,11 @@ class JobStore:
 
     def add_sends(self, sends: Sequence[SendSpec]) -> None:
         """Queue extra outbound objects not tied to one result (study-level webhooks)."""
-        with self._tx() as s:
+
+        def add_sends(s: Session) -> None:
             self._add_sends(s, None, sends, self.clock())
+
+        self._run(add_sends)
 
     def fail_job(
         self, job_id: int, owner: str, error: str, max_attempts: int, retry_delay_s: float
@@ -535,7 +695,8 @@ class JobStore:
             ``FAILED`` (will be retried) or ``DEAD``.
         """
         now = self.clock()
-        with self._tx() as s:
+
+        def fail_job(s: Session) -> JobState:
             job = s.get(Job, job_id, with_for_update=True)
             if job is None or job.lease_owner != owner:
                 raise LeaseLost(f"job {job_id} is no longer leased to {owner}")
@@ -548,40 +709,70 @@ class JobStore:
             job.updated_at = now
             return JobState(job.state)
 
+        return self._run(fail_job)
+
     def expire_leases(self, max_attempts: int) -> int:
-        """Release running jobs whose lease expired; those out of attempts become ``dead``.
+        """Requeue running jobs whose lease expired (their worker died or hung).
+
+        A job with attempts left goes back to ``queued`` (the attempt stays counted). A job
+        whose attempts are spent stays claimable so that a worker reports it "not processed"
+        (see :meth:`claim_jobs`); one whose report itself was cut off ends ``dead``.
 
         Returns
         -------
         int
-            How many jobs were released.
+            How many jobs were released or ended.
         """
         now = self.clock()
-        with self._tx() as s:
+
+        def expire_leases(s: Session) -> int:
             jobs = s.scalars(
-                select(Job).where((Job.state == JobState.RUNNING.value) & (Job.lease_until < now))
+                select(Job)
+                .where((Job.state == JobState.RUNNING.value) & (Job.lease_until < now))
+                .with_for_update(skip_locked=True)
             ).all()
+            changed = 0
             for job in jobs:
-                if job.attempts >= max_attempts:
+                if job.attempts == max_attempts:
+                    continue  # a worker reports it "not processed" (claim_jobs)
+                job.last_error = _died_error(job.last_error)
+                if job.attempts > max_attempts:
                     job.state = JobState.DEAD.value
-                    job.last_error = (
-                        f"worker stopped during the last of {job.attempts} attempts (lease expired)"
-                    )
+                    job.last_error = f"{job.last_error}; the worker died again while reporting it"
                 else:
                     job.state = JobState.QUEUED.value
                 job.lease_owner = None
                 job.lease_until = None
                 job.updated_at = now
-            return len(jobs)
+                changed += 1
+            return changed
+
+        return self._run(expire_leases)
 
     def job_state(self, sop_instance_uid: str) -> str | None:
         """Return the state of the job of an instance (None when unknown)."""
-        with self._tx() as s:
+
+        def job_state(s: Session) -> str | None:
             return s.scalar(
                 select(Job.state)
                 .join(Instance, Instance.id == Job.instance_id)
                 .where(Instance.sop_instance_uid == sop_instance_uid)
             )
+
+        return self._run(job_state)
+
+    def job_info(self, sop_instance_uid: str) -> tuple[str, int, str | None] | None:
+        """Return ``(state, attempts, last_error)`` of an instance's job (None when unknown)."""
+
+        def job_info(s: Session) -> tuple[str, int, str | None] | None:
+            row = s.execute(
+                select(Job.state, Job.attempts, Job.last_error)
+                .join(Instance, Instance.id == Job.instance_id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+            return None if row is None else (str(row[0]), int(row[1]), row[2])
+
+        return self._run(job_info)
 
     # -- outbound ----------------------------------------------------------------------------
 
@@ -591,7 +782,8 @@ class JobStore:
         due = ((Outbound.state == SendState.PENDING.value) & (Outbound.next_attempt_at <= now)) | (
             (Outbound.state == SendState.SENDING.value) & (Outbound.lease_until < now)
         )
-        with self._tx() as s:
+
+        def claim_sends(s: Session) -> list[ClaimedSend]:
             rows = s.scalars(
                 select(Outbound)
                 .where(due)
@@ -611,22 +803,28 @@ class JobStore:
                 )
             return out
 
+        return self._run(claim_sends)
+
     def mark_sent(self, send_id: int) -> None:
         """Record a confirmed delivery."""
         now = self.clock()
-        with self._tx() as s:
+
+        def mark_sent(s: Session) -> None:
             s.execute(
                 update(Outbound)
                 .where(Outbound.id == send_id)
                 .values(state=SendState.SENT.value, sent_at=now, lease_until=None, last_error=None)
             )
 
+        self._run(mark_sent)
+
     def mark_send_failed(
         self, send_id: int, error: str, max_attempts: int, backoff: Backoff, rng: random.Random
     ) -> SendState:
         """Record a failed delivery: retry after backoff, or ``dead`` after the last attempt."""
         now = self.clock()
-        with self._tx() as s:
+
+        def mark_send_failed(s: Session) -> SendState:
             row = s.get_one(Outbound, send_id)
             if row.attempts >= max_attempts:
                 row.state = SendState.DEAD.value
@@ -636,6 +834,8 @@ class JobStore:
             row.lease_until = None
             row.last_error = error[:2000]
             return SendState(row.state)
+
+        return self._run(mark_send_failed)
 
     # -- operations ----------------------------------------------------------------------------
 
@@ -648,33 +848,37 @@ class JobStore:
             How many rows were requeued.
         """
         now = self.clock()
-        with self._tx() as s:
-            if what == "sends":
-                cond: Any = Outbound.state == SendState.DEAD.value
-                if ids:
-                    cond = cond & Outbound.id.in_(ids)
-                stmt: Any = (
-                    update(Outbound)
-                    .where(cond)
-                    .values(state=SendState.PENDING.value, attempts=0, next_attempt_at=now)
-                )
-            elif what == "jobs":
-                jcond: Any = Job.state.in_([JobState.DEAD.value, JobState.FAILED.value])
-                if ids:
-                    jcond = jcond & Job.id.in_(ids)
-                stmt = (
-                    update(Job)
-                    .where(jcond)
-                    .values(state=JobState.QUEUED.value, attempts=0, not_before=0.0, updated_at=now)
-                )
-            else:
-                raise ValueError(f"what must be 'sends' or 'jobs', got {what!r}")
+        if what == "sends":
+            cond: Any = Outbound.state == SendState.DEAD.value
+            if ids:
+                cond = cond & Outbound.id.in_(ids)
+            stmt: Any = (
+                update(Outbound)
+                .where(cond)
+                .values(state=SendState.PENDING.value, attempts=0, next_attempt_at=now)
+            )
+        elif what == "jobs":
+            jcond: Any = Job.state.in_([JobState.DEAD.value, JobState.FAILED.value])
+            if ids:
+                jcond = jcond & Job.id.in_(ids)
+            stmt = (
+                update(Job)
+                .where(jcond)
+                .values(state=JobState.QUEUED.value, attempts=0, not_before=0.0, updated_at=now)
+            )
+        else:
+            raise ValueError(f"what must be 'sends' or 'jobs', got {what!r}")
+
+        def replay(s: Session) -> int:
             return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+        return self._run(replay)
 
     def status(self) -> dict[str, Any]:
         """Counts for ``spine-node status``."""
         now = self.clock()
-        with self._tx() as s:
+
+        def status(s: Session) -> dict[str, Any]:
             instances = s.scalar(select(func.count(Instance.id))) or 0
             jobs = {state.value: 0 for state in JobState}
             for state, n in s.execute(select(Job.state, func.count()).group_by(Job.state)):
@@ -692,17 +896,20 @@ class JobStore:
             results = {}
             for status, n in s.execute(select(Result.status, func.count()).group_by(Result.status)):
                 results[status] = n
-        return {
-            "instances": instances,
-            "jobs": jobs,
-            "results": results,
-            "outbound": outbound,
-            "oldest_queued_age_s": None if oldest is None else round(now - oldest, 3),
-        }
+            return {
+                "instances": instances,
+                "jobs": jobs,
+                "results": results,
+                "outbound": outbound,
+                "oldest_queued_age_s": None if oldest is None else round(now - oldest, 3),
+            }
+
+        return self._run(status)
 
     def dead_letters(self, limit: int = 50) -> dict[str, list[dict[str, Any]]]:
         """Dead jobs and dead sends with their last errors (for status output)."""
-        with self._tx() as s:
+
+        def dead_letters(s: Session) -> dict[str, list[dict[str, Any]]]:
             jobs = [
                 {"job_id": j.id, "attempts": j.attempts, "error": j.last_error}
                 for j in s.scalars(
@@ -727,34 +934,43 @@ class JobStore:
                     .limit(limit)
                 )
             ]
-        return {"jobs": jobs, "sends": sends}
+            return {"jobs": jobs, "sends": sends}
+
+        return self._run(dead_letters)
 
     def study_results(self, study_instance_uid: str) -> list[tuple[str, dict[str, Any]]]:
         """All results of one study as ``(sop_instance_uid, payload)`` pairs."""
-        with self._tx() as s:
+
+        def study_results(s: Session) -> list[tuple[str, dict[str, Any]]]:
             rows = s.execute(
                 select(Instance.sop_instance_uid, Result.payload)
                 .join(Result, Result.instance_id == Instance.id)
                 .where(Result.study_instance_uid == study_instance_uid)
                 .order_by(Result.id)
             ).all()
-        return [(uid, json.loads(payload)) for uid, payload in rows]
+            return [(uid, json.loads(payload)) for uid, payload in rows]
+
+        return self._run(study_results)
 
     def studies(self) -> list[dict[str, Any]]:
         """Every study with results: first arrival time and its results (for the worklist)."""
-        with self._tx() as s:
-            rows = s.execute(
-                select(
-                    Result.study_instance_uid,
-                    Instance.sop_instance_uid,
-                    Instance.received_at,
-                    Result.payload,
-                )
-                .join(Instance, Instance.id == Result.instance_id)
-                .order_by(Instance.received_at)
-            ).all()
+
+        def rows(s: Session) -> list[Any]:
+            return list(
+                s.execute(
+                    select(
+                        Result.study_instance_uid,
+                        Instance.sop_instance_uid,
+                        Instance.received_at,
+                        Result.payload,
+                    )
+                    .join(Instance, Instance.id == Result.instance_id)
+                    .order_by(Instance.received_at)
+                ).all()
+            )
+
         studies: dict[str, dict[str, Any]] = {}
-        for study_uid, sop_uid, received_at, payload in rows:
+        for study_uid, sop_uid, received_at, payload in self._run(rows):
             entry = studies.setdefault(
                 study_uid, {"study_instance_uid": study_uid, "arrival": received_at, "results": []}
             )
@@ -763,7 +979,8 @@ class JobStore:
 
     def deliverable_spool(self, older_than: float) -> list[tuple[int, str]]:
         """Instances whose job is terminal, all sends delivered, received before ``older_than``."""
-        with self._tx() as s:
+
+        def deliverable_spool(s: Session) -> list[tuple[int, str]]:
             pending_sends = (
                 select(Result.instance_id)
                 .join(Outbound, Outbound.result_id == Result.id)
@@ -779,13 +996,37 @@ class JobStore:
                     & Instance.id.not_in(pending_sends)
                 )
             ).all()
-        return [(int(i), str(p)) for i, p in rows]
+            return [(int(i), str(p)) for i, p in rows]
+
+        return self._run(deliverable_spool)
 
     def mark_spool_deleted(self, instance_id: int) -> None:
         """Record that an instance's spool file was removed by retention."""
-        with self._tx() as s:
+        now = self.clock()
+
+        def mark_spool_deleted(s: Session) -> None:
             s.execute(
-                update(Instance)
-                .where(Instance.id == instance_id)
-                .values(spool_deleted_at=self.clock())
+                update(Instance).where(Instance.id == instance_id).values(spool_deleted_at=now)
             )
+
+        self._run(mark_spool_deleted)
+
+
+#: ``Job.last_error`` while every ended attempt ended with the worker dying.
+_DIED = "worker died during processing"
+
+
+def _died_error(previous: str | None) -> str:
+    """The job's last error after its worker died (or hung past the lease) during an attempt."""
+    if previous is None or previous == _DIED:
+        return _DIED
+    if previous.endswith(f"; then {_DIED}"):
+        return previous
+    return f"{previous[:1500]}; then {_DIED}"
+
+
+def _exhausted_reason(attempts: int, last_error: str | None) -> str:
+    """Why a job whose ``attempts`` are spent ends "not processed" (shown to the radiologist)."""
+    if last_error is None or last_error == _DIED:
+        return f"{_DIED} {attempts} times"
+    return f"processing did not finish in {attempts} attempts: {last_error}"

@@ -3,8 +3,11 @@
 Models stay warm in the :class:`Cascade` passed in; queued images are processed in batches.
 A job whose processing raises is retried (``failed`` with backoff) up to ``job_max_attempts``;
 after the last attempt the worker still tries to give the radiologist a visible outcome: a
-"not processed" result saying processing failed. Only when even that is impossible does the
-job end ``dead``. SIGTERM (``stop`` set) lets the current batch finish.
+"not processed" result saying processing failed. A job whose attempts killed the worker each
+time (out-of-memory kill, a crash inside a model library) is handed back by
+:meth:`JobStore.claim_jobs` with its ``report_reason`` once the attempts are spent, and is
+reported "not processed" from its header alone, without running the cascade. Only when even
+that is impossible does the job end ``dead``. SIGTERM (``stop`` set) lets the current batch finish.
 """
 
 from __future__ import annotations
@@ -142,12 +145,18 @@ class Worker:
     def run_once(self) -> int:
         """Claim one batch and process it; return how many jobs were claimed."""
         jobs = self.store.claim_jobs(
-            self.settings.owner, self.settings.lease_s, self.settings.batch_size
+            self.settings.owner,
+            self.settings.lease_s,
+            self.settings.batch_size,
+            self.settings.max_attempts,
         )
         if not jobs:
             return 0
         readable: list[tuple[ClaimedJob, Dataset]] = []
         for job in jobs:
+            if job.report_reason is not None:
+                self._report_exhausted(job, job.report_reason)
+                continue
             try:
                 ds: Dataset = dcmread(self.spool_dir / job.spool_path, force=True)
                 readable.append((job, ds))
@@ -227,6 +236,27 @@ class Worker:
             len(result.findings),
             len(objects),
         )
+
+    def _report_exhausted(self, job: ClaimedJob, reason: str) -> None:
+        """End a job whose attempts are spent "not processed", without decoding its pixels.
+
+        Its earlier attempts killed their worker (or hung past the lease), so the cascade is
+        not run again: the SR is built from the header alone.
+        """
+        logger.error("job %d: attempts spent, reporting not processed: %s", job.job_id, reason)
+        try:
+            header = dcmread(self.spool_dir / job.spool_path, force=True, stop_before_pixels=True)
+            result = CascadeResult(
+                sop_instance_uid=job.sop_instance_uid,
+                status=Status.NOT_PROCESSED,
+                reason=reason[:500],
+            )
+            self._finish(job, _without_pixels(header), result)
+        except LeaseLost as exc:
+            logger.warning("job %d: %s; report discarded", job.job_id, exc)
+        except Exception as exc:
+            logger.error("job %d: could not report 'not processed': %s", job.job_id, exc)
+            self._fail(job, None, f"{reason}; the report could not be made: {exc}")
 
     def _fail(self, job: ClaimedJob, ds: Dataset | None, error: str) -> None:
         logger.warning("job %d attempt %d failed: %s", job.job_id, job.attempts, error)

@@ -26,7 +26,7 @@ def _queue_objects(settings, store, n: int, tmp_path: Path) -> list[str]:  # typ
         uids.append(uid)
     store.record_instance(InstanceRecord("src.1", "1.2", "1.3", "1.4", "1.2.840.10008.1.2.1", "M",
                                          "x/y.dcm", 1))
-    (job,) = store.claim_jobs("w", 60, 1)
+    (job,) = store.claim_jobs("w", 60, 1, 3)
     store.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {}), sends)
     return uids
 
@@ -97,7 +97,7 @@ def test_retention_removes_only_delivered_spool_files(tmp_path: Path) -> None:
         write_durable(settings.spool_dir, rel, b"x")
         store.record_instance(InstanceRecord(uid, "1.2", "1.3", "1.4", "1.2.840.10008.1.2.1", "M",
                                              rel, 1))
-    (job,) = store.claim_jobs("w", 60, 1)  # a.1 finishes; a.2 stays queued
+    (job,) = store.claim_jobs("w", 60, 1, 3)  # a.1 finishes; a.2 stays queued
     store.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {}), [])
     import time
 

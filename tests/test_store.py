@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from sqlalchemy import text
 
 from spine_node.store import (
     Backoff,
+    DatabaseBusy,
     InstanceRecord,
     JobOutcome,
     JobState,
@@ -70,7 +73,7 @@ def test_claim_is_exclusive_between_concurrent_workers(store: tuple[JobStore, Cl
 
     def work(owner: str) -> None:
         while True:
-            jobs = s.claim_jobs(owner, 60, 3)
+            jobs = s.claim_jobs(owner, 60, 3, 3)
             if not jobs:
                 return
             with lock:
@@ -88,10 +91,10 @@ def test_claim_is_exclusive_between_concurrent_workers(store: tuple[JobStore, Cl
 def test_expired_lease_is_claimed_again_and_old_owner_loses(store: tuple[JobStore, Clock]) -> None:
     s, clock = store
     s.record_instance(record("3.1"))
-    (job,) = s.claim_jobs("crashed", lease_s=10, limit=5)
-    assert s.claim_jobs("other", 10, 5) == []
+    (job,) = s.claim_jobs("crashed", lease_s=10, limit=5, max_attempts=3)
+    assert s.claim_jobs("other", 10, 5, 3) == []
     clock.now += 11
-    (again,) = s.claim_jobs("other", 10, 5)
+    (again,) = s.claim_jobs("other", 10, 5, 3)
     assert again.job_id == job.job_id and again.attempts == 2
     with pytest.raises(LeaseLost):
         s.complete_job(job.job_id, "crashed", JobOutcome("negative", 0.1, None, {}), [])
@@ -103,36 +106,81 @@ def test_failures_retry_with_backoff_then_dead_and_replay(store: tuple[JobStore,
     s, clock = store
     s.record_instance(record("4.1"))
     for attempt in (1, 2):
-        (job,) = s.claim_jobs("w", 10, 1)
+        (job,) = s.claim_jobs("w", 10, 1, 3)
         assert job.attempts == attempt
         assert s.fail_job(job.job_id, "w", "boom", max_attempts=3, retry_delay_s=5) is JobState.FAILED
-        assert s.claim_jobs("w", 10, 1) == []  # backoff holds it
+        assert s.claim_jobs("w", 10, 1, 3) == []  # backoff holds it
         clock.now += 6
-    (job,) = s.claim_jobs("w", 10, 1)
+    (job,) = s.claim_jobs("w", 10, 1, 3)
     assert s.fail_job(job.job_id, "w", "boom", 3, 5) is JobState.DEAD
     clock.now += 100
-    assert s.claim_jobs("w", 10, 1) == []
+    assert s.claim_jobs("w", 10, 1, 3) == []
     assert s.status()["jobs"]["dead"] == 1
     assert s.dead_letters()["jobs"][0]["error"] == "boom"
     assert s.replay("jobs") == 1
-    (job,) = s.claim_jobs("w", 10, 1)
+    (job,) = s.claim_jobs("w", 10, 1, 3)
     assert job.attempts == 1
 
 
-def test_expire_leases_kills_poison_job(store: tuple[JobStore, Clock]) -> None:
+def test_a_job_whose_worker_dies_is_claimed_at_most_max_attempts_times(
+    store: tuple[JobStore, Clock],
+) -> None:
+    """The claim itself ends a poison job: no race with the lease sweep decides it."""
     s, clock = store
     s.record_instance(record("5.1"))
-    for _ in range(2):
-        s.claim_jobs("w", 10, 1)
+    s.record_instance(record("5.2"))
+    for attempt in (1, 2):
+        (job,) = s.claim_jobs("w", 10, 1, max_attempts=2)  # the worker dies holding it
+        assert (job.attempts, job.report_reason) == (attempt, None)
         clock.now += 11
-        s.expire_leases(max_attempts=2)
-    assert s.job_state("5.1") == "dead"
+        if attempt == 1:
+            assert s.expire_leases(max_attempts=2) == 1  # the sweep requeues, counts the attempt
+            assert s.job_info("5.1") == ("queued", 1, "worker died during processing")
+    assert s.expire_leases(max_attempts=2) == 0  # spent: left for a worker to report
+    report, other = s.claim_jobs("w", 10, 5, max_attempts=2)
+    assert report.report_reason == "worker died during processing 2 times"
+    assert other.report_reason is None and other.sop_instance_uid == "5.2"
+    outcome = JobOutcome("not_processed", None, report.report_reason, {})
+    s.complete_job(report.job_id, "w", outcome, [SendSpec("pacs", "dicom", "9.5.1", "sr.dcm")])
+    assert s.job_info("5.1") == ("not_processed", 3, "worker died during processing 2 times")
+    assert s.status()["outbound"]["pacs"]["pending"] == 1
+
+
+def test_a_job_whose_report_also_dies_ends_dead(store: tuple[JobStore, Clock]) -> None:
+    s, clock = store
+    s.record_instance(record("5.3"))
+    s.record_instance(record("5.4"))
+    s.claim_jobs("w", 10, 1, max_attempts=1)  # attempt 1 dies
+    clock.now += 11
+    (report,) = s.claim_jobs("w", 10, 1, max_attempts=1)  # the report dies too
+    assert report.report_reason == "worker died during processing 1 times"
+    clock.now += 11
+    (job,) = s.claim_jobs("w", 10, 5, max_attempts=1)  # the dead one is not handed out
+    assert job.sop_instance_uid == "5.4"
+    state, attempts, error = s.job_info("5.3")  # type: ignore[misc]
+    assert (state, attempts) == ("dead", 2)
+    assert error is not None and "again while reporting" in error
+    assert s.dead_letters()["jobs"][0]["job_id"] == report.job_id
+
+
+def test_the_job_with_an_error_and_then_a_death_names_both(store: tuple[JobStore, Clock]) -> None:
+    s, clock = store
+    s.record_instance(record("5.5"))
+    (job,) = s.claim_jobs("w", 10, 1, max_attempts=2)
+    assert s.fail_job(job.job_id, "w", "cascade error: boom", 2, 0) is JobState.FAILED
+    s.claim_jobs("w", 10, 1, max_attempts=2)  # attempt 2 dies
+    clock.now += 11
+    (report,) = s.claim_jobs("w", 10, 1, max_attempts=2)
+    assert report.report_reason == (
+        "processing did not finish in 2 attempts: cascade error: boom; "
+        "then worker died during processing"
+    )
 
 
 def test_complete_records_result_and_sends_once(store: tuple[JobStore, Clock]) -> None:
     s, _ = store
     s.record_instance(record("6.1"))
-    (job,) = s.claim_jobs("w", 10, 1)
+    (job,) = s.claim_jobs("w", 10, 1, 3)
     sends = [SendSpec("pacs", "dicom", "9.9.1", "a/b.dcm"), SendSpec("pacs2", "dicom", "9.9.1", "a/b.dcm")]
     s.complete_job(job.job_id, "w", JobOutcome("positive", 0.9, None, {"k": 1}), sends)
     assert s.is_own_object("9.9.1")
@@ -173,3 +221,47 @@ def test_backoff_grows_exponentially_with_bounded_jitter() -> None:
         assert nominal * 0.8 <= d <= nominal * 1.2
     with pytest.raises(ValueError, match="attempt"):
         b.delay(0, rng)
+
+
+def _hold_write_lock(db: Path, seconds: float, held: threading.Event) -> threading.Thread:
+    """Another connection holds SQLite's write lock (BEGIN IMMEDIATE) for ``seconds``."""
+
+    def hold() -> None:
+        conn = sqlite3.connect(db, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+        held.set()
+        time.sleep(seconds)
+        conn.execute("COMMIT")
+        conn.close()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert held.wait(10)
+    return thread
+
+
+def test_a_lock_longer_than_the_busy_timeout_is_waited_for_or_refused(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers wait for the lock; the receiver's write gives up after the busy timeout."""
+    db = tmp_path / "q.db"
+    s = JobStore.open(f"sqlite:///{db}", busy_timeout_s=0.2)
+    s.record_instance(record("8.1"))
+    try:
+        holder = _hold_write_lock(db, 1.5, threading.Event())
+        with pytest.raises(DatabaseBusy, match="locked"):
+            s.receive(record("8.2"))
+        (job,) = s.claim_jobs("w", 10, 1, 3)  # waits until the holder commits
+        assert not holder.is_alive()
+        assert job.sop_instance_uid == "8.1"
+        assert s.job_info("8.2") is None  # the refused write left nothing behind
+        # a process that opens the queue while the lock is held waits too
+        holder = _hold_write_lock(db, 1.0, threading.Event())
+        other = JobStore.open(f"sqlite:///{db}", busy_timeout_s=0.2)
+        assert not holder.is_alive()
+        assert other.job_info("8.1") == ("running", 1, None)
+        other.close()
+    finally:
+        s.close()
+    assert "Traceback" not in caplog.text
+    assert "the database is locked by another connection; waiting" in caplog.text

@@ -402,7 +402,7 @@ def test_dispatcher_delivers_to_a_tls_destination(tmp_path: Path, pki: PKI) -> N
         store.record_instance(
             InstanceRecord("src.1", "1.2", "1.3", "1.4", "1.2.840.10008.1.2.1", "M", "x/y.dcm", 1)
         )
-        (job,) = store.claim_jobs("w", 60, 1)
+        (job,) = store.claim_jobs("w", 60, 1, 3)
         store.complete_job(
             job.job_id,
             "w",
