@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -373,7 +373,7 @@ class Cascade:
         results = []
         for j, (uid, img) in enumerate(zip(uids, images, strict=True)):
             if j in refused:
-                results.append(self._refused(uid, refused[j]))
+                results.append(replace(self._refused(uid, refused[j]), display=img.source))
                 continue
             findings: tuple[Finding, ...] = ()
             if j in detections:
@@ -400,6 +400,7 @@ class Cascade:
                         name: float(probs[j]) for name, probs in out.member_probs.items()
                     },
                     heatmap=heatmap,
+                    display=img.source,
                 )
             )
         return results

@@ -12,6 +12,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
 
+from spine_node import imaging
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
 
 DCIODVFY = shutil.which("dciodvfy") or "/usr/bin/dciodvfy"
@@ -82,7 +83,16 @@ def positive(source: Dataset, n: int = 2) -> CascadeResult:
         status=Status.POSITIVE,
         score=0.91,
         findings=findings,
+        display=display_of(source),  # what the cascade hands on
     )
+
+
+def display_of(source: Dataset) -> imaging.SourceImage | None:
+    """The display image the cascade would hand on; None when the source does not decode."""
+    try:
+        return imaging.decode(source)
+    except Exception:  # the cascade reports any decoder error as "not decoded"
+        return None
 
 
 def save_object(ds: Dataset, directory: Path) -> tuple[Path, Dataset]:

@@ -3,6 +3,7 @@ dciodvfy and dsrdump."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import shutil
 import subprocess
@@ -75,6 +76,17 @@ def sloppy_source() -> Dataset:
 
 
 def result_for(source: Dataset, status: Status, findings: bool = True) -> CascadeResult:
+    """The cascade's answer, with the display image it decoded (as the worker passes on)."""
+    return dataclasses.replace(_result_for(source, status, findings), display=_display(source))
+
+
+def _display(source: Dataset) -> imaging.SourceImage | None:
+    if "PixelData" not in source:
+        return None
+    return imaging.decode(source)
+
+
+def _result_for(source: Dataset, status: Status, findings: bool = True) -> CascadeResult:
     uid = str(source.SOPInstanceUID)
     if status is Status.NOT_PROCESSED:
         return CascadeResult(

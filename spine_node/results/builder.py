@@ -1,8 +1,9 @@
 """Build every DICOM result object for one analysed image.
 
 ``build_results`` returns datasets; writing and sending happen elsewhere. The SR is always
-built; the Secondary Capture overlay whenever a display image is available (negative results
-included); the GSPS when enabled, when there are findings and the source is a single-frame
+built; the Secondary Capture overlay whenever the cascade decoded the image
+(``CascadeResult.display``, decoded once in the isolated decoder; the builder never decodes
+the source again), negative and not-processed results included; the GSPS when enabled, when there are findings and the source is a single-frame
 grayscale image.
 
 Sloppy sources are accepted: ``reference.source_reference`` copies only what the result
@@ -30,7 +31,7 @@ from spine_node.results.reference import (
     source_reference,
     source_sop_instance_uid,
 )
-from spine_node.results.types import CascadeResult, ModelInfo, Status
+from spine_node.results.types import CascadeResult, ModelInfo
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ def build_results(
     Parameters
     ----------
     source : pydicom.Dataset
-        The image as received (pixel data needed for the overlay).
+        The image as received (its pixel data is not read: the overlay is drawn on
+        ``result.display``).
     result : CascadeResult
-        The cascade's answer for it (``result.sop_instance_uid`` must match the source).
+        The cascade's answer for it (``result.sop_instance_uid`` must match the source),
+        with the display image the cascade decoded (``display``; None gives no overlay).
     model : ModelInfo
         The bundle that produced ``result``.
     options : ResultOptions, optional
@@ -67,8 +70,9 @@ def build_results(
     Returns
     -------
     list of pydicom.Dataset
-        ``[SR, SC?, GSPS?]``: SR always, SC when pixels decode (and enabled), GSPS when
-        enabled, with findings, on a single-frame grayscale source.
+        ``[SR, SC?, GSPS?]``: SR always, SC when the cascade decoded the image (and
+        enabled), GSPS when enabled, with findings, on a single-frame grayscale source whose
+        presentation can be reproduced.
     """
     if not isinstance(source, Dataset):
         raise TypeError(f"source must be a pydicom Dataset, got {type(source).__name__}")
@@ -93,9 +97,17 @@ def build_results(
 
     source_ref = source_reference(source)
     reference = source_ref.dataset
-    image: imaging.SourceImage | None = None
-    if options.secondary_capture or _n_frames(source) > 1:
-        image = _try_decode(source, result)
+    image = result.display
+    if image is not None and not isinstance(image, imaging.SourceImage):
+        raise TypeError(
+            f"result.display must be an imaging.SourceImage or None, got {type(image).__name__}"
+        )
+    if image is None and options.secondary_capture:
+        logger.info(
+            "no overlay for %s: the cascade has no decoded image of it (%s)",
+            source_uid,
+            result.reason or "not decoded",
+        )
     frame_number = _frame_number(source, image)
 
     objects: list[Dataset] = [
@@ -149,18 +161,6 @@ def _try_gsps(
             exc,
         )
     return None
-
-
-def _try_decode(source: Dataset, result: CascadeResult) -> imaging.SourceImage | None:
-    """Decode the display image; None when it cannot be decoded."""
-    if "PixelData" not in source and "FloatPixelData" not in source:
-        return None
-    try:
-        return imaging.decode(source)
-    except Exception as exc:
-        log = logger.info if result.status is Status.NOT_PROCESSED else logger.warning
-        log("no overlay for %s: pixels do not decode (%s)", result.sop_instance_uid, exc)
-        return None
 
 
 def _n_frames(source: Dataset) -> int:

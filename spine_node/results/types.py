@@ -5,7 +5,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spine_node.imaging import SourceImage
 
 #: VinDr-SpineXR lesion labels, exactly as the data spells them (index = detector class id).
 LESION_LABELS: tuple[str, ...] = (
@@ -127,6 +130,11 @@ class CascadeResult:
         Per-member probabilities, keyed by member name.
     heatmap : Any
         Optional Grad-CAM heatmap (numpy array, source-image shape, values in [0, 1]).
+    display : imaging.SourceImage or None
+        The display image the cascade decoded (in the isolated decoder) for this result;
+        the result builder draws the overlay on it, so the worker never decodes the source
+        again. None when the image was refused before decoding or did not decode. Not part
+        of ``to_json`` and not compared.
     """
 
     sop_instance_uid: str
@@ -137,6 +145,7 @@ class CascadeResult:
     findings: tuple[Finding, ...] = ()
     member_scores: Mapping[str, float] = field(default_factory=dict)
     heatmap: Any = None
+    display: SourceImage | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):
