@@ -1,7 +1,9 @@
 """The dispatcher: deliver result objects to every destination, with retries and dead letters.
 
-Each sweep claims due sends, opens one association per destination for the batch, sends each
-object by C-STORE and checks every DIMSE status. A failed send waits with exponential backoff
+Each sweep claims due sends and hands each destination's batch to the sender registered for
+the send's :class:`~spine_node.store.DestinationKind` (DICOM: one association per destination
+for the batch, each stored Part 10 file sent by C-STORE as it is encoded, never decoded and
+re-encoded, every DIMSE status checked; webhook: one HTTP POST per stored JSON document). A failed send waits with exponential backoff
 and jitter; after the last attempt it is ``dead`` (visible in ``spine-node status``, requeued by
 ``spine-node replay``). A retried send reuses the stored object, so its SOP Instance UID never
 changes. APScheduler drives the periodic sweeps (sends, expired leases, spool retention).
@@ -14,17 +16,18 @@ import random
 import time
 import urllib.request
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pynetdicom
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
-from pydicom import dcmread
+from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.config import Destination, Settings
-from spine_node.store import Backoff, ClaimedSend, JobStore
+from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore
 from spine_node.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -61,14 +64,32 @@ def dispatch_settings(settings: Settings) -> DispatchSettings:
     )
 
 
-def _scu_ae(calling_ae: str, timeout_s: float, sop_classes: Sequence[str] = ()) -> AE:
+#: One batch of sends to one destination of one kind: ``(destination name, sends)``.
+Sender = Callable[[str, list[ClaimedSend]], None]
+
+
+def send_files_as_encoded() -> None:
+    """Make ``send_c_store(path)`` send a file's encoded data set as it is (no decode).
+
+    pynetdicom's documented switch ``_config.STORE_SEND_CHUNKED_DATASET`` (2.0+): a C-STORE
+    given a file path sends the data set's bytes after the File Meta Information in chunks,
+    instead of decoding the file with ``dcmread`` and encoding it again. It only changes
+    ``send_c_store`` calls given a path, which only the dispatcher makes.
+    """
+    pynetdicom._config.STORE_SEND_CHUNKED_DATASET = True
+
+
+def _scu_ae(
+    calling_ae: str, timeout_s: float, contexts: Sequence[tuple[str, str]] = ()
+) -> AE:
+    """An SCU with one requested context per ``(SOP class, transfer syntax)`` pair."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s
     ae.network_timeout = timeout_s
-    if sop_classes:
-        for uid in sorted(set(sop_classes)):
-            ae.add_requested_context(uid)
+    if contexts:
+        for sop_class, transfer_syntax in sorted(set(contexts)):
+            ae.add_requested_context(sop_class, [transfer_syntax])
     else:
         ae.requested_contexts = StoragePresentationContexts
     return ae
@@ -124,23 +145,39 @@ class Dispatcher:
         self.outbox_dir = outbox_dir
         self.settings = settings
         self.rng = rng
+        #: The sender of each destination kind (an ``hl7`` kind adds one entry here).
+        self.senders: Mapping[DestinationKind, Sender] = {
+            DestinationKind.DICOM: self._send_dicom_batch,
+            DestinationKind.WEBHOOK: self._post_webhooks,
+        }
+        send_files_as_encoded()
 
     def run_once(self) -> int:
         """Claim due sends and try each once; return how many were attempted."""
         sends = self.store.claim_sends(self.settings.lease_s, self.settings.batch_size)
-        by_dest: dict[str, list[ClaimedSend]] = defaultdict(list)
+        batches: dict[tuple[DestinationKind, str], list[ClaimedSend]] = defaultdict(list)
         for send in sends:
-            by_dest[send.destination].append(send)
-        for name, batch in by_dest.items():
-            if name == "webhook":
+            batches[(send.kind, send.destination)].append(send)
+        for (kind, name), batch in batches.items():
+            sender = self.senders.get(kind)
+            if sender is None:
                 for send in batch:
-                    self._post_webhook(send)
-            elif name not in self.destinations:
-                for send in batch:
-                    self._failed(send, f"destination {name!r} is no longer configured")
-            else:
-                self._send_dicom(self.destinations[name], batch)
+                    self._failed(send, f"no sender for destination kind {kind.value!r}")
+                continue
+            sender(name, batch)
         return len(sends)
+
+    def _send_dicom_batch(self, name: str, batch: list[ClaimedSend]) -> None:
+        dest = self.destinations.get(name)
+        if dest is None:
+            for send in batch:
+                self._failed(send, f"DICOM destination {name!r} is no longer configured")
+            return
+        self._send_dicom(dest, batch)
+
+    def _post_webhooks(self, _name: str, batch: list[ClaimedSend]) -> None:
+        for send in batch:
+            self._post_webhook(send)
 
     def _failed(self, send: ClaimedSend, error: str) -> None:
         state = self.store.mark_send_failed(
@@ -157,23 +194,23 @@ class Dispatcher:
         )
 
     def _send_dicom(self, dest: Destination, batch: list[ClaimedSend]) -> None:
-        datasets = []
+        files: list[tuple[ClaimedSend, Path]] = []
+        contexts: list[tuple[str, str]] = []
         for send in batch:
+            path = self.outbox_dir / send.path
             try:
-                datasets.append((send, dcmread(self.outbox_dir / send.path)))
+                meta = read_file_meta_info(path)  # the File Meta Information only
+                contexts.append((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+                files.append((send, path))
             except Exception as exc:
                 self._failed(send, f"result object unreadable: {exc}")
-        if not datasets:
+        if not files:
             return
-        ae = _scu_ae(
-            self.settings.calling_ae,
-            self.settings.timeout_s,
-            [str(ds.SOPClassUID) for _, ds in datasets],
-        )
+        ae = _scu_ae(self.settings.calling_ae, self.settings.timeout_s, contexts)
         tls = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
         if not assoc.is_established:
-            for send, _ in datasets:
+            for send, _ in files:
                 self._failed(
                     send,
                     f"association with {dest.ae_title}@{dest.host}:{dest.port} "
@@ -181,12 +218,12 @@ class Dispatcher:
                 )
             return
         try:
-            for send, ds in datasets:
+            for send, path in files:
                 if not assoc.is_established:
                     self._failed(send, "association ended before this object was sent")
                     continue
                 try:
-                    rsp = assoc.send_c_store(ds)
+                    rsp = assoc.send_c_store(path)  # the stored bytes, as encoded
                 except Exception as exc:
                     self._failed(send, f"C-STORE error: {exc}")
                     continue

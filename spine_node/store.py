@@ -84,6 +84,16 @@ class SendState(str, enum.Enum):
     DEAD = "dead"
 
 
+class DestinationKind(str, enum.Enum):
+    """How an outbound object is delivered; the dispatcher picks its sender by this kind."""
+
+    DICOM = "dicom"  # C-STORE of a stored Part 10 file to a configured DICOM peer
+    WEBHOOK = "webhook"  # HTTP POST of a stored JSON document to ``webhook_url``
+
+
+#: Destination name of the webhook (there is one, at ``webhook_url``).
+WEBHOOK_DESTINATION = "webhook"
+
 TERMINAL_JOB_STATES = (JobState.DONE, JobState.NOT_PROCESSED, JobState.DEAD)
 
 
@@ -200,12 +210,29 @@ class JobOutcome:
 
 @dataclass(frozen=True)
 class SendSpec:
-    """One object to deliver to one destination."""
+    """One object to deliver to one destination.
+
+    Attributes
+    ----------
+    destination : str
+        The destination's name (a configured DICOM peer, or ``"webhook"``).
+    kind : DestinationKind
+        How it is delivered.
+    object_uid : str
+        SOP Instance UID of the object (or the webhook document's key): unique per
+        destination, so the same object is never queued twice.
+    path : str
+        The stored object, relative to the outbox.
+    """
 
     destination: str
-    kind: str
+    kind: DestinationKind
     object_uid: str
     path: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, DestinationKind):
+            raise TypeError(f"kind must be a DestinationKind, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -214,7 +241,7 @@ class ClaimedSend:
 
     send_id: int
     destination: str
-    kind: str
+    kind: DestinationKind
     object_uid: str
     path: str
     attempts: int
@@ -666,7 +693,7 @@ class JobStore:
                 Outbound(
                     result_id=result_id,
                     destination=spec.destination,
-                    kind=spec.kind,
+                    kind=spec.kind.value,
                     object_uid=spec.object_uid,
                     path=spec.path,
                     state=SendState.PENDING.value,
@@ -798,7 +825,12 @@ class JobStore:
                 row.lease_until = now + lease_s
                 out.append(
                     ClaimedSend(
-                        row.id, row.destination, row.kind, row.object_uid, row.path, row.attempts
+                        row.id,
+                        row.destination,
+                        DestinationKind(row.kind),
+                        row.object_uid,
+                        row.path,
+                        row.attempts,
                     )
                 )
             return out

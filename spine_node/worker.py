@@ -27,7 +27,16 @@ from pydicom.filebase import DicomBytesIO
 from spine_node.isolation import DecoderCrash
 from spine_node.results.types import CascadeResult, ModelInfo, Status
 from spine_node.spool import relative_name, write_durable
-from spine_node.store import ClaimedJob, JobOutcome, JobState, JobStore, LeaseLost, SendSpec
+from spine_node.store import (
+    WEBHOOK_DESTINATION,
+    ClaimedJob,
+    DestinationKind,
+    JobOutcome,
+    JobState,
+    JobStore,
+    LeaseLost,
+    SendSpec,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +216,7 @@ class Worker:
             relative = relative_name(uid)
             write_durable(self.outbox_dir, relative, encode_dataset(obj))
             sends.extend(
-                SendSpec(dest, "dicom", uid, relative) for dest in self.settings.destinations
+                SendSpec(dest, DestinationKind.DICOM, uid, relative) for dest in self.settings.destinations
             )
         payload = result.to_json()
         payload["study_instance_uid"] = job.study_instance_uid
@@ -225,7 +234,7 @@ class Worker:
             hook_uid = f"webhook:{job.study_instance_uid}:{job.job_id}"
             relative = relative_name(hook_uid, ".json")
             write_durable(self.outbox_dir, relative, json.dumps(hook, sort_keys=True).encode())
-            sends.append(SendSpec("webhook", "webhook", hook_uid, relative))
+            sends.append(SendSpec(WEBHOOK_DESTINATION, DestinationKind.WEBHOOK, hook_uid, relative))
         outcome = JobOutcome(result.status.value, result.score, result.reason, payload)
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends)
         logger.info(

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from spine_node.dispatcher import Dispatcher, dispatch_settings, echo, retention_sweep
 from spine_node.node import open_store, prepare_data_dir
 from spine_node.spool import relative_name, write_durable
-from spine_node.store import InstanceRecord, JobOutcome, SendSpec
+from spine_node.store import DestinationKind, InstanceRecord, JobOutcome, SendSpec
 from tests.nodekit import StoreSCP, free_port, make_image, node_settings
 
 
@@ -22,7 +22,7 @@ def _queue_objects(settings, store, n: int, tmp_path: Path) -> list[str]:  # typ
         uid = str(ds.SOPInstanceUID)
         rel = relative_name(uid)
         write_durable(settings.outbox_dir, rel, (tmp_path / f"r{i}.dcm").read_bytes())
-        sends += [SendSpec(d.name, "dicom", uid, rel) for d in settings.destinations]
+        sends += [SendSpec(d.name, DestinationKind.DICOM, uid, rel) for d in settings.destinations]
         uids.append(uid)
     store.record_instance(InstanceRecord("src.1", "1.2", "1.3", "1.4", "1.2.840.10008.1.2.1", "M",
                                          "x/y.dcm", 1))
@@ -106,3 +106,53 @@ def test_retention_removes_only_delivered_spool_files(tmp_path: Path) -> None:
     assert not (settings.spool_dir / relative_name("a.1")).exists()
     assert (settings.spool_dir / relative_name("a.2")).exists()
     store.close()
+
+
+def test_the_stored_file_is_sent_as_encoded_not_decoded_and_re_encoded(tmp_path: Path) -> None:
+    """Bytes a decode and re-encode would change (an element stored out of tag order, as
+    some archives write them; pydicom sorts on encoding) arrive exactly as stored."""
+    from pynetdicom import AE, evt
+    from pynetdicom.dsutils import split_dataset
+
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.DataSet.getvalue())  # type: ignore[union-attr]
+        return 0x0000
+
+    pacs_ae = AE(ae_title="PACS")
+    pacs_ae.add_supported_context("1.2.840.10008.5.1.4.1.1.1", ["1.2.840.10008.1.2.1"])
+    port = free_port()
+    server = pacs_ae.start_server(("127.0.0.1", port), block=False,
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+    )
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    try:
+        source = tmp_path / "r.dcm"
+        ds = make_image(source)
+        ds.Manufacturer = "ACME"
+        ds.save_as(source, enforce_file_format=True)
+        manufacturer = b"\x08\x00\x70\x00LO\x04\x00ACME"
+        encoded = source.read_bytes()
+        assert encoded.count(manufacturer) == 1
+        # the (0008,0070) element moved after the pixel data
+        encoded = encoded.replace(manufacturer, b"") + manufacturer
+        uid = str(ds.SOPInstanceUID)
+        rel = relative_name(uid)
+        write_durable(settings.outbox_dir, rel, encoded)
+        store.add_sends([SendSpec("pacs", DestinationKind.DICOM, uid, rel)])
+        dispatcher = Dispatcher(store, settings.destinations, settings.outbox_dir,
+                                dispatch_settings(settings), random.Random(0))
+        assert dispatcher.run_once() == 1
+        assert store.status()["outbound"]["pacs"]["sent"] == 1
+        _, offset = split_dataset(settings.outbox_dir / rel)
+        stored = (settings.outbox_dir / rel).read_bytes()[offset:]
+        assert received == [stored]
+        assert received[0].endswith(manufacturer)
+    finally:
+        server.shutdown()
+        store.close()

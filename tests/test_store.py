@@ -15,6 +15,7 @@ from sqlalchemy import text
 from spine_node.store import (
     Backoff,
     DatabaseBusy,
+    DestinationKind,
     InstanceRecord,
     JobOutcome,
     JobState,
@@ -141,7 +142,7 @@ def test_a_job_whose_worker_dies_is_claimed_at_most_max_attempts_times(
     assert report.report_reason == "worker died during processing 2 times"
     assert other.report_reason is None and other.sop_instance_uid == "5.2"
     outcome = JobOutcome("not_processed", None, report.report_reason, {})
-    s.complete_job(report.job_id, "w", outcome, [SendSpec("pacs", "dicom", "9.5.1", "sr.dcm")])
+    s.complete_job(report.job_id, "w", outcome, [SendSpec("pacs", DestinationKind.DICOM, "9.5.1", "sr.dcm")])
     assert s.job_info("5.1") == ("not_processed", 3, "worker died during processing 2 times")
     assert s.status()["outbound"]["pacs"]["pending"] == 1
 
@@ -181,11 +182,11 @@ def test_complete_records_result_and_sends_once(store: tuple[JobStore, Clock]) -
     s, _ = store
     s.record_instance(record("6.1"))
     (job,) = s.claim_jobs("w", 10, 1, 3)
-    sends = [SendSpec("pacs", "dicom", "9.9.1", "a/b.dcm"), SendSpec("pacs2", "dicom", "9.9.1", "a/b.dcm")]
+    sends = [SendSpec("pacs", DestinationKind.DICOM, "9.9.1", "a/b.dcm"), SendSpec("pacs2", DestinationKind.DICOM, "9.9.1", "a/b.dcm")]
     s.complete_job(job.job_id, "w", JobOutcome("positive", 0.9, None, {"k": 1}), sends)
     assert s.is_own_object("9.9.1")
     # a re-run producing the same UIDs queues nothing new
-    s.add_sends([SendSpec("pacs", "dicom", "9.9.1", "a/b.dcm")])
+    s.add_sends([SendSpec("pacs", DestinationKind.DICOM, "9.9.1", "a/b.dcm")])
     status = s.status()
     assert status["outbound"] == {"pacs": {"pending": 1, "sending": 0, "sent": 0, "dead": 0},
                                   "pacs2": {"pending": 1, "sending": 0, "sent": 0, "dead": 0}}
@@ -195,7 +196,7 @@ def test_complete_records_result_and_sends_once(store: tuple[JobStore, Clock]) -
 
 def test_send_backoff_dead_and_replay(store: tuple[JobStore, Clock]) -> None:
     s, clock = store
-    s.add_sends([SendSpec("pacs", "dicom", "7.1", "x.dcm")])
+    s.add_sends([SendSpec("pacs", DestinationKind.DICOM, "7.1", "x.dcm")])
     backoff = Backoff(base_s=10, cap_s=100, jitter=0.0)
     rng = random.Random(1)
     (send,) = s.claim_sends(60, 10)

@@ -24,7 +24,7 @@ from spine_node.config import Settings, TLSSettings
 from spine_node.dispatcher import Dispatcher, dispatch_settings, echo
 from spine_node.node import RunningNode, open_store, prepare_data_dir, start_node
 from spine_node.spool import relative_name, write_durable
-from spine_node.store import InstanceRecord, JobOutcome, SendSpec
+from spine_node.store import DestinationKind, InstanceRecord, JobOutcome, SendSpec
 from spine_node.tls import client_ssl_context, server_ssl_context
 from tests.nodekit import free_port, make_image, node_settings, wait_for
 
@@ -407,7 +407,7 @@ def test_dispatcher_delivers_to_a_tls_destination(tmp_path: Path, pki: PKI) -> N
             job.job_id,
             "w",
             JobOutcome("negative", 0.1, None, {}),
-            [SendSpec("pacs", "dicom", uid, relative_name(uid))],
+            [SendSpec("pacs", DestinationKind.DICOM, uid, relative_name(uid))],
         )
         dispatcher = Dispatcher(
             store,
