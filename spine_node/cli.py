@@ -108,6 +108,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2, sort_keys=True))
         return 0
     print(f"instances received   {report['instances']}")
+    categories = report.get("categories", {})
+    print(f"  ignored: not an image {categories.get('not_image', 0)}")
+    print(f"  out of scope          {categories.get('out_of_scope', 0)}")
     age = report["oldest_queued_age_s"]
     print(f"oldest queued age    {'-' if age is None else f'{age:.1f} s'}")
     print("jobs")
@@ -172,14 +175,20 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'rank':>4}  {'priority':<14} {'max score':>9}  {'images':>6}  {'arrived':<19}  study")
+    print(
+        f"{'rank':>4}  {'priority':<14} {'max score':>9}  {'images':>6}  {'ignored':>7}  "
+        f"{'arrived':<19}  study"
+    )
     for row in rows:
         score = "-" if row["max_score"] is None else f"{row['max_score']:.3f}"
         arrived = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["arrival"]))
+        ignored = row["n_not_image"] + row["n_out_of_scope"]
         print(
             f"{row['rank']:>4}  {row['priority']:<14} {score:>9}  {row['n_images']:>6}  "
-            f"{arrived:<19}  {row['study_instance_uid']}"
+            f"{ignored:>7}  {arrived:<19}  {row['study_instance_uid']}"
         )
+    if any(row["n_not_image"] or row["n_out_of_scope"] for row in rows):
+        print("ignored: objects that are not images, and images out of scope (not analysed)")
     return 0
 
 

@@ -109,6 +109,9 @@ class Settings(_Strict):
     dimse_timeout_s: float = Field(default=60.0, gt=0)
     min_free_bytes: int = Field(default=1024**3, ge=0)
     tls: TLSSettings = TLSSettings()
+    accept_unknown_sop_classes: bool = True
+    intended_modalities: tuple[str, ...] = ("CR", "DX")
+    report_out_of_scope: bool = False
 
     bundle: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -146,6 +149,15 @@ class Settings(_Strict):
     def _check_calling(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return tuple(_check_ae(v) for v in value)
 
+    @field_validator("intended_modalities")
+    @classmethod
+    def _check_modalities(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = tuple(v.strip().upper() for v in value)
+        for v in out:
+            if not re.fullmatch(r"[A-Z0-9_ ]{1,16}", v):
+                raise ValueError(f"a modality is 1 to 16 upper-case letters or digits, got {v!r}")
+        return out
+
     @field_validator("destinations")
     @classmethod
     def _unique_names(cls, value: tuple[Destination, ...]) -> tuple[Destination, ...]:
@@ -164,6 +176,11 @@ class Settings(_Strict):
     def outbox_dir(self) -> Path:
         """Where result objects wait to be sent."""
         return self.data_dir / "outbox"
+
+    @property
+    def audit_path(self) -> Path:
+        """The append-only audit file of objects received and sent (JSON lines)."""
+        return self.data_dir / "audit.jsonl"
 
     @property
     def db_url(self) -> str:

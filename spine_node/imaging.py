@@ -66,6 +66,8 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_color_lut, get_decoder, pixel_array
 from pydicom.pixels.utils import get_expected_length
 
+from spine_node import codecs
+
 __all__ = [
     "DEFAULT_PARAMS",
     "ImageError",
@@ -723,10 +725,18 @@ def _decode_frame(ds: Dataset, ts: dicom_uid.UID, frame: int) -> np.ndarray:
             logger.debug("decoder %r failed on %s: %s", plugin, ts.name, exc)
             failure = exc
     if ts == dicom_uid.JPEGExtended12Bit and _header_int(ds, "BitsStored", required=True) > 8:
-        raise ImageError(
-            "12-bit lossy JPEG (JPEG Extended) cannot be decoded here: no permissively "
-            "licensed decoder for it is installed"
-        ) from failure
+        # gdcm and Pillow refuse 12-bit samples: DCMTK's dcmdjpeg when installed
+        if codecs.dcmdjpeg_path() is None:
+            raise ImageError(
+                "12-bit lossy JPEG (JPEG Extended) cannot be decoded here: DCMTK dcmdjpeg "
+                "is not installed"
+            ) from failure
+        try:
+            return codecs.decode_jpeg_extended(ds, frame)
+        except codecs.CodecError as exc:
+            raise ImageError(
+                f"12-bit lossy JPEG (JPEG Extended) could not be decoded: {exc}"
+            ) from exc
     raise ImageError(
         f"pixel data could not be decoded ({ts.name}): the data is corrupt or unsupported"
     ) from failure

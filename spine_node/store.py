@@ -116,6 +116,10 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     received_at: Mapped[float] = mapped_column(Float)
     spool_deleted_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: spine_node.sop_classes.Category: image, not_image or out_of_scope
+    category: Mapped[str] = mapped_column(String(16), default="image", index=True)
+    #: why an object is not processed (not an image, outside the intended use)
+    category_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class Job(Base):
@@ -171,7 +175,12 @@ class Outbound(Base):
 
 @dataclass(frozen=True)
 class InstanceRecord:
-    """What the receiver knows about a stored instance."""
+    """What the receiver knows about a stored instance.
+
+    ``category`` is a :class:`spine_node.sop_classes.Category` value and ``category_reason``
+    says why an object is not processed; ``queue_job`` is False for objects that are only
+    recorded (not an image; out of scope unless "not processed" reports are asked for).
+    """
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -181,6 +190,9 @@ class InstanceRecord:
     calling_ae: str
     spool_path: str
     size_bytes: int
+    category: str = "image"
+    category_reason: str | None = None
+    queue_job: bool = True
 
 
 @dataclass(frozen=True)
@@ -475,10 +487,11 @@ class JobStore:
         Returns
         -------
         (str, int or None)
-            ``("new", job_id)``; ``("duplicate", None)`` when the instance was received before
-            and its spooled file is kept; ``("duplicate_removed", None)`` when its spooled file
+            ``("new", job_id)``; ``("recorded", None)`` for an object recorded without a job
+            (``record.queue_job`` False); ``("duplicate", None)`` when the instance was
+            received before and its spooled file is kept; ``("duplicate_removed", None)`` when its spooled file
             was already removed by retention; ``("own", None)`` for a result object this node
-            made (loop prevention). Only ``new`` changes the database.
+            made (loop prevention). Only ``new`` and ``recorded`` change the database.
 
         Raises
         ------
@@ -510,9 +523,13 @@ class JobStore:
                 spool_path=record.spool_path,
                 size_bytes=record.size_bytes,
                 received_at=now,
+                category=record.category,
+                category_reason=record.category_reason,
             )
             s.add(inst)
             s.flush()
+            if not record.queue_job:
+                return ("recorded", None)
             job = Job(
                 instance_id=inst.id,
                 state=JobState.QUEUED.value,
@@ -928,8 +945,14 @@ class JobStore:
             results = {}
             for status, n in s.execute(select(Result.status, func.count()).group_by(Result.status)):
                 results[status] = n
+            categories = {"image": 0, "not_image": 0, "out_of_scope": 0}
+            for category, n in s.execute(
+                select(Instance.category, func.count()).group_by(Instance.category)
+            ):
+                categories[category] = n
             return {
                 "instances": instances,
+                "categories": categories,
                 "jobs": jobs,
                 "results": results,
                 "outbound": outbound,
@@ -985,7 +1008,8 @@ class JobStore:
         return self._run(study_results)
 
     def studies(self) -> list[dict[str, Any]]:
-        """Every study with results: first arrival time and its results (for the worklist)."""
+        """Every study with results: first arrival time, its results (for the worklist) and
+        how many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``)."""
 
         def rows(s: Session) -> list[Any]:
             return list(
@@ -1001,12 +1025,30 @@ class JobStore:
                 ).all()
             )
 
+        def ignored(s: Session) -> list[Any]:
+            return list(
+                s.execute(
+                    select(Instance.study_instance_uid, Instance.category, func.count())
+                    .where(Instance.category != "image")
+                    .group_by(Instance.study_instance_uid, Instance.category)
+                ).all()
+            )
+
         studies: dict[str, dict[str, Any]] = {}
         for study_uid, sop_uid, received_at, payload in self._run(rows):
             entry = studies.setdefault(
-                study_uid, {"study_instance_uid": study_uid, "arrival": received_at, "results": []}
+                study_uid,
+                {
+                    "study_instance_uid": study_uid,
+                    "arrival": received_at,
+                    "results": [],
+                    "ignored": {"not_image": 0, "out_of_scope": 0},
+                },
             )
             entry["results"].append((sop_uid, json.loads(payload)))
+        for study_uid, category, n in self._run(ignored):
+            if study_uid in studies:
+                studies[study_uid]["ignored"][category] = n
         return list(studies.values())
 
     def deliverable_spool(self, older_than: float) -> list[tuple[int, str]]:

@@ -26,7 +26,9 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     -------
     list of dict
         One row per study with ``rank``, ``priority``, ``max_score``, ``n_images``,
-        ``n_positive``, ``n_not_processed``, ``arrival`` and ``study_instance_uid``.
+        ``n_positive``, ``n_not_processed``, ``n_not_image`` (objects ignored: not an image),
+        ``n_out_of_scope`` (images outside the intended use), ``arrival`` and
+        ``study_instance_uid``. Ignored objects never change the priority.
     """
     rows = []
     for study in studies:
@@ -40,6 +42,8 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n_images": priority.n_images,
                 "n_positive": priority.n_positive,
                 "n_not_processed": priority.n_not_processed,
+                "n_not_image": study.get("ignored", {}).get("not_image", 0),
+                "n_out_of_scope": study.get("ignored", {}).get("out_of_scope", 0),
                 "arrival": study["arrival"],
             }
         )

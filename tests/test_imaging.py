@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import tracemalloc
 import uuid
 from pathlib import Path
@@ -424,8 +425,13 @@ def test_truncated_and_corrupt_pixel_data_are_image_errors() -> None:
     assert info.value.__cause__ is not None
 
 
-def test_twelve_bit_lossy_jpeg_is_refused_with_a_licence_reason() -> None:
-    # Only the GPL pylibjpeg-libjpeg decodes it; it is deliberately not used.
+def test_twelve_bit_lossy_jpeg_needs_dcmtk(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # gdcm and Pillow refuse 12-bit JPEG Extended and the GPL pylibjpeg-libjpeg is not used:
+    # DCMTK's dcmdjpeg decodes it when installed (tests/test_edge.py compares its pixels)
+    if shutil.which("dcmdjpeg"):
+        image = decode(_load("JPGExtended.dcm"))
+        assert (image.rows, image.columns) == (1024, 256)
+    monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ImageError, match="12-bit lossy JPEG"):
         decode(_load("JPGExtended.dcm"))
 

@@ -29,9 +29,9 @@ from pynetdicom.pdu import P_DATA_TF
 
 from spine_node.config import Settings
 from spine_node.node import RunningNode, start_node
-from spine_node.receiver import INCOMING_DIR
 from spine_node.spool import relative_name
 from spine_node.store import JobStore
+from spine_node.transport import INCOMING_DIR
 from tests.nodekit import (
     CR_IMAGE_STORAGE,
     make_image,

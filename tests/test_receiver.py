@@ -54,10 +54,10 @@ def test_storescu_stores_raw_bytes_and_queues(receiver: tuple[Settings, RunningN
     settings, node = receiver
     src = tmp_path / "a.dcm"
     ds = make_image(src)
-    j2k = Path(get_testdata_file("JPEG2000.dcm"))  # compressed, sent as is
+    j2k = Path(get_testdata_file("RG3_J2KR.dcm"))  # CR, compressed, sent as is
     out = storescu(settings.port, [src])
     assert out.returncode == 0, out.stdout + out.stderr
-    out = storescu(settings.port, [j2k], extra=("-xw",))  # propose JPEG 2000
+    out = storescu(settings.port, [j2k], extra=("-xv",))  # propose JPEG 2000 lossless
     assert out.returncode == 0, out.stdout + out.stderr
     stored = settings.spool_dir / relative_name(str(ds.SOPInstanceUID))
     assert stored.is_file()
@@ -128,11 +128,14 @@ def test_vindr_like_file_without_sop_class_is_accepted(receiver: tuple[Settings,
 
 
 def test_misrouted_ct_is_stored_not_bounced(receiver: tuple[Settings, RunningNode]) -> None:
+    # outside the intended use (CR, DX): acknowledged, recorded "out of scope", no job
     settings, node = receiver
     ct = Path(get_testdata_file("CT_small.dcm"))
     out = storescu(settings.port, [ct])
     assert out.returncode == 0, out.stdout + out.stderr
-    assert node.store.status()["jobs"]["queued"] == 1
+    status = node.store.status()
+    assert status["instances"] == 1 and status["jobs"]["queued"] == 0
+    assert status["categories"]["out_of_scope"] == 1
 
 
 @pytest.fixture

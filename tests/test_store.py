@@ -266,3 +266,35 @@ def test_a_lock_longer_than_the_busy_timeout_is_waited_for_or_refused(
         s.close()
     assert "Traceback" not in caplog.text
     assert "the database is locked by another connection; waiting" in caplog.text
+
+
+def test_objects_that_are_not_processed_are_recorded_without_a_job(
+    store: tuple[JobStore, Clock],
+) -> None:
+    from dataclasses import replace
+
+    from spine_node.worklist import build_worklist
+
+    s, _ = store
+    assert s.receive(record("7.1", study="7"))[0] == "new"
+    dose_sr = replace(record("7.2", study="7"), sop_class_uid="1.2.840.10008.5.1.4.1.1.88.67",
+                      category="not_image", category_reason="X-Ray Radiation Dose SR Storage",
+                      queue_job=False)
+    ct = replace(record("7.3", study="7"), category="out_of_scope",
+                 category_reason="modality CT is outside the intended use (CR, DX)",
+                 queue_job=False)
+    assert s.receive(dose_sr) == ("recorded", None)
+    assert s.receive(ct) == ("recorded", None)
+    assert s.receive(dose_sr) == ("duplicate", None)
+    assert s.job_state("7.2") is None and s.job_state("7.3") is None
+    status = s.status()
+    assert status["instances"] == 3 and status["jobs"]["queued"] == 1
+    assert status["categories"] == {"image": 1, "not_image": 1, "out_of_scope": 1}
+    [job] = s.claim_jobs("w", 60, 5, 3)
+    s.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {
+        "sop_instance_uid": "7.1", "status": "negative", "score": 0.1, "threshold": 0.5}), [])
+    [study] = s.studies()
+    assert study["ignored"] == {"not_image": 1, "out_of_scope": 1}
+    [row] = build_worklist([study])
+    assert (row["n_images"], row["n_not_image"], row["n_out_of_scope"]) == (1, 1, 1)
+    assert row["priority"] == "normal"  # ignored objects do not change the priority
