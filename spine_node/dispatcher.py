@@ -22,10 +22,13 @@ from pathlib import Path
 
 import pynetdicom
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
+from pydicom import dcmread
+from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from spine_node.audit import AuditLog, AuditRecord, Direction
 from spine_node.config import Destination, Settings
 from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore
 from spine_node.tls import client_ssl_context
@@ -130,6 +133,8 @@ class Dispatcher:
         Attempts, backoff, batch size.
     rng : random.Random
         Jitter source (seeded by tests).
+    audit : AuditLog, optional
+        The audit trail: one record per C-STORE attempt (delivered or refused).
     """
 
     def __init__(
@@ -139,8 +144,10 @@ class Dispatcher:
         outbox_dir: Path,
         settings: DispatchSettings,
         rng: random.Random,
+        audit: AuditLog | None = None,
     ) -> None:
         self.store = store
+        self.audit = audit
         self.destinations = {d.name: d for d in destinations}
         self.outbox_dir = outbox_dir
         self.settings = settings
@@ -194,14 +201,14 @@ class Dispatcher:
         )
 
     def _send_dicom(self, dest: Destination, batch: list[ClaimedSend]) -> None:
-        files: list[tuple[ClaimedSend, Path]] = []
+        files: list[tuple[ClaimedSend, Path, FileMetaDataset]] = []
         contexts: list[tuple[str, str]] = []
         for send in batch:
             path = self.outbox_dir / send.path
             try:
                 meta = read_file_meta_info(path)  # the File Meta Information only
                 contexts.append((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
-                files.append((send, path))
+                files.append((send, path, meta))
             except Exception as exc:
                 self._failed(send, f"result object unreadable: {exc}")
         if not files:
@@ -210,7 +217,7 @@ class Dispatcher:
         tls = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
         assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
         if not assoc.is_established:
-            for send, _ in files:
+            for send, _, _ in files:
                 self._failed(
                     send,
                     f"association with {dest.ae_title}@{dest.host}:{dest.port} "
@@ -218,7 +225,7 @@ class Dispatcher:
                 )
             return
         try:
-            for send, path in files:
+            for send, path, meta in files:
                 if not assoc.is_established:
                     self._failed(send, "association ended before this object was sent")
                     continue
@@ -228,6 +235,7 @@ class Dispatcher:
                     self._failed(send, f"C-STORE error: {exc}")
                     continue
                 status = int(rsp.Status) if "Status" in rsp else None
+                self._audit(dest, path, meta, status)
                 if status in DELIVERED_STATUSES:
                     self.store.mark_sent(send.send_id)
                     logger.info(
@@ -239,6 +247,35 @@ class Dispatcher:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _audit(
+        self, dest: Destination, path: Path, meta: FileMetaDataset, status: int | None
+    ) -> None:
+        """Append one C-STORE attempt to the audit trail (study UID read from the file)."""
+        if self.audit is None:
+            return
+        try:
+            study = str(
+                dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).get(
+                    "StudyInstanceUID", ""
+                )
+            )
+        except Exception:  # the send itself is what matters; the UID is best effort
+            study = ""
+        self.audit.append(
+            AuditRecord(
+                time=AuditRecord.now(),
+                direction=Direction.SENT,
+                peer=f"{dest.host}:{dest.port}",
+                calling_ae=self.settings.calling_ae,
+                called_ae=dest.ae_title,
+                sop_class_uid=str(meta.get("MediaStorageSOPClassUID", "")),
+                sop_instance_uid=str(meta.get("MediaStorageSOPInstanceUID", "")),
+                study_instance_uid=study,
+                outcome="sent" if status in DELIVERED_STATUSES else "failed",
+                detail="no response" if status is None else f"0x{status:04X}",
+            )
+        )
 
     def _post_webhook(self, send: ClaimedSend) -> None:
         url = self.settings.webhook_url

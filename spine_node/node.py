@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from spine_node.audit import AuditLog
 from spine_node.config import Settings
 from spine_node.spool import ensure_private_dir, remove_stale_parts
 from spine_node.store import JobStore
@@ -214,6 +215,7 @@ def start_node(
                 settings.outbox_dir,
                 dispatch_settings(settings),
                 random.Random(),
+                audit=AuditLog(settings.audit_path),
             )
         node.scheduler = start_scheduler(settings, store, dispatcher)
     if "receiver" in roles:

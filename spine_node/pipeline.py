@@ -115,6 +115,7 @@ class _Pending:
     index: int
     uid: str
     image: PreparedImage
+    notes: tuple[str, ...] = ()
 
 
 class Cascade:
@@ -293,7 +294,7 @@ class Cascade:
         for i, ds in enumerate(datasets):
             uid = _uid(ds)
             try:
-                decision = check_tags(ds)
+                decision = check_tags(ds, min_age_years=self.manifest.min_patient_age_years)
             except Exception as exc:  # a malformed header value must not stop the batch
                 decision = GateDecision(False, f"image header could not be read: {exc}")
             if not decision.accepted:
@@ -316,13 +317,13 @@ class Cascade:
                 continue
             for note in prepared.source.notes:
                 log.debug("image %s: %s", uid, note)
-            pending.append(_Pending(i, uid, prepared))
+            pending.append(_Pending(i, uid, prepared, decision.notes))
         for item, result in zip(
             pending,
             self.analyze_prepared([p.uid for p in pending], [p.image for p in pending]),
             strict=True,
         ):
-            results[item.index] = result
+            results[item.index] = replace(result, notes=item.notes) if item.notes else result
         return [r for r in results if r is not None]
 
     def analyze_prepared(

@@ -86,6 +86,7 @@ def result_from_payload(payload: dict[str, Any]) -> CascadeResult:
             for f in payload.get("findings", [])
         ),
         member_scores=payload.get("member_scores", {}),
+        notes=tuple(payload.get("notes", ())),
     )
 
 

@@ -441,3 +441,45 @@ def test_another_ae_in_the_process_does_not_stream_into_the_spool(
     stored = settings.spool_dir / relative_name(str(image.SOPInstanceUID))
     assert stored.is_file() and node.store.status()["instances"] == 1
     assert pydicom.dcmread(stored).PixelData == image.PixelData
+
+
+def test_audit_trail_records_every_object_sent(tmp_path: Path) -> None:
+    import random
+
+    from spine_node.dispatcher import Dispatcher, dispatch_settings
+    from spine_node.node import open_store, prepare_data_dir
+    from spine_node.spool import write_durable
+    from spine_node.store import DestinationKind, SendSpec
+    from tests.nodekit import StoreSCP
+
+    pacs = StoreSCP(tmp_path / "pacs", port=free_port())
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+    )
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    ds = make_image(tmp_path / "r.dcm")
+    uid = str(ds.SOPInstanceUID)
+    write_durable(settings.outbox_dir, relative_name(uid), (tmp_path / "r.dcm").read_bytes())
+    store.add_sends([SendSpec("pacs", DestinationKind.DICOM, uid, relative_name(uid))])
+    dispatcher = Dispatcher(
+        store,
+        settings.destinations,
+        settings.outbox_dir,
+        dispatch_settings(settings),
+        random.Random(0),
+        audit=AuditLog(settings.audit_path),
+    )
+    pacs.start()
+    try:
+        assert dispatcher.run_once() == 1
+    finally:
+        pacs.stop()
+        store.close()
+    [record] = AuditLog(settings.audit_path).read()
+    assert record.direction is Direction.SENT and record.outcome == "sent"
+    assert record.detail == "0x0000" and record.peer == f"127.0.0.1:{pacs.port}"
+    assert (record.calling_ae, record.called_ae) == ("SPINENODE", "PACS")
+    assert record.sop_instance_uid == uid and record.sop_class_uid == CR
+    assert record.study_instance_uid == str(ds.StudyInstanceUID)

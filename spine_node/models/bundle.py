@@ -8,6 +8,7 @@ Manifest layout (``format`` 1)::
     {
       "format": 1,
       "name": "...", "version": "...", "intended_use": "...", "demo": false,
+      "min_patient_age_years": 18,
       "triage": {
         "members": [{"name", "arch", "kwargs", "weights", "sha256", "input_size",
                      "mean", "std", "onnx", "onnx_sha256"}, ...],
@@ -267,6 +268,9 @@ class Manifest:
     prep: Mapping[str, Any] = field(default_factory=dict)
     metrics: Mapping[str, Any] = field(default_factory=dict)
     grader: GraderSpec | None = None
+    #: Minimum patient age of the intended use, in years (0: none). Manifests without the key
+    #: get 18 (the VinDr-SpineXR method was developed on adults).
+    min_patient_age_years: float = 18.0
 
     def __post_init__(self) -> None:
         for label in ("name", "version"):
@@ -275,6 +279,12 @@ class Manifest:
                 raise ValueError(f"{label} must be a non-empty string, got {value!r}")
         if not isinstance(self.demo, bool):
             raise TypeError(f"demo must be a bool, got {type(self.demo).__name__}")
+        age = self.min_patient_age_years
+        if isinstance(age, bool) or not isinstance(age, int | float):
+            raise TypeError(f"min_patient_age_years must be a number, got {type(age).__name__}")
+        if not 0 <= age <= 150:
+            raise ValueError(f"min_patient_age_years must be in [0, 150], got {age!r}")
+        object.__setattr__(self, "min_patient_age_years", float(age))
         object.__setattr__(self, "members", tuple(self.members))
         if not self.members or not all(isinstance(m, MemberSpec) for m in self.members):
             raise ValueError("members must be a non-empty sequence of MemberSpec")
@@ -342,6 +352,7 @@ class Manifest:
             "version": self.version,
             "intended_use": self.intended_use,
             "demo": self.demo,
+            "min_patient_age_years": self.min_patient_age_years,
             "triage": {
                 "members": [
                     {
@@ -507,6 +518,7 @@ def manifest_from_json(document: Mapping[str, Any]) -> Manifest:
         grader=grader,
         prep=document.get("prep") or {},
         metrics=document.get("metrics") or {},
+        min_patient_age_years=document.get("min_patient_age_years", 18.0),
     )
 
 

@@ -12,6 +12,7 @@ Two checks, both with reasons a radiologist understands:
 
 from __future__ import annotations
 
+import datetime
 import logging
 import re
 from collections.abc import Mapping
@@ -176,6 +177,14 @@ NON_SPINE_BODY_PARTS = frozenset(
 )
 
 MIN_SHORT_SIDE = 256
+#: Minimum patient age (years) of the intended use when a bundle's manifest does not say
+#: (the VinDr-SpineXR method was developed on adults, as cleared spine radiograph AI is).
+DEFAULT_MIN_AGE_YEARS = 18.0
+#: Ages above this are taken as a wrong value, not as a very old patient.
+_MAX_PLAUSIBLE_AGE_YEARS = 150.0
+_AS_UNITS = {"D": 365.25, "W": 365.25 / 7.0, "M": 12.0, "Y": 1.0}
+_AS_WORDS = {"D": "days", "W": "weeks", "M": "months", "Y": "years"}
+_DATE_KEYWORDS = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
 
 
 @dataclass(frozen=True)
@@ -201,6 +210,101 @@ class GateDecision:
             raise ValueError("a refused GateDecision needs a reason")
 
 
+@dataclass(frozen=True)
+class PatientAge:
+    """The patient's age at the examination.
+
+    Attributes
+    ----------
+    years : float
+        Age in years (fractions for ages given in days, weeks or months).
+    text : str
+        The age in words as it was given ("12 years", "6 months").
+    source : str
+        Where it came from: "Patient's Age" or "birth date and study date".
+    """
+
+    years: float
+    text: str
+    source: str
+
+
+def patient_age(ds: pydicom.Dataset) -> PatientAge | None:
+    """The patient's age from Patient's Age (AS), else from Birth Date and the study date.
+
+    Patient's Age (0010,1010) is ``nnnD``, ``nnnW``, ``nnnM`` or ``nnnY`` (PS3.5 6.2). Without
+    a usable one, whole years between Patient's Birth Date and the first of Study, Series,
+    Acquisition or Content Date are used. Unparsable, future or implausible values (over
+    150 years) count as unknown.
+
+    Returns
+    -------
+    PatientAge or None
+        None when the age cannot be known from the header.
+    """
+    raw = _text(ds, "PatientAge").upper()
+    match = re.fullmatch(r"(\d{1,3})\s*([DWMY])", raw)
+    if match:
+        number, unit = int(match.group(1)), match.group(2)
+        years = number / _AS_UNITS[unit]
+        if years <= _MAX_PLAUSIBLE_AGE_YEARS:
+            return PatientAge(years, f"{number} {_AS_WORDS[unit]}", "Patient's Age")
+    birth = _date(_text(ds, "PatientBirthDate"))
+    exam = next(
+        (d for d in (_date(_text(ds, k)) for k in _DATE_KEYWORDS) if d is not None), None
+    )
+    if birth is None or exam is None or exam < birth:
+        return None
+    whole = exam.year - birth.year - ((exam.month, exam.day) < (birth.month, birth.day))
+    if whole > _MAX_PLAUSIBLE_AGE_YEARS:
+        return None
+    return PatientAge(float(whole), f"{whole} years", "birth date and study date")
+
+
+def _date(value: str) -> datetime.date | None:
+    try:
+        return datetime.datetime.strptime(value[:8], "%Y%m%d").date() if len(value) >= 8 else None
+    except ValueError:
+        return None
+
+
+def check_age(ds: pydicom.Dataset, min_age_years: float) -> GateDecision:
+    """The age part of the intended use.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+    min_age_years : float
+        Minimum age in years (the bundle's ``min_patient_age_years``); 0 means no limit.
+
+    Returns
+    -------
+    GateDecision
+        Refused, "outside the intended use (age ...)", for a younger patient; accepted with
+        the note "patient age unknown ..." when the header gives no age; accepted otherwise.
+    """
+    if min_age_years < 0:
+        raise ValueError(f"min_age_years must be >= 0, got {min_age_years!r}")
+    if min_age_years == 0:
+        return GateDecision(True)
+    age = patient_age(ds)
+    if age is None:
+        return GateDecision(
+            True,
+            notes=(
+                f"patient age unknown (the intended use is patients aged {min_age_years:g} "
+                "years or older)",
+            ),
+        )
+    if age.years < min_age_years:
+        return GateDecision(
+            False,
+            f"outside the intended use (age {age.text}; for patients aged {min_age_years:g} "
+            "years or older)",
+        )
+    return GateDecision(True)
+
+
 def normalise_body_part(value: str) -> str:
     """Upper-case a BodyPartExamined value and drop spaces, hyphens, underscores and dots."""
     return re.sub(r"[\s\-_.,/]+", "", str(value)).upper()
@@ -213,7 +317,12 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
-def check_tags(ds: pydicom.Dataset, *, min_short_side: int = MIN_SHORT_SIDE) -> GateDecision:
+def check_tags(
+    ds: pydicom.Dataset,
+    *,
+    min_short_side: int = MIN_SHORT_SIDE,
+    min_age_years: float = DEFAULT_MIN_AGE_YEARS,
+) -> GateDecision:
     """Apply the tag rules, before any pixel data is decoded.
 
     Parameters
@@ -222,6 +331,8 @@ def check_tags(ds: pydicom.Dataset, *, min_short_side: int = MIN_SHORT_SIDE) -> 
         The received dataset (pixel data untouched).
     min_short_side : int
         Smallest acceptable short side in pixels.
+    min_age_years : float
+        Minimum patient age of the intended use (:func:`check_age`; 0: no limit).
 
     Returns
     -------
@@ -244,6 +355,11 @@ def check_tags(ds: pydicom.Dataset, *, min_short_side: int = MIN_SHORT_SIDE) -> 
     image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
     if "LOCALIZER" in image_type:
         return GateDecision(False, "localizer (scout) image, not a diagnostic radiograph")
+
+    age = check_age(ds, min_age_years)
+    if not age.accepted:
+        return age
+    notes.extend(age.notes)
 
     body = _text(ds, "BodyPartExamined")
     if body:

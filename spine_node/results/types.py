@@ -135,6 +135,10 @@ class CascadeResult:
         the result builder draws the overlay on it, so the worker never decodes the source
         again. None when the image was refused before decoding or did not decode. Not part
         of ``to_json`` and not compared.
+    notes : tuple of str
+        What the gate noticed about the input but allowed, for the report (e.g. "patient age
+        unknown (the intended use is patients aged 18 years or older)", a FOR PROCESSING
+        image, a body part not recognised as spine).
     """
 
     sop_instance_uid: str
@@ -146,6 +150,7 @@ class CascadeResult:
     member_scores: Mapping[str, float] = field(default_factory=dict)
     heatmap: Any = None
     display: SourceImage | None = field(default=None, compare=False, repr=False)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):
@@ -166,6 +171,7 @@ class CascadeResult:
             "score": self.score,
             "threshold": self.threshold,
             "member_scores": dict(self.member_scores),
+            "notes": list(self.notes),
             "findings": [
                 {
                     "label": f.label,
