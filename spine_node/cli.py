@@ -72,6 +72,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json)
     roles = ROLES if args.role == "all" else (args.role,)
+    if "receiver" in roles:
+        from spine_node.transport import IncompatiblePynetdicom, check_pynetdicom
+
+        try:
+            check_pynetdicom()  # before any role starts
+        except IncompatiblePynetdicom as exc:
+            print(f"spine-node: {exc}", file=sys.stderr)
+            return 2
     stop = threading.Event()
 
     def _on_signal(signum: int, _frame: Any) -> None:

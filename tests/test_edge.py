@@ -483,3 +483,18 @@ def test_audit_trail_records_every_object_sent(tmp_path: Path) -> None:
     assert (record.calling_ae, record.called_ae) == ("SPINENODE", "PACS")
     assert record.sop_instance_uid == uid and record.sop_class_uid == CR
     assert record.study_instance_uid == str(ds.StudyInstanceUID)
+
+
+def test_serve_stops_with_one_line_when_pynetdicom_differs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spine_node.cli import main
+    from tests.nodekit import write_config
+
+    settings = node_settings(tmp_path)
+    config = write_config(tmp_path / "node.toml", settings)
+    monkeypatch.setattr(pynetdicom, "__version__", "3.1.0")
+    assert main(["serve", "--role", "receiver", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pynetdicom 3.1.0 is not supported" in err[0]
+    assert not settings.audit_path.exists() and not settings.spool_dir.exists()
