@@ -15,41 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from spine_node.config import ConfigError, Settings, load_settings
+from spine_node.logs import JsonFormatter, configure_logging
+
+__all__ = ["JsonFormatter", "build_parser", "configure_logging", "main"]
 
 DEFAULT_CONFIG = Path("/etc/spine-node/spine-node.toml")
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per log line."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(level: str, as_json: bool) -> None:
-    """Send one line per event to stderr (journald picks it up under systemd)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        JsonFormatter()
-        if as_json
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
-    logging.getLogger("apscheduler").setLevel(logging.ERROR)  # "skipped: already running"
-    # pydicom warns about every sloppy value it reads (e.g. VinDr's 32-hex "UIDs"); the node
-    # handles those and reports what matters per job
-    logging.getLogger("pydicom").setLevel(max(logging.ERROR, root.level))
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
@@ -246,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("export", help="research export, de-identified by default"))
     export.add_arguments(p)
-    p.set_defaults(func=export.run)
+    p.set_defaults(func=lambda args: export.run(args, _settings(args)))
 
     try:
         from spine_node import demo

@@ -24,6 +24,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.config import settings_from_mapping
+from spine_node.results.types import ResultRecord, Status, display_label
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the demo; returns 0 when every image ended in a visible outcome delivered to the PACS."""
-    from spine_node.cli import configure_logging
+    from spine_node.logs import configure_logging
     from spine_node.node import NoBundle, resolve_bundle, start_node
     from training.phantom import write_phantom_dataset
 
@@ -179,25 +180,26 @@ def run(args: argparse.Namespace) -> int:
         rows = []
         for entry in node.store.studies():
             for uid, payload in entry["results"]:
-                rows.append((entry["study_instance_uid"], uid, payload))
+                rows.append((entry["study_instance_uid"], uid, ResultRecord.from_json(payload)))
     finally:
         node.stop()
         pacs.server.shutdown()
     received = sorted(p for p in (out / "pacs").rglob("*.dcm"))
     print()
     print(f"{'study':<14} {'image':<14} {'status':<14} {'score':>6}  findings")
-    for study, uid, payload in rows:
-        score = "-" if payload.get("score") is None else f"{payload['score']:.3f}"
-        findings = ", ".join(f"{f['display_label']} {f['score']:.2f}" for f in payload["findings"])
-        if payload["status"] == "not_processed":
-            findings = f"not processed: {payload.get('reason')}"
-        print(f"...{study[-11:]:<11} ...{uid[-11:]:<11} {payload['status']:<14} {score:>6}  "
+    for study, uid, record in rows:
+        result = record.result
+        score = "-" if result.score is None else f"{result.score:.3f}"
+        findings = ", ".join(f"{display_label(f.label)} {f.score:.2f}" for f in result.findings)
+        if result.status is Status.NOT_PROCESSED:
+            findings = f"not processed: {result.reason}"
+        print(f"...{study[-11:]:<11} ...{uid[-11:]:<11} {result.status.value:<14} {score:>6}  "
               f"{findings or '-'}")
     by_uid = {p.stem: p for p in received}
     print()
     print("result objects received by the PACS stand-in, per image:")
-    for _study, uid, payload in rows:
-        files = [by_uid[o] for o in payload.get("objects", []) if o in by_uid]
+    for _study, uid, record in rows:
+        files = [by_uid[o] for o in record.objects if o in by_uid]
         named = ", ".join(f"{_KIND.get(p.parent.name, p.parent.name)} {p.relative_to(out)}"
                           for p in files)
         print(f"  ...{uid[-11:]}: {named or 'none yet'}")

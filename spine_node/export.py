@@ -10,7 +10,9 @@ from pathlib import Path
 
 from pydicom import dcmread
 
+from spine_node.config import Settings
 from spine_node.deid import deidentify, uid_mapper
+from spine_node.results.types import ResultRecord
 from spine_node.spool import relative_name
 
 logger = logging.getLogger(__name__)
@@ -25,12 +27,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="UID mapping secret (default: random; reuse it to keep UIDs stable)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Export every study with results; returns 0."""
-    from spine_node.cli import _settings
+def export_name(study: int, image: int, obj: int) -> str:
+    """File name of one exported object, made from counters only, never from a received UID.
+
+    ``obj`` 0 is the source image, 1.. its result objects (SR first). A UID from the wire
+    (which may hold ``../`` or a separator) never reaches a path.
+
+    Raises
+    ------
+    ValueError
+        When a number is out of range.
+    """
+    if study < 1 or image < 1 or obj < 0:
+        raise ValueError(f"export numbers must be study>=1, image>=1, obj>=0, got "
+                         f"{(study, image, obj)!r}")
+    kind = "image" if obj == 0 else f"result{obj}"
+    return f"study{study:05d}_image{image:05d}_{kind}.dcm"
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    """Export every study with results to ``args.out``; returns 0."""
     from spine_node.node import open_store
 
-    settings = _settings(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True, mode=0o700)
     remap = None if args.identified else uid_mapper(args.salt or secrets.token_hex(16))
@@ -40,17 +58,21 @@ def run(args: argparse.Namespace) -> int:
     finally:
         store.close()
     written = 0
-    for study in studies:
-        for sop_uid, payload in study["results"]:
+    for study_number, study in enumerate(studies, start=1):
+        for image_number, (sop_uid, payload) in enumerate(study["results"], start=1):
+            record = ResultRecord.from_json(payload)
             files = [settings.spool_dir / relative_name(sop_uid)]
-            files += [settings.outbox_dir / relative_name(uid) for uid in payload.get("objects", [])]
-            for path in files:
+            files += [settings.outbox_dir / relative_name(uid) for uid in record.objects]
+            for object_number, path in enumerate(files):
                 if not path.is_file():
                     continue  # a source image removed by spool retention
                 ds = dcmread(path, force=True)
                 if remap is not None:
                     deidentify(ds, remap)
-                ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=False)
+                ds.save_as(
+                    out / export_name(study_number, image_number, object_number),
+                    enforce_file_format=False,
+                )
                 written += 1
     print(f"exported {written} objects to {out}"
           f"{'' if remap is None else ' (de-identified, PS3.15 basic profile)'}")

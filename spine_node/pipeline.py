@@ -19,6 +19,7 @@ import torch
 
 from spine_node.imaging import ImageError, PreparedImage, PrepParams, prepare
 from spine_node.isolation import DecoderCrash
+from spine_node.labels import SPONDYLOLISTHESIS
 from spine_node.models.bundle import BundleError, Manifest, load_manifest
 from spine_node.models.detector import (
     Detections,
@@ -40,7 +41,6 @@ from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
 log = logging.getLogger(__name__)
 
 BACKENDS = ("torch", "onnx")
-SPONDYLOLISTHESIS = "Spondylolysthesis"
 
 #: Detects lesions on ``(B, S, S)`` letterboxed images; returns boxes in letterbox pixels.
 DetectFn = Callable[[np.ndarray], list[Detections]]
@@ -486,7 +486,7 @@ def _load_grader(bundle_dir: Path, manifest: Manifest) -> GradeFn | None:
     if manifest.grader is None:
         return None
     try:
-        from training.meyerding import load_grader
+        from spine_node.models.grader import load_grader
 
         # joblib unpickles: acceptable only because load_manifest verified the sha256.
         grader = load_grader(bundle_dir / manifest.grader.weights)

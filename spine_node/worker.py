@@ -25,7 +25,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 
 from spine_node.isolation import DecoderCrash
-from spine_node.results.types import CascadeResult, ModelInfo, Status
+from spine_node.results.types import CascadeResult, ModelInfo, ResultRecord, Status
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import (
     WEBHOOK_DESTINATION,
@@ -69,25 +69,6 @@ class WorkerSettings:
     retry_delay_s: float
     destinations: tuple[str, ...]
     webhook: bool
-
-
-def result_from_payload(payload: dict[str, Any]) -> CascadeResult:
-    """Rebuild a :class:`CascadeResult` from its stored JSON form."""
-    from spine_node.results.types import Finding
-
-    return CascadeResult(
-        sop_instance_uid=payload["sop_instance_uid"],
-        status=Status(payload["status"]),
-        reason=payload.get("reason"),
-        score=payload.get("score"),
-        threshold=payload.get("threshold", 0.478),
-        findings=tuple(
-            Finding(f["label"], f["score"], tuple(f["box"]), f.get("grade"))  # type: ignore[arg-type]
-            for f in payload.get("findings", [])
-        ),
-        member_scores=payload.get("member_scores", {}),
-        notes=tuple(payload.get("notes", ())),
-    )
 
 
 def encode_dataset(ds: Dataset) -> bytes:
@@ -205,11 +186,13 @@ class Worker:
 
     def _finish(self, job: ClaimedJob, ds: Dataset, result: CascadeResult) -> None:
         previous = [
-            (uid, result_from_payload(p))
+            ResultRecord.from_json(p)
             for uid, p in self.store.study_results(job.study_instance_uid)
             if uid != job.sop_instance_uid
         ]
-        priority = self.priority([*previous, (job.sop_instance_uid, result)])
+        priority = self.priority(
+            [(r.sop_instance_uid, r.result) for r in previous] + [(job.sop_instance_uid, result)]
+        )
         objects = self.build_results(ds, result, self.cascade.model_info, priority)
         sends: list[SendSpec] = []
         for obj in objects:
@@ -219,14 +202,15 @@ class Worker:
             sends.extend(
                 SendSpec(dest, DestinationKind.DICOM, uid, relative) for dest in self.settings.destinations
             )
-        payload = result.to_json()
-        payload["study_instance_uid"] = job.study_instance_uid
-        payload["objects"] = [str(o.SOPInstanceUID) for o in objects]
+        record = ResultRecord(
+            job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)
+        )
+        payload = record.to_json()
         if self.settings.webhook:
             hook = {
                 "study_instance_uid": job.study_instance_uid,
                 "priority": _jsonable(priority),
-                "images": [{"sop_instance_uid": u, **r.to_json()} for u, r in previous] + [payload],
+                "images": [r.to_json() for r in previous] + [payload],
                 "model": {
                     "name": self.cascade.model_info.name,
                     "version": self.cascade.model_info.version,

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from spine_node.results.priority import study_priority
-from spine_node.worker import result_from_payload
+from spine_node.results.types import ResultRecord
 
 #: Reading order of priority levels: abnormal studies first, then those the AI could not read
 #: (a radiologist must read them unassisted), then normal.
@@ -32,7 +32,8 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """
     rows = []
     for study in studies:
-        results = [(uid, result_from_payload(p)) for uid, p in study["results"]]
+        records = [ResultRecord.from_json(p) for _, p in study["results"]]
+        results = [(r.sop_instance_uid, r.result) for r in records]
         priority = study_priority(results)
         rows.append(
             {

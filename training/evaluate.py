@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from spine_node.results.types import LESION_LABELS
+from spine_node.labels import LESION_LABELS
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spine_node.labels import LESION_LABELS
 from spine_node.models.bundle import (
     DetectorSpec,
     GateSpec,
@@ -33,7 +34,6 @@ from spine_node.models.detector import RawHead, load_yolo_module
 from spine_node.models.gate import fit_gate
 from spine_node.models.triage import TorchMembers, TriageEnsemble, TriageMember, create_member
 from spine_node.offline import configure_offline
-from spine_node.results.types import LESION_LABELS
 
 log = logging.getLogger(__name__)
 

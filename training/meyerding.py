@@ -1,10 +1,7 @@
-"""Meyerding grading of spondylolisthesis findings: HOG features + random forest -> grade I-IV.
-
-The finding's box is cropped from the prepared full-resolution image (``PreparedImage.enhanced``,
-source pixel coordinates), resized to 128 x 128, described by HOG (9 orientations, 8 x 8 pixels
-per cell, 2 x 2 cells per block) and classified by a random forest. The grader file is a joblib
-dump of a plain dict holding only scikit-learn objects and numbers, so serving can load it
-without importing this package's training code.
+"""Meyerding grading of spondylolisthesis findings, training half: fit and save the HOG +
+random forest grader. Its inference half (``Grader``, ``crop_box``, ``hog_features``,
+``load_grader``) lives in :mod:`spine_node.models.grader` (re-exported here), so the serving
+node loads the grader file without importing training code.
 """
 
 from __future__ import annotations
@@ -13,16 +10,26 @@ import argparse
 import csv
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import joblib
 import numpy as np
-from skimage.feature import hog
-from skimage.transform import resize
 from sklearn.ensemble import RandomForestClassifier
+
+from spine_node.labels import MEYERDING_GRADES
+from spine_node.models.grader import (
+    GRADER_FORMAT,
+    Grader,
+    crop_box,
+    grade,
+    hog_features,
+    load_grader,
+)
+
+#: Meyerding grades the grader can return (V = spondyloptosis).
+GRADES: tuple[str, ...] = MEYERDING_GRADES
 
 logger = logging.getLogger(__name__)
 
@@ -38,98 +45,6 @@ __all__ = [
     "save_grader",
     "train_grader",
 ]
-
-#: Meyerding grades the grader can return (V = spondyloptosis).
-GRADES: tuple[str, ...] = ("I", "II", "III", "IV", "V")
-_FORMAT = "spine-node-meyerding-hog-rf/1"
-
-
-@dataclass(frozen=True)
-class Grader:
-    """A fitted grader.
-
-    Attributes
-    ----------
-    model : sklearn.ensemble.RandomForestClassifier
-        Classifier over HOG features; its classes are grade strings.
-    crop_size : int
-        Side of the square crop (128).
-    margin : float
-        Fraction of the box size added on each side before cropping.
-    """
-
-    model: RandomForestClassifier
-    crop_size: int = 128
-    margin: float = 0.1
-
-    def grade(self, image: np.ndarray, box: Sequence[float]) -> str:
-        """Return the Meyerding grade (``"I"`` .. ``"IV"``) of the finding in ``box``."""
-        feats = hog_features(crop_box(image, box, self.crop_size, margin=self.margin))
-        return str(self.model.predict(feats[None])[0])
-
-
-def crop_box(
-    image: np.ndarray, box: Sequence[float], size: int = 128, *, margin: float = 0.1
-) -> np.ndarray:
-    """Crop ``box`` (xmin, ymin, xmax, ymax in pixels) from ``image`` and resize to ``size`` square.
-
-    Parameters
-    ----------
-    image : numpy.ndarray
-        2-D float image in [0, 1] (the prepared full-resolution image).
-    box : sequence of float
-        ``(xmin, ymin, xmax, ymax)``, column/row pixel coordinates.
-    size : int
-        Output side.
-    margin : float
-        Fraction of the box width/height added on each side (context around the slip).
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 ``(size, size)``.
-    """
-    image = np.asarray(image)
-    if image.ndim != 2:
-        raise ValueError(f"image must be 2-D, got shape {image.shape}")
-    if len(box) != 4:
-        raise ValueError(f"box must have 4 values, got {box!r}")
-    if size < 16:
-        raise ValueError(f"size must be >= 16, got {size!r}")
-    x0, y0, x1, y1 = (float(v) for v in box)
-    if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"box must have xmax > xmin and ymax > ymin, got {box!r}")
-    mx, my = margin * (x1 - x0), margin * (y1 - y0)
-    h, w = image.shape
-    c0, r0 = max(0, int(np.floor(x0 - mx))), max(0, int(np.floor(y0 - my)))
-    c1, r1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
-    if c1 - c0 < 2 or r1 - r0 < 2:
-        raise ValueError(f"box {box!r} lies outside the {w}x{h} image")
-    crop = image[r0:r1, c0:c1].astype(np.float32)
-    return resize(crop, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(
-        np.float32
-    )
-
-
-def hog_features(crop: np.ndarray) -> np.ndarray:
-    """HOG descriptor of a square crop: 9 orientations, 8x8 pixels per cell, 2x2 cells per block.
-
-    Returns
-    -------
-    numpy.ndarray
-        1-D float32 feature vector (8100 values for a 128 x 128 crop).
-    """
-    crop = np.asarray(crop, dtype=np.float32)
-    if crop.ndim != 2:
-        raise ValueError(f"crop must be 2-D, got shape {crop.shape}")
-    return hog(
-        crop,
-        orientations=9,
-        pixels_per_cell=(8, 8),
-        cells_per_block=(2, 2),
-        block_norm="L2-Hys",
-        feature_vector=True,
-    ).astype(np.float32)
 
 
 def train_grader(
@@ -191,7 +106,7 @@ def save_grader(grader: Grader, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     joblib.dump(
         {
-            "format": _FORMAT,
+            "format": GRADER_FORMAT,
             "model": grader.model,
             "crop_size": grader.crop_size,
             "margin": grader.margin,
@@ -200,29 +115,6 @@ def save_grader(grader: Grader, path: Path) -> Path:
         compress=3,
     )
     return path
-
-
-def load_grader(path: Path) -> Grader:
-    """Read a grader written by :func:`save_grader` (only from a trusted, hash-checked bundle)."""
-    obj = joblib.load(Path(path))
-    if not isinstance(obj, Mapping) or obj.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a Meyerding grader file ({_FORMAT})")
-    return Grader(model=obj["model"], crop_size=int(obj["crop_size"]), margin=float(obj["margin"]))
-
-
-def grade(grader: Grader, image: np.ndarray, box: Sequence[float]) -> str:
-    """Return the Meyerding grade (``"I"`` .. ``"IV"``) of one spondylolisthesis finding.
-
-    Parameters
-    ----------
-    grader : Grader
-        From :func:`load_grader`.
-    image : numpy.ndarray
-        ``PreparedImage.enhanced`` (CLAHE'd full resolution, float [0, 1]).
-    box : sequence of float
-        The finding's ``(xmin, ymin, xmax, ymax)`` in source pixels.
-    """
-    return grader.grade(image, box)
 
 
 # --------------------------------------------------------------------------- phantom data

@@ -41,12 +41,11 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import JPEG2000Lossless
 
-from spine_node.results.types import LESION_LABELS
+from spine_node.labels import LESION_LABELS, NO_FINDING
 
 logger = logging.getLogger(__name__)
 
 #: The VinDr label of a normal image.
-NO_FINDING = "No finding"
 
 #: Per-image frequency of each lesion class among abnormal VinDr-SpineXR images.
 VINDR_CLASS_FREQUENCIES: Mapping[str, float] = {

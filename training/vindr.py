@@ -34,12 +34,11 @@ import torch
 from torch.utils.data import Dataset
 
 from spine_node.imaging import PreparedImage, PrepParams, prepare, read_dataset
-from spine_node.results.types import LESION_LABELS
+from spine_node.labels import LESION_LABELS, NO_FINDING
 from training.phantom import CSV_COLUMNS
 
 logger = logging.getLogger(__name__)
 
-NO_FINDING = "No finding"
 SPLITS: tuple[str, ...] = ("train", "test")
 REQUIRED_COLUMNS: tuple[str, ...] = CSV_COLUMNS  # VinDr-SpineXR's annotation columns
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from spine_node.results.types import LESION_LABELS
+from spine_node.labels import LESION_LABELS
 
 log = logging.getLogger(__name__)
 

@@ -7,34 +7,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from spine_node.imaging import SourceImage
-
-#: VinDr-SpineXR lesion labels, exactly as the data spells them (index = detector class id).
-LESION_LABELS: tuple[str, ...] = (
-    "Osteophytes",
-    "Disc space narrowing",
-    "Surgical implant",
-    "Spondylolysthesis",
-    "Foraminal stenosis",
-    "Vertebral collapse",
-    "Other lesions",
+from spine_node.labels import (  # noqa: F401 - the vocabulary, re-exported for the results
+    DISPLAY_LABELS,
+    LESION_LABELS,
+    MEYERDING_GRADES,
+    display_label,
 )
 
-#: Meyerding grades of spondylolisthesis (slip as a fraction of the vertebral body: I < 25 %,
-#: II 25-50 %, III 50-75 %, IV 75-100 %, V > 100 %, spondyloptosis). The one vocabulary of
-#: the grader, ``Finding.grade`` and the SR codes.
-MEYERDING_GRADES: tuple[str, ...] = ("I", "II", "III", "IV", "V")
-
-#: How a label is shown to people (VinDr misspells spondylolisthesis).
-DISPLAY_LABELS: Mapping[str, str] = {
-    "Spondylolysthesis": "Spondylolisthesis",
-}
-
-
-def display_label(label: str) -> str:
-    """Return the human-readable form of a VinDr label."""
-    return DISPLAY_LABELS.get(label, label)
+if TYPE_CHECKING:
+    from spine_node.imaging import SourceImage
 
 
 class Status(str, enum.Enum):
@@ -183,3 +164,87 @@ class CascadeResult:
                 for f in self.findings
             ],
         }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CascadeResult:
+        """Rebuild a result from :meth:`to_json` output (``display`` and ``heatmap`` are not kept).
+
+        Raises
+        ------
+        ValueError
+            When a key is missing or a value is invalid (naming it).
+        """
+        try:
+            return cls(
+                sop_instance_uid=str(data["sop_instance_uid"]),
+                status=Status(data["status"]),
+                reason=data["reason"],
+                score=None if data["score"] is None else float(data["score"]),
+                threshold=float(data["threshold"]),
+                findings=tuple(
+                    Finding(
+                        f["label"],
+                        float(f["score"]),
+                        (
+                            float(f["box"][0]),
+                            float(f["box"][1]),
+                            float(f["box"][2]),
+                            float(f["box"][3]),
+                        ),
+                        f["grade"],
+                    )
+                    for f in data["findings"]
+                ),
+                member_scores={str(k): float(v) for k, v in data["member_scores"].items()},
+                notes=tuple(str(n) for n in data.get("notes", ())),  # absent before notes existed
+            )
+        except KeyError as exc:
+            raise ValueError(f"result JSON has no {exc.args[0]!r}: {dict(data)!r}") from None
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """One image's stored result: what the worker records, the worklist ranks, ``export`` and
+    ``demo`` list and the webhook posts (one JSON form, read in one place).
+
+    Attributes
+    ----------
+    study_instance_uid : str
+        The source image's study.
+    result : CascadeResult
+        The cascade's answer.
+    objects : tuple of str
+        SOP Instance UIDs of the result objects made for it (SR first).
+    """
+
+    study_instance_uid: str
+    result: CascadeResult
+    objects: tuple[str, ...] = ()
+
+    @property
+    def sop_instance_uid(self) -> str:
+        """The source image's SOP Instance UID."""
+        return self.result.sop_instance_uid
+
+    def to_json(self) -> dict[str, Any]:
+        """The result's JSON form plus ``study_instance_uid`` and ``objects``."""
+        return {
+            **self.result.to_json(),
+            "study_instance_uid": self.study_instance_uid,
+            "objects": list(self.objects),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResultRecord:
+        """Rebuild a record from :meth:`to_json` output.
+
+        Raises
+        ------
+        ValueError
+            When a key is missing or a value is invalid.
+        """
+        try:
+            study, objects = str(data["study_instance_uid"]), data["objects"]
+        except KeyError as exc:
+            raise ValueError(f"result record has no {exc.args[0]!r}") from None
+        return cls(study, CascadeResult.from_json(data), tuple(str(o) for o in objects))
