@@ -273,6 +273,7 @@ def test_objects_that_are_not_processed_are_recorded_without_a_job(
 ) -> None:
     from dataclasses import replace
 
+    from spine_node.results.types import CascadeResult, ResultRecord, Status
     from spine_node.worklist import build_worklist
 
     s, _ = store
@@ -291,8 +292,9 @@ def test_objects_that_are_not_processed_are_recorded_without_a_job(
     assert status["instances"] == 3 and status["jobs"]["queued"] == 1
     assert status["categories"] == {"image": 1, "not_image": 1, "out_of_scope": 1}
     [job] = s.claim_jobs("w", 60, 5, 3)
-    s.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {
-        "sop_instance_uid": "7.1", "status": "negative", "score": 0.1, "threshold": 0.5}), [])
+    negative = CascadeResult("7.1", Status.NEGATIVE, score=0.1, threshold=0.5)
+    s.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None,
+                                               ResultRecord("7", negative).to_json()), [])
     [study] = s.studies()
     assert study["ignored"] == {"not_image": 1, "out_of_scope": 1}
     [row] = build_worklist([study])
