@@ -89,6 +89,7 @@ def load_cascade(settings: Settings) -> Any:
         device=settings.device,
         backend=settings.backend,
         preparer=preparer,
+        intended_modalities=settings.intended_modalities,
     )
 
 

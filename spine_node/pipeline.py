@@ -147,6 +147,10 @@ class Cascade:
         in this process, or a :class:`spine_node.isolation.IsolatedPreparer` to decode in a
         child process. Its :class:`~spine_node.isolation.DecoderCrash` propagates (with the
         image's UID) so the worker can retry that one job.
+    intended_modalities : sequence of str, optional
+        Modalities of the intended use (setting ``intended_modalities``); an image of another
+        modality is "not processed: outside the intended use (modality ...)". None: only the
+        gate's radiograph rule applies.
     """
 
     def __init__(
@@ -161,6 +165,7 @@ class Cascade:
         heatmaps: bool = False,
         grader: GradeFn | None = None,
         preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
+        intended_modalities: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(manifest, Manifest):
             raise TypeError(f"manifest must be a Manifest, got {type(manifest).__name__}")
@@ -177,6 +182,9 @@ class Cascade:
         self.heatmaps = heatmaps
         self.grader = grader
         self.preparer = preparer
+        self.intended_modalities = (
+            None if intended_modalities is None else tuple(intended_modalities)
+        )
         self.prep = PrepParams(**dict(manifest.prep))
 
     @classmethod
@@ -189,6 +197,7 @@ class Cascade:
         heatmaps: bool = False,
         max_batch: int = 40,
         preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
+        intended_modalities: Sequence[str] | None = None,
     ) -> Cascade:
         """Load a bundle: verify every hash, build the models once, keep them warm.
 
@@ -204,6 +213,8 @@ class Cascade:
             Also compute Grad-CAM heatmaps (loads the PyTorch members even for ONNX).
         max_batch : int
             Upper bound on triage views per forward pass.
+        preparer, intended_modalities
+            As for the constructor.
 
         Raises
         ------
@@ -271,6 +282,7 @@ class Cascade:
             heatmaps=heatmaps,
             grader=grader,
             preparer=preparer,
+            intended_modalities=intended_modalities,
         )
 
     # ------------------------------------------------------------------ analysis
@@ -294,7 +306,11 @@ class Cascade:
         for i, ds in enumerate(datasets):
             uid = _uid(ds)
             try:
-                decision = check_tags(ds, min_age_years=self.manifest.min_patient_age_years)
+                decision = check_tags(
+                    ds,
+                    min_age_years=self.manifest.min_patient_age_years,
+                    intended_modalities=self.intended_modalities,
+                )
             except Exception as exc:  # a malformed header value must not stop the batch
                 decision = GateDecision(False, f"image header could not be read: {exc}")
             if not decision.accepted:

@@ -123,3 +123,18 @@ def test_cascade_applies_the_bundle_age(tiny_bundle: Path) -> None:
         "patient age unknown (the intended use is patients aged 16 years or older)"
     )
     assert results[2].to_json()["notes"] == list(results[2].notes)
+
+
+def test_cascade_applies_the_intended_modalities(tiny_bundle: Path) -> None:
+    # report_out_of_scope = true queues out-of-scope images: they must end "not processed"
+    torch.set_num_threads(1)
+    loaded = Cascade.load(tiny_bundle, device="cpu", intended_modalities=("CR", "DX"))
+    rg = make_dx_dataset(seed=3, Modality="RG", PatientAge="040Y")
+    dx = make_dx_dataset(seed=3, Modality="DX", PatientAge="040Y")
+    results = loaded.analyze([rg, dx])
+    assert results[0].status is Status.NOT_PROCESSED
+    assert results[0].reason == "outside the intended use (modality RG; intended: CR, DX)"
+    assert results[1].status is not Status.NOT_PROCESSED
+    # without the setting (spine-node analyze), any radiograph modality is analysed
+    assert check_tags(rg).accepted
+    assert not check_tags(rg, intended_modalities=["cr", "dx"]).accepted

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,6 +322,7 @@ def check_tags(
     *,
     min_short_side: int = MIN_SHORT_SIDE,
     min_age_years: float = DEFAULT_MIN_AGE_YEARS,
+    intended_modalities: Collection[str] | None = None,
 ) -> GateDecision:
     """Apply the tag rules, before any pixel data is decoded.
 
@@ -333,6 +334,10 @@ def check_tags(
         Smallest acceptable short side in pixels.
     min_age_years : float
         Minimum patient age of the intended use (:func:`check_age`; 0: no limit).
+    intended_modalities : Collection[str], optional
+        Modalities of the intended use (setting ``intended_modalities``): a radiograph of
+        another modality is "outside the intended use (modality ...)". None: any of
+        :data:`ALLOWED_MODALITIES`.
 
     Returns
     -------
@@ -346,6 +351,12 @@ def check_tags(
     if modality and modality not in ALLOWED_MODALITIES:
         what = _MODALITY_WORDS.get(modality, f"{modality} image")
         return GateDecision(False, f"{what}, not a radiograph")
+    intended = None if intended_modalities is None else [m.upper() for m in intended_modalities]
+    if modality and intended is not None and modality not in intended:
+        return GateDecision(
+            False,
+            f"outside the intended use (modality {modality}; intended: {', '.join(intended)})",
+        )
 
     sop_class = _text(ds, "SOPClassUID")
     if sop_class and sop_class not in ALLOWED_SOP_CLASSES:
