@@ -23,7 +23,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 
 from spine_node.imaging import ImageError, decode, read_lut
 from training.phantom import PhantomSpec, render_phantom_image
@@ -88,6 +88,12 @@ def _words(values: np.ndarray) -> bytes:
 
 def _voi(ds: Dataset, *items: Dataset) -> Dataset:
     ds.VOILUTSequence = Sequence(list(items))
+    return ds
+
+
+def _implicit(ds: Dataset) -> Dataset:
+    """``ds`` to be written in Implicit VR Little Endian (LUT Data VR then comes from the reader)."""
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
     return ds
 
 
@@ -237,6 +243,10 @@ VARIANTS = [
             lambda: _mlut_window(PX12, [4096, 0, 16], _log_curve(4096, 12), RescaleSlope=3,
                                  RescaleIntercept=-500), ("+Wi", "1")),
     Variant("modality LUT 12 bit + VOI LUT ramp", _mlut_voi, ("+Wl", "1")),
+    Variant("VOI LUT 8 bit, two per word, Implicit VR", lambda: _implicit(_voi(_image(PX12), _lut_item(
+        [4096, 0, 8], _curve(4096, 8).astype(np.uint8).tobytes()))), ("+Wl", "1")),
+    Variant("modality LUT 12 bit + window, Implicit VR", lambda: _implicit(
+        _mlut_window(PX12, [4096, 0, 12], _log_curve(4096, 12))), ("+Wi", "1")),
 ]
 
 
