@@ -55,8 +55,9 @@ def _reference(ds: Dataset) -> np.ndarray:
         item = ds.VOILUTSequence[0]
         first = int(item.LUTDescriptor[1])
         table = apply_voi(np.arange(first, first + int(item.LUTDescriptor[0])), ds)
-        low, high = float(table.min()), float(table.max())
-        out = (apply_voi(values, ds).astype(np.float64) - low) / (high - low)
+        # output range 0 .. 2**bits - 1, bits from the data (DCMTK's --ignore-vlut-depth)
+        top = (1 << max(8, int(table.max()).bit_length())) - 1
+        out = apply_voi(values, ds).astype(np.float64) / top
     else:
         assert "WindowCenter" in ds, "reference needs a window or a VOI LUT"
         low, high = apply_windowing(np.array([-1e12, 1e12]), ds)
