@@ -40,6 +40,9 @@ from pynetdicom import AE
 
 from spine_node.config import Settings
 from spine_node.imaging import decode
+from spine_node.results import codes
+from spine_node.results.priority import study_priority
+from spine_node.results.types import CascadeResult
 from spine_node.store import JobStore
 from tests.nodekit import free_port, node_settings, wait_for, write_config
 from tests.results_kit import dciodvfy_errors
@@ -372,11 +375,30 @@ def test_f07_study_with_non_images(node: Node, cases: Path, tmp_path: Path) -> N
     assert not set(results) & others, {u: results[u] for u in set(results) & others}
     assert all(node.store.job_state(u) != "not_processed" for u in others)
     study = str(sources["F07_1_dx_ap"].StudyInstanceUID)
+    expected = study_priority([(image, CascadeResult.from_json(result))]).level  # F07_1 alone
+    if result["status"] == "negative":
+        assert expected == "normal"
     (row,) = [r for r in node.worklist() if r["study_instance_uid"] == study]
     assert row["n_images"] == 1 and row["n_not_processed"] == 0, row
-    if result["status"] == "negative":
-        assert row["priority"] == "normal", row
+    assert row["priority"] == expected, row
+    (sr,) = [o for _, o in objects if o.SOPClassUID == SR_CLASS]
+    stated = [
+        (str(item.ConceptCodeSequence[0].CodeValue),
+         str(item.ConceptCodeSequence[0].CodingSchemeDesignator))
+        for item in _content_items(sr)
+        if item.get("ValueType") == "CODE"
+        and item.ConceptNameCodeSequence[0].CodeValue == codes.STUDY_PRIORITY.value
+    ]
+    want = codes.PRIORITY_CODES[expected]
+    assert stated == [(want.value, want.scheme_designator)], stated
     check_dciodvfy(objects)
+
+
+def _content_items(ds: Dataset) -> Iterator[Dataset]:
+    """Every SR content item, depth first."""
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
 
 
 def _pn_groups(ds: Dataset) -> list[tuple[str, str]]:
