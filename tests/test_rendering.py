@@ -383,3 +383,19 @@ def test_unusable_lut_is_not_an_image_error() -> None:
     except ImageError as exc:  # pragma: no cover - the failure this test guards against
         pytest.fail(f"unusable VOI LUT made the image unreadable: {exc.reason}")
     np.testing.assert_array_equal(got.pixels, decode(_image(PX12, **W)).pixels)
+
+
+def test_data_length_and_depth_mismatches_use_the_data() -> None:
+    # descriptor says 4096 entries, the data holds 3000 (neither equal nor half): as DCMTK
+    short = _voi(_image(PX12), _lut_item([4096, 0, 16], _words(_curve(3000, 16))))
+    notes: list[str] = []
+    table = read_lut(short, "VOILUTSequence", signed_input=False, notes=notes)
+    assert table is not None and table.data.size == 3000
+    assert "VOI LUT: descriptor says 4096 entries, data holds 3000: used the data" in notes
+    # entries wider than the declared 12 bits: the output range follows the data (16 bits)
+    wide = _voi(_image(PX12), _lut_item([4096, 0, 12], _words(_curve(4096, 16))))
+    table = read_lut(wide, "VOILUTSequence", signed_input=False, notes=[])
+    assert table is not None and table.bits == 16
+    np.testing.assert_allclose(decode(wide).pixels,
+                               decode(_voi(_image(PX12), _lut_item(
+                                   [4096, 0, 16], _words(_curve(4096, 16))))).pixels)
