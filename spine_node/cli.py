@@ -1,43 +1,45 @@
-"""Console entry point ``spine-node``; the only place that configures logging."""
+"""spine-node: an on-premises DICOM node that triages spine radiographs and sends the results
+(SR, overlay, GSPS) back to the PACS.
+
+Every command except ``analyze`` and ``demo`` reads its settings from --config FILE, else from
+the file named by $SPINE_NODE_CONFIG, else from /etc/spine-node/spine-node.toml; without any of
+them it exits with status 2 (it never runs on built-in defaults). Exit status 2 also means a bad
+setting or a role that cannot start (bundle, data directory, database, TLS file), with one line
+on stderr naming the path or key and the problem.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-from spine_node.config import ConfigError, Settings, load_settings
+from spine_node.config import (
+    CONFIG_PATH_ENV,
+    DEFAULT_CONFIG_PATH,
+    ConfigError,
+    Settings,
+    config_path,
+    load_settings,
+)
 from spine_node.logs import JsonFormatter, configure_logging
 
 __all__ = ["JsonFormatter", "build_parser", "configure_logging", "main"]
 
-DEFAULT_CONFIG = Path("/etc/spine-node/spine-node.toml")
-
-
-def _config_path(args: argparse.Namespace) -> Path | None:
-    if args.config:
-        return Path(args.config)
-    env = os.environ.get("SPINE_NODE_CONFIG")
-    if env:
-        return Path(env)
-    return DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None
-
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return load_settings(_config_path(args))
+    return load_settings(config_path(getattr(args, "config", None)))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the node: every role (default) or one."""
-    from spine_node.node import ROLES, NoBundle, start_node
+    from spine_node.node import ROLES, start_node
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json)
@@ -58,11 +60,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
-    try:
-        node = start_node(settings, roles)
-    except NoBundle as exc:
-        print(f"spine-node: {exc}", file=sys.stderr)
-        return 2
+    node = start_node(settings, roles)  # StartupError: one line, exit 2 (main)
     try:
         while not stop.wait(1.0):
             pass
@@ -71,26 +69,77 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    """Print queue counts (JSON or a table)."""
-    from spine_node.node import open_store
+#: ``spine-node status`` exit codes; several problems add up (dead + no worker = 12).
+STATUS_OK = 0
+STATUS_DEAD = 4  # dead jobs or dead sends wait for an operator (spine-node replay)
+STATUS_NO_WORKER = 8  # jobs are waiting and no worker has beaten within 3 heartbeats
+STATUS_STALE_QUEUE = 16  # the oldest queued job or undelivered send is older than allowed
 
-    settings = _settings(args)
+
+def status_report(settings: Settings) -> dict[str, Any]:
+    """Everything ``spine-node status`` shows, with the problems and the exit code."""
+    from spine_node.node import open_store
+    from spine_node.store import Monitor
+
     store = open_store(settings)
     try:
         report = store.status()
         report["dead"] = store.dead_letters()
+        monitor = Monitor(store)
+        live_age = 3 * settings.heartbeat_s
+        workers = monitor.workers()
+        report["oldest_pending_send_age_s"] = monitor.oldest_pending_send_age()
     finally:
         store.close()
+    for worker in workers:
+        worker["live"] = worker["last_seen_age_s"] <= live_age
+    report["workers"] = workers
+    jobs = report["jobs"]
+    waiting = jobs.get("queued", 0) + jobs.get("failed", 0) + jobs.get("running", 0)
+    dead_sends = sum(states.get("dead", 0) for states in report["outbound"].values())
+    problems: list[dict[str, Any]] = []
+    code = STATUS_OK
+    if jobs.get("dead", 0) or dead_sends:
+        code += STATUS_DEAD
+        problems.append({"code": STATUS_DEAD, "problem":
+                         f"{jobs.get('dead', 0)} dead jobs, {dead_sends} dead sends "
+                         "(spine-node replay jobs|sends)"})
+    if waiting and not any(w["live"] for w in workers):
+        code += STATUS_NO_WORKER
+        problems.append({"code": STATUS_NO_WORKER, "problem":
+                         f"{waiting} jobs waiting and no live worker "
+                         f"(no heartbeat within {live_age:g} s)"})
+    ages = [a for a in (report["oldest_queued_age_s"], report["oldest_pending_send_age_s"])
+            if a is not None]
+    if ages and max(ages) > settings.status_max_queue_age_s:
+        code += STATUS_STALE_QUEUE
+        problems.append({"code": STATUS_STALE_QUEUE, "problem":
+                         f"oldest queued item is {max(ages):.0f} s old "
+                         f"(status_max_queue_age_s = {settings.status_max_queue_age_s:g})"})
+    report["problems"] = problems
+    report["exit_code"] = code
+    return report
+
+
+def _ago(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds:.1f} s ago"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print queue counts, workers and problems (JSON or a table); exit code as documented."""
+    settings = _settings(args)
+    report = status_report(settings)
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
-        return 0
+        return int(report["exit_code"])
     print(f"instances received   {report['instances']}")
     categories = report.get("categories", {})
     print(f"  ignored: not an image {categories.get('not_image', 0)}")
     print(f"  out of scope          {categories.get('out_of_scope', 0)}")
     age = report["oldest_queued_age_s"]
     print(f"oldest queued age    {'-' if age is None else f'{age:.1f} s'}")
+    send_age = report["oldest_pending_send_age_s"]
+    print(f"oldest unsent age    {'-' if send_age is None else f'{send_age:.1f} s'}")
     print("jobs")
     for state, n in report["jobs"].items():
         print(f"  {state:<18} {n}")
@@ -99,11 +148,28 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  (none)")
     for dest, states in report["outbound"].items():
         print(f"  {dest}: " + ", ".join(f"{s} {n}" for s, n in states.items()))
+    print("workers")
+    if not report["workers"]:
+        print("  (none)")
+    now = time.time()
+    for w in report["workers"]:
+        bundle = w["bundle"]
+        last_job = (
+            "no job yet" if w["last_job_id"] is None
+            else f"last job {w['last_job_id']} {_ago(now - w['last_job_at'])}"
+        )
+        print(f"  {w['owner']:<24} {'live' if w['live'] else 'NOT SEEN':<8} "
+              f"seen {_ago(w['last_seen_age_s'])}, bundle {bundle['name']} {bundle['version']} "
+              f"({bundle['sha256'][:12]}), {last_job}")
     for item in report["dead"]["jobs"]:
         print(f"  dead job {item['job_id']}: {item['error']}")
     for item in report["dead"]["sends"]:
         print(f"  dead send {item['send_id']} to {item['destination']}: {item['error']}")
-    return 0
+    for problem in report["problems"]:
+        print(f"PROBLEM ({problem['code']}): {problem['problem']}")
+    if not report["problems"]:
+        print("OK")
+    return int(report["exit_code"])
 
 
 def cmd_echo(args: argparse.Namespace) -> int:
@@ -126,17 +192,31 @@ def cmd_echo(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
-    """Requeue dead sends or dead/failed jobs."""
+    """Requeue dead sends or dead/failed jobs; exit 1 when a given id is unknown or not dead."""
     from spine_node.node import open_store
+    from spine_node.store import Monitor
 
     settings = _settings(args)
+    ids = tuple(args.id or ())
+    replayable = ("dead",) if args.what == "sends" else ("dead", "failed")
     store = open_store(settings)
     try:
-        n = store.replay(args.what, args.id or ())
+        states = Monitor(store).states_of(args.what, ids) if ids else {}
+        n = store.replay(args.what, ids) if not ids or states else 0
     finally:
         store.close()
+    status = 0
+    noun = args.what[:-1]
+    for i in ids:
+        if i not in states:
+            print(f"spine-node replay: no {noun} with id {i}", file=sys.stderr)
+            status = 1
+        elif states[i] not in replayable:
+            print(f"spine-node replay: {noun} {i} is {states[i]}, not "
+                  f"{' or '.join(replayable)}; not requeued", file=sys.stderr)
+            status = 1
     print(f"requeued {n} {args.what}")
-    return 0
+    return status
 
 
 def cmd_worklist(args: argparse.Namespace) -> int:
@@ -172,12 +252,18 @@ def cmd_worklist(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``spine-node`` argument parser."""
-    parser = argparse.ArgumentParser(prog="spine-node", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="spine-node",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument(
-            "--config", help=f"settings file (default: $SPINE_NODE_CONFIG or {DEFAULT_CONFIG})"
+            "--config",
+            help=f"settings file (default: ${CONFIG_PATH_ENV}, else {DEFAULT_CONFIG_PATH}; "
+            "none of them: exit 2)",
         )
         return p
 
@@ -185,7 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", choices=["all", "receiver", "worker", "dispatcher"], default="all")
     p.set_defaults(func=cmd_serve)
 
-    p = with_config(sub.add_parser("status", help="queue counts"))
+    p = with_config(
+        sub.add_parser(
+            "status",
+            help="queue counts, live workers, dead letters; non-zero exit on problems",
+            description="Exit codes (added up when several hold): 0 healthy; "
+            f"{STATUS_DEAD} dead jobs or sends; {STATUS_NO_WORKER} jobs waiting and no live "
+            f"worker; {STATUS_STALE_QUEUE} oldest queued job or unsent object older than "
+            "status_max_queue_age_s; 2 bad configuration.",
+        )
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
@@ -231,10 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status (2 for bad configuration)."""
+    from spine_node.node import StartupError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except ConfigError as exc:
+    except (ConfigError, StartupError) as exc:
         print(f"spine-node: {exc}", file=sys.stderr)
         return 2
 

@@ -3,6 +3,9 @@
 Every number the node runs on is a setting with a default here; nothing is read from module
 state. ``load_settings`` raises :class:`ConfigError`, naming the key and the bad value, which
 the command line turns into one line on stderr and exit status 2.
+
+``SPINE_NODE_CONFIG`` is not a setting: it names the settings file (``CONFIG_PATH_ENV``) and is
+the one ``SPINE_NODE_*`` variable the override loader skips.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "SPINE_NODE_"
+#: Environment variable naming the settings file; never read as a setting override.
+CONFIG_PATH_ENV = "SPINE_NODE_CONFIG"
+#: Where the installed node looks for its settings when neither --config nor the variable is given.
+DEFAULT_CONFIG_PATH = Path("/etc/spine-node/spine-node.toml")
 _AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # default character repertoire, no backslash
 
 
@@ -123,6 +130,7 @@ class Settings(_Strict):
     lease_s: float = Field(default=600.0, gt=0)
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     job_retry_delay_s: float = Field(default=10.0, ge=0)
+    heartbeat_s: float = Field(default=10.0, gt=0)
 
     send_max_attempts: int = Field(default=10, ge=1, le=1000)
     send_backoff_base_s: float = Field(default=10.0, gt=0)
@@ -131,6 +139,7 @@ class Settings(_Strict):
     send_batch_size: int = Field(default=50, ge=1, le=10000)
     sweep_interval_s: float = Field(default=2.0, gt=0)
     spool_retention_h: float = Field(default=168.0, ge=0)
+    status_max_queue_age_s: float = Field(default=900.0, gt=0)
     webhook_url: str | None = None
 
     log_json: bool = False
@@ -214,7 +223,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
     """Overlay ``SPINE_NODE_<KEY>`` (and ``SPINE_NODE_<SECTION>__<KEY>``) variables."""
     merged = dict(data)
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_PATH_ENV:
             continue
         path = name[len(ENV_PREFIX) :].lower().split("__")
         if path[0] not in Settings.model_fields:
@@ -268,6 +277,41 @@ def load_settings(path: Path | None, environ: Mapping[str, str] | None = None) -
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError("--config", str(path), "file not found") from None
+        except OSError as exc:
+            raise ConfigError("--config", str(path), f"cannot be read: {exc.strerror}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError("--config", str(path), f"not valid TOML: {exc}") from None
     return settings_from_mapping(data, environ)
+
+
+def config_path(explicit: str | Path | None, environ: Mapping[str, str] | None = None) -> Path:
+    """Choose the settings file: ``--config``, else ``$SPINE_NODE_CONFIG``, else the default.
+
+    There is no run on built-in defaults: when nothing is given and the default file does not
+    exist, that is an error.
+
+    Parameters
+    ----------
+    explicit : str or pathlib.Path or None
+        The ``--config`` argument.
+    environ : Mapping, optional
+        Environment (default: ``os.environ``).
+
+    Raises
+    ------
+    ConfigError
+        When no file was named and :data:`DEFAULT_CONFIG_PATH` does not exist.
+    """
+    env = os.environ if environ is None else environ
+    if explicit:
+        return Path(explicit)
+    if env.get(CONFIG_PATH_ENV):
+        return Path(env[CONFIG_PATH_ENV])
+    if DEFAULT_CONFIG_PATH.is_file():
+        return DEFAULT_CONFIG_PATH
+    raise ConfigError(
+        "--config",
+        str(DEFAULT_CONFIG_PATH),
+        f"no settings file: the default does not exist; pass --config FILE or set "
+        f"{CONFIG_PATH_ENV} (the node never runs on built-in defaults)",
+    )

@@ -6,7 +6,9 @@ import logging
 import os
 import random
 import socket
+import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -15,15 +17,22 @@ from typing import Any
 from spine_node.audit import AuditLog
 from spine_node.config import Settings
 from spine_node.spool import ensure_private_dir, remove_stale_parts
-from spine_node.store import JobStore
+from spine_node.store import JobStore, Monitor, WorkerIdentity
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("receiver", "worker", "dispatcher")
 
 
-class NoBundle(RuntimeError):
-    """No model bundle is configured, so the worker cannot run."""
+class StartupError(RuntimeError):
+    """A role cannot work with these settings; the message is one line naming path and problem.
+
+    The command line prints it and exits with status 2 (as for a bad setting).
+    """
+
+
+class NoBundle(StartupError):
+    """No model bundle is configured, or the configured one cannot be loaded."""
 
 
 def demo_bundle_path() -> Path:
@@ -45,6 +54,8 @@ def resolve_bundle(setting: str | None) -> Path:
             'or bundle = "/path/to/bundle" in the configuration; the worker is not started'
         )
     path = demo_bundle_path() if setting == "demo" else Path(setting)
+    if not path.is_dir():
+        raise NoBundle(f"model bundle {str(path)!r}: no such directory; the worker is not started")
     if not (path / "manifest.json").is_file():
         raise NoBundle(
             f"model bundle {str(path)!r} has no manifest.json; the worker is not started"
@@ -52,21 +63,116 @@ def resolve_bundle(setting: str | None) -> Path:
     return path
 
 
+def check_bundle(setting: str | None) -> tuple[Path, str]:
+    """Resolve the ``bundle`` setting and verify its manifest and every file's SHA-256.
+
+    Returns
+    -------
+    (pathlib.Path, str)
+        The bundle directory and the SHA-256 of its ``manifest.json`` (which records every
+        file's hash, so it identifies the whole bundle).
+
+    Raises
+    ------
+    NoBundle
+        Not configured, missing, bad manifest or a hash mismatch: one line naming the path.
+    """
+    from spine_node.models.bundle import BundleError, load_manifest, sha256_file
+
+    path = resolve_bundle(setting)
+    try:
+        load_manifest(path)
+    except BundleError as exc:
+        raise NoBundle(f"{exc} The worker is not started.") from None
+    return path, sha256_file(path / "manifest.json")
+
+
+def _probe_writable(directory: Path, key: str) -> None:
+    try:
+        ensure_private_dir(directory)
+        fd, name = tempfile.mkstemp(prefix=".probe-", dir=directory)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as exc:
+        raise StartupError(
+            f"{key} {str(directory)!r} is not usable: {exc.strerror or exc}"
+        ) from None
+
+
 def prepare_data_dir(settings: Settings) -> None:
-    """Create data, spool and outbox directories (0700) and clear crash leftovers."""
-    ensure_private_dir(settings.data_dir)
-    ensure_private_dir(settings.spool_dir)
-    ensure_private_dir(settings.outbox_dir)
+    """Create data, spool and outbox directories (0700) and clear crash leftovers.
+
+    Raises
+    ------
+    StartupError
+        When a directory cannot be created or written (naming it and the reason).
+    """
+    _probe_writable(settings.data_dir, "data_dir")
+    _probe_writable(settings.spool_dir, "spool directory")
+    _probe_writable(settings.outbox_dir, "outbox directory")
     removed = remove_stale_parts(settings.spool_dir) + remove_stale_parts(settings.outbox_dir)
     if removed:
         logger.info("removed %d partial files left by an interrupted write", removed)
 
 
+def check_tls_files(settings: Settings, roles: tuple[str, ...]) -> None:
+    """Read every TLS file the requested roles will use, and build their contexts once.
+
+    Raises
+    ------
+    StartupError
+        Naming the setting, the file and the problem (missing, unreadable, not a key/cert).
+    """
+    import ssl
+
+    from spine_node.tls import client_ssl_context, server_ssl_context
+
+    checks: list[tuple[str, Any, Any]] = []
+    if "receiver" in roles and settings.tls.enabled:
+        checks.append(("tls", settings.tls, server_ssl_context))
+    if "dispatcher" in roles:
+        checks += [
+            (f"destinations.{d.name}.tls", d.tls, client_ssl_context)
+            for d in settings.destinations
+            if d.tls.enabled
+        ]
+    for key, tls, build in checks:
+        for field in ("certificate", "private_key", "ca_file"):
+            path = getattr(tls, field)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb") as handle:
+                    handle.read(1)
+            except OSError as exc:
+                raise StartupError(
+                    f"{key}.{field} {str(path)!r} cannot be read: {exc.strerror or exc}"
+                ) from None
+        try:
+            build(tls)
+        except (ValueError, ssl.SSLError, OSError) as exc:
+            raise StartupError(f"{key}: {exc}") from None
+
+
 def open_store(settings: Settings) -> JobStore:
-    """Open the queue database; a SQLite file is made private (0600)."""
+    """Open the queue database; a SQLite file is made private (0600).
+
+    Raises
+    ------
+    StartupError
+        When the data directory or the database cannot be opened.
+    """
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import SQLAlchemyError
+
     if settings.database_url is None:
-        ensure_private_dir(settings.data_dir)
-    store = JobStore.open(settings.db_url, busy_timeout_s=settings.db_busy_timeout_s)
+        _probe_writable(settings.data_dir, "data_dir")
+    try:
+        store = JobStore.open(settings.db_url, busy_timeout_s=settings.db_busy_timeout_s)
+    except SQLAlchemyError as exc:
+        shown = make_url(settings.db_url).render_as_string(hide_password=True)
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise StartupError(f"database {shown} cannot be opened: {reason}") from None
     if settings.db_url.startswith("sqlite:///"):
         db = Path(settings.db_url.removeprefix("sqlite:///"))
         for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
@@ -76,21 +182,36 @@ def open_store(settings: Settings) -> JobStore:
 
 
 def load_cascade(settings: Settings) -> Any:
-    """Load the configured bundle's cascade (models warm on the chosen device)."""
+    """Load the configured bundle's cascade (models warm on the chosen device).
+
+    Raises
+    ------
+    NoBundle
+        When the bundle is not configured or cannot be loaded (one line naming the path).
+    """
+    path, _digest = check_bundle(settings.bundle)  # before the heavy imports: fail fast
+
     from spine_node.imaging import prepare
     from spine_node.isolation import IsolatedPreparer
+    from spine_node.models.bundle import BundleError
     from spine_node.pipeline import Cascade
 
     preparer: Any = (
         IsolatedPreparer(prepare, settings.decode_timeout_s) if settings.decode_isolation else prepare
     )
-    return Cascade.load(
-        resolve_bundle(settings.bundle),
-        device=settings.device,
-        backend=settings.backend,
-        preparer=preparer,
-        intended_modalities=settings.intended_modalities,
-    )
+    try:
+        return Cascade.load(
+            path,
+            device=settings.device,
+            backend=settings.backend,
+            preparer=preparer,
+            intended_modalities=settings.intended_modalities,
+        )
+    except (BundleError, ValueError) as exc:
+        close = getattr(preparer, "close", None)
+        if callable(close):
+            close()
+        raise NoBundle(f"model bundle {str(path)!r} cannot be loaded: {exc}") from None
 
 
 def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
@@ -123,7 +244,7 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
         settings.spool_dir,
         settings.outbox_dir,
         WorkerSettings(
-            owner=f"{socket.gethostname()}:{os.getpid()}",
+            owner=worker_owner(),
             batch_size=settings.worker_batch_size,
             lease_s=settings.lease_s,
             poll_s=settings.worker_poll_s,
@@ -135,6 +256,66 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
     )
 
 
+def worker_owner() -> str:
+    """The lease owner and heartbeat name of this worker process: ``host:pid``."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def bundle_sha256(setting: str | None) -> str:
+    """SHA-256 of the configured bundle's manifest.json ("" when there is none)."""
+    from spine_node.models.bundle import sha256_file
+
+    try:
+        return sha256_file(resolve_bundle(setting) / "manifest.json")
+    except (NoBundle, OSError):
+        return ""
+
+
+class Heartbeat:
+    """Writes a worker's heartbeat row every ``interval_s`` until ``stop`` is set.
+
+    A separate thread, so a long batch on a slow CPU never looks like a dead worker; the row is
+    removed when the worker stops cleanly and goes stale when the process dies.
+
+    Parameters
+    ----------
+    monitor : Monitor
+        Heartbeat table access.
+    identity : WorkerIdentity
+        Owner, host, pid and bundle of this worker.
+    interval_s : float
+        Seconds between beats.
+    stop : threading.Event
+        Set when the worker stops.
+    """
+
+    def __init__(
+        self, monitor: Monitor, identity: WorkerIdentity, interval_s: float, stop: threading.Event
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s!r}")
+        self.monitor = monitor
+        self.identity = identity
+        self.interval_s = interval_s
+        self.stop = stop
+        self.started_at = time.time()
+
+    def run(self) -> None:
+        """Beat until stopped, then remove the row."""
+        self.monitor.prune_workers(older_than_s=7 * 24 * 3600.0)
+        while True:
+            try:
+                self.monitor.beat(self.identity, self.started_at)
+            except Exception as exc:  # a locked or unreachable database: try again next beat
+                logger.warning("worker %s: heartbeat not written: %s", self.identity.owner, exc)
+            if self.stop.wait(self.interval_s):
+                break
+        try:
+            self.monitor.worker_stopped(self.identity.owner)
+        except Exception as exc:
+            logger.warning("worker %s: heartbeat not removed: %s", self.identity.owner, exc)
+
+
 @dataclass
 class RunningNode:
     """Handles of a started node, for an orderly stop."""
@@ -143,6 +324,7 @@ class RunningNode:
     server: Any = None
     scheduler: Any = None
     worker_thread: threading.Thread | None = None
+    heartbeat_thread: threading.Thread | None = None
     stop_event: threading.Event | None = None
     cascade: Any = None
 
@@ -154,6 +336,8 @@ class RunningNode:
             self.stop_event.set()
         if self.worker_thread is not None:
             self.worker_thread.join()
+        if self.heartbeat_thread is not None:
+            self.heartbeat_thread.join()
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         close = getattr(getattr(self.cascade, "preparer", None), "close", None)
@@ -178,33 +362,46 @@ def start_node(
 
     Raises
     ------
-    NoBundle
-        When the worker role is requested alone and no bundle is configured.
+    StartupError
+        Before anything starts, when a role cannot work: the worker's bundle is not configured
+        or cannot be loaded (:class:`NoBundle`), the data directory, spool or outbox is not
+        writable, the database cannot be opened, or a TLS file cannot be read.
     """
     for role in roles:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
     prepare_data_dir(settings)
+    check_tls_files(settings, roles)
+    if "worker" in roles and cascade is None:
+        check_bundle(settings.bundle)  # before the database is created or anything listens
     store = open_store(settings)
+    if "worker" in roles and cascade is None:
+        try:
+            cascade = load_cascade(settings)
+        except StartupError:
+            store.close()
+            raise
     node = RunningNode(store=store)
     if "worker" in roles:
-        try:
-            if cascade is None:
-                cascade = load_cascade(settings)
-        except NoBundle as exc:
-            if roles == ("worker",):
-                store.close()
-                raise
-            logger.warning("%s", exc)
-            cascade = None
-        if cascade is not None:
-            node.cascade = cascade
-            worker = build_worker(settings, store, cascade)
-            node.stop_event = threading.Event()
-            node.worker_thread = threading.Thread(
-                target=worker.run, args=(node.stop_event,), name="worker", daemon=False
-            )
-            node.worker_thread.start()
+        node.cascade = cascade
+        worker = build_worker(settings, store, cascade)
+        node.stop_event = threading.Event()
+        node.worker_thread = threading.Thread(
+            target=worker.run, args=(node.stop_event,), name="worker", daemon=False
+        )
+        node.worker_thread.start()
+        info = cascade.model_info
+        identity = WorkerIdentity(
+            owner=worker.settings.owner,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            bundle_name=str(info.name),
+            bundle_version=str(info.version),
+            bundle_sha256=bundle_sha256(settings.bundle),
+        )
+        heartbeat = Heartbeat(Monitor(store), identity, settings.heartbeat_s, node.stop_event)
+        node.heartbeat_thread = threading.Thread(target=heartbeat.run, name="heartbeat")
+        node.heartbeat_thread.start()
     if "dispatcher" in roles or "worker" in roles:
         from spine_node.dispatcher import Dispatcher, dispatch_settings, start_scheduler
 

@@ -44,6 +44,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     func,
     select,
@@ -1104,3 +1105,181 @@ def _exhausted_reason(attempts: int, last_error: str | None) -> str:
     if last_error is None or last_error == _DIED:
         return f"{_DIED} {attempts} times"
     return f"processing did not finish in {attempts} attempts: {last_error}"
+
+# -- worker heartbeats and operator checks (spine-node status / replay) --------------------------
+# Kept in its own section: the heartbeat table is written by the worker role's heartbeat thread,
+# read by ``spine-node status``.
+
+
+class WorkerBeat(Base):
+    """One worker process: who it is, which bundle it runs, when it was last seen alive."""
+
+    __tablename__ = "worker_heartbeats"
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    bundle_name: Mapped[str] = mapped_column(String(128))
+    bundle_version: Mapped[str] = mapped_column(String(64))
+    bundle_sha256: Mapped[str] = mapped_column(String(64))
+    started_at: Mapped[float] = mapped_column(Float)
+    last_seen_at: Mapped[float] = mapped_column(Float)
+    last_job_id: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    last_job_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+@dataclass(frozen=True)
+class WorkerIdentity:
+    """What a worker's heartbeat says about it."""
+
+    owner: str
+    host: str
+    pid: int
+    bundle_name: str
+    bundle_version: str
+    bundle_sha256: str
+
+
+def _beat_json(beat: WorkerBeat, now: float) -> dict[str, Any]:
+    return {
+        "owner": beat.owner,
+        "host": beat.host,
+        "pid": beat.pid,
+        "bundle": {
+            "name": beat.bundle_name,
+            "version": beat.bundle_version,
+            "sha256": beat.bundle_sha256,
+        },
+        "started_at": beat.started_at,
+        "last_seen_at": beat.last_seen_at,
+        "last_seen_age_s": round(now - beat.last_seen_at, 3),
+        "last_job_id": beat.last_job_id,
+        "last_job_at": beat.last_job_at,
+    }
+
+
+class Monitor:
+    """Heartbeats of worker processes and the look-ups behind ``status`` and ``replay``.
+
+    Parameters
+    ----------
+    store : JobStore
+        The queue whose database holds the heartbeat table.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def beat(self, worker: WorkerIdentity, started_at: float) -> None:
+        """Insert or refresh the heartbeat row of ``worker``."""
+        now = self.store.clock()
+
+        def beat(s: Session) -> None:
+            row = s.get(WorkerBeat, worker.owner)
+            if row is not None and row.started_at == started_at:
+                row.last_seen_at = now
+                return
+            if row is not None:  # a new process reusing host:pid
+                s.delete(row)
+                s.flush()
+            s.add(
+                WorkerBeat(
+                    owner=worker.owner,
+                    host=worker.host,
+                    pid=worker.pid,
+                    bundle_name=worker.bundle_name,
+                    bundle_version=worker.bundle_version,
+                    bundle_sha256=worker.bundle_sha256,
+                    started_at=started_at,
+                    last_seen_at=now,
+                )
+            )
+
+        self.store._run(beat)
+
+    def worker_job_done(self, owner: str, job_id: int) -> None:
+        """Record the last job a worker finished (shown by ``spine-node status``)."""
+        now = self.store.clock()
+
+        def worker_job_done(s: Session) -> None:
+            s.execute(
+                update(WorkerBeat)
+                .where(WorkerBeat.owner == owner)
+                .values(last_job_id=job_id, last_job_at=now, last_seen_at=now)
+            )
+
+        self.store._run(worker_job_done)
+
+    def worker_stopped(self, owner: str) -> None:
+        """Remove the heartbeat of a worker that stopped cleanly."""
+
+        def worker_stopped(s: Session) -> None:
+            s.execute(delete(WorkerBeat).where(WorkerBeat.owner == owner))
+
+        self.store._run(worker_stopped)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """Every heartbeat row (live or not), most recently seen first."""
+        now = self.store.clock()
+
+        def workers(s: Session) -> list[dict[str, Any]]:
+            beats = s.scalars(select(WorkerBeat).order_by(WorkerBeat.last_seen_at.desc())).all()
+            return [_beat_json(b, now) for b in beats]
+
+        return self.store._run(workers)
+
+    def live_workers(self, max_age_s: float) -> list[dict[str, Any]]:
+        """Workers seen within the last ``max_age_s`` seconds."""
+        return [w for w in self.workers() if w["last_seen_age_s"] <= max_age_s]
+
+    def prune_workers(self, older_than_s: float) -> int:
+        """Forget heartbeats not seen for ``older_than_s`` seconds; return how many."""
+        cutoff = self.store.clock() - older_than_s
+
+        def prune_workers(s: Session) -> int:
+            result = s.execute(delete(WorkerBeat).where(WorkerBeat.last_seen_at < cutoff))
+            return int(result.rowcount)  # type: ignore[attr-defined]
+
+        return self.store._run(prune_workers)
+
+    def oldest_pending_send_age(self) -> float | None:
+        """Age in seconds of the oldest send not yet delivered (pending or sending), or None."""
+        now = self.store.clock()
+
+        def oldest(s: Session) -> float | None:
+            return s.scalar(
+                select(func.min(Outbound.created_at)).where(
+                    Outbound.state.in_([SendState.PENDING.value, SendState.SENDING.value])
+                )
+            )
+
+        first = self.store._run(oldest)
+        return None if first is None else round(now - first, 3)
+
+    def states_of(self, what: str, ids: Sequence[int]) -> dict[int, str]:
+        """The state of each known id among ``ids`` (``what`` is ``"sends"`` or ``"jobs"``)."""
+        table: Any
+        if what == "sends":
+            table = Outbound
+        elif what == "jobs":
+            table = Job
+        else:
+            raise ValueError(f"what must be 'sends' or 'jobs', got {what!r}")
+
+        def states_of(s: Session) -> dict[int, str]:
+            rows = s.execute(select(table.id, table.state).where(table.id.in_(list(ids)))).all()
+            return {int(i): str(state) for i, state in rows}
+
+        return self.store._run(states_of)
+
+    def send_context(self, send_ids: Sequence[int]) -> dict[int, tuple[int | None, str | None]]:
+        """``send_id -> (job_id, study_instance_uid)`` for log lines (None for study webhooks)."""
+
+        def send_context(s: Session) -> dict[int, tuple[int | None, str | None]]:
+            rows = s.execute(
+                select(Outbound.id, Result.job_id, Result.study_instance_uid)
+                .outerjoin(Result, Result.id == Outbound.result_id)
+                .where(Outbound.id.in_(list(send_ids)))
+            ).all()
+            return {int(i): (None if j is None else int(j), study) for i, j, study in rows}
+
+        return self.store._run(send_context)

@@ -35,6 +35,7 @@ from spine_node.store import (
     JobState,
     JobStore,
     LeaseLost,
+    Monitor,
     SendSpec,
 )
 
@@ -222,6 +223,10 @@ class Worker:
             sends.append(SendSpec(WEBHOOK_DESTINATION, DestinationKind.WEBHOOK, hook_uid, relative))
         outcome = JobOutcome(result.status.value, result.score, result.reason, payload)
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends)
+        try:
+            Monitor(self.store).worker_job_done(self.settings.owner, job.job_id)
+        except Exception as exc:  # the heartbeat is for status only; the job is recorded
+            logger.warning("job %d: last-job heartbeat not written: %s", job.job_id, exc)
         logger.info(
             "job %d: %s score=%s findings=%d objects=%d",
             job.job_id,

@@ -168,6 +168,10 @@ def write_config(path: Path, settings: Settings) -> Path:
     for dest in data.get("destinations", []):
         lines.append("[[destinations]]")
         lines += [f"{k} = {fmt(v)}" for k, v in dest.items() if not isinstance(v, dict)]
+        for k, v in dest.items():
+            if isinstance(v, dict):
+                lines.append(f"[destinations.{k}]")
+                lines += [f"{kk} = {fmt(vv)}" for kk, vv in v.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
