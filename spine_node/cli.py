@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from spine_node.node import ROLES, start_node
 
     settings = _settings(args)
-    configure_logging(settings.log_level, settings.log_json)
+    configure_logging(settings.log_level, settings.log_json, settings.log_phi)
     roles = ROLES if args.role == "all" else (args.role,)
     if "receiver" in roles:
         from spine_node.transport import IncompatiblePynetdicom, check_pynetdicom

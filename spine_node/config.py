@@ -143,6 +143,7 @@ class Settings(_Strict):
     webhook_url: str | None = None
 
     log_json: bool = False
+    log_phi: bool = False
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     results: ResultsSettings = ResultsSettings()

@@ -30,7 +30,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.audit import AuditLog, AuditRecord, Direction
 from spine_node.config import Destination, Settings
-from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore
+from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore, Monitor
 from spine_node.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -158,10 +158,13 @@ class Dispatcher:
             DestinationKind.WEBHOOK: self._post_webhooks,
         }
         send_files_as_encoded()
+        self._context: dict[int, tuple[int | None, str | None]] = {}
 
     def run_once(self) -> int:
         """Claim due sends and try each once; return how many were attempted."""
         sends = self.store.claim_sends(self.settings.lease_s, self.settings.batch_size)
+        if sends:
+            self._context = Monitor(self.store).send_context([s.send_id for s in sends])
         batches: dict[tuple[DestinationKind, str], list[ClaimedSend]] = defaultdict(list)
         for send in sends:
             batches[(send.kind, send.destination)].append(send)
@@ -192,13 +195,29 @@ class Dispatcher:
         )
         log = logger.error if state.value == "dead" else logger.warning
         log(
-            "send %d to %s attempt %d: %s -> %s",
+            "send %d%s to %s attempt %d: %s -> %s",
             send.send_id,
+            self._of_job(send),
             send.destination,
             send.attempts,
             error,
             state.value,
+            extra=self._fields(send),
         )
+
+    def _of_job(self, send: ClaimedSend) -> str:
+        job_id = self._context.get(send.send_id, (None, None))[0]
+        return "" if job_id is None else f" of job {job_id}"
+
+    def _fields(self, send: ClaimedSend) -> dict[str, object]:
+        """Structured log fields: send, destination, job and study (hashed unless log_phi)."""
+        job_id, study = self._context.get(send.send_id, (None, None))
+        return {
+            "send_id": send.send_id,
+            "destination": send.destination,
+            "job_id": job_id,
+            "study_instance_uid": study,
+        }
 
     def _send_dicom(self, dest: Destination, batch: list[ClaimedSend]) -> None:
         files: list[tuple[ClaimedSend, Path, FileMetaDataset]] = []
@@ -239,7 +258,12 @@ class Dispatcher:
                 if status in DELIVERED_STATUSES:
                     self.store.mark_sent(send.send_id)
                     logger.info(
-                        "send %d delivered to %s (status 0x%04X)", send.send_id, dest.name, status
+                        "send %d%s delivered to %s (status 0x%04X)",
+                        send.send_id,
+                        self._of_job(send),
+                        dest.name,
+                        status,
+                        extra=self._fields(send),
                     )
                 else:
                     text = "no response" if status is None else f"status 0x{status:04X}"
@@ -294,6 +318,13 @@ class Dispatcher:
             return
         if 200 <= code < 300:
             self.store.mark_sent(send.send_id)
+            logger.info(
+                "send %d%s posted to the webhook (HTTP %d)",
+                send.send_id,
+                self._of_job(send),
+                code,
+                extra=self._fields(send),
+            )
         else:
             self._failed(send, f"webhook answered HTTP {code}")
 

@@ -179,9 +179,9 @@ class Worker:
                 try:
                     self._finish(job, ds, result)
                 except LeaseLost as exc:
-                    logger.warning("job %d: %s; result discarded", job.job_id, exc)
+                    logger.warning("job %d: %s; result discarded", job.job_id, exc, extra=_fields(job))
                 except Exception as exc:
-                    logger.exception("job %d: could not record the result", job.job_id)
+                    logger.exception("job %d: could not record the result", job.job_id, extra=_fields(job))
                     self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
         return len(jobs)
 
@@ -226,14 +226,18 @@ class Worker:
         try:
             Monitor(self.store).worker_job_done(self.settings.owner, job.job_id)
         except Exception as exc:  # the heartbeat is for status only; the job is recorded
-            logger.warning("job %d: last-job heartbeat not written: %s", job.job_id, exc)
+            logger.warning(
+                "job %d: last-job heartbeat not written: %s", job.job_id, exc, extra=_fields(job)
+            )
         logger.info(
-            "job %d: %s score=%s findings=%d objects=%d",
+            "job %d: %s%s score=%s findings=%d objects=%d",
             job.job_id,
             result.status.value,
+            f" ({result.reason})" if result.reason else "",
             None if result.score is None else round(result.score, 4),
             len(result.findings),
             len(objects),
+            extra=_fields(job),
         )
 
     def _report_exhausted(self, job: ClaimedJob, reason: str) -> None:
@@ -258,7 +262,9 @@ class Worker:
             self._fail(job, None, f"{reason}; the report could not be made: {exc}")
 
     def _fail(self, job: ClaimedJob, ds: Dataset | None, error: str) -> None:
-        logger.warning("job %d attempt %d failed: %s", job.job_id, job.attempts, error)
+        logger.warning(
+            "job %d attempt %d failed: %s", job.job_id, job.attempts, error, extra=_fields(job)
+        )
         last = job.attempts >= self.settings.max_attempts
         if last and ds is not None:
             reason = f"processing failed after {job.attempts} attempts: {error}"
@@ -271,7 +277,9 @@ class Worker:
                 self._finish(job, ds, result)
                 return
             except Exception:
-                logger.exception("job %d: could not even report 'not processed'", job.job_id)
+                logger.exception(
+                    "job %d: could not even report 'not processed'", job.job_id, extra=_fields(job)
+                )
         try:
             state = self.store.fail_job(
                 job.job_id,
@@ -281,10 +289,25 @@ class Worker:
                 self.settings.retry_delay_s,
             )
         except LeaseLost as exc:
-            logger.warning("job %d: %s", job.job_id, exc)
+            logger.warning("job %d: %s", job.job_id, exc, extra=_fields(job))
             return
         if state is JobState.DEAD:
-            logger.error("job %d is dead after %d attempts: %s", job.job_id, job.attempts, error)
+            logger.error(
+                "job %d is dead after %d attempts: %s",
+                job.job_id,
+                job.attempts,
+                error,
+                extra=_fields(job),
+            )
+
+
+def _fields(job: ClaimedJob) -> dict[str, Any]:
+    """Structured log fields of a job line (UIDs are hashed by the formatter unless log_phi)."""
+    return {
+        "job_id": job.job_id,
+        "study_instance_uid": job.study_instance_uid,
+        "sop_instance_uid": job.sop_instance_uid,
+    }
 
 
 def _without_pixels(ds: Dataset) -> Dataset:

@@ -10,6 +10,7 @@ deliver the result objects to a DCMTK ``storescp``.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -19,8 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 
 from spine_node.config import CONFIG_PATH_ENV
+from spine_node.logs import uid_hash
 from spine_node.store import JobStore, Monitor
 from tests.nodekit import StoreSCP, make_image, node_settings, storescu, wait_for, write_config
 from tests.test_systemd import parse_unit
@@ -55,6 +58,10 @@ def unit_invocation(
     return shlex.split(mapped(exec_start)), env
 
 
+def _json_lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
 def _base_env() -> dict[str, str]:
     """A clean environment as systemd gives (no SPINE_NODE_* leaking in from the test run)."""
     keep = ("PATH", "HOME", "LANG", "PYTHONPATH")
@@ -81,7 +88,7 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
                                       worker_unit: str) -> None:
     state = tmp_path / "state"
     settings = node_settings(
-        tmp_path, data_dir=str(state), bundle=str(tiny_bundle), device="cpu",
+        tmp_path, data_dir=str(state), bundle=str(tiny_bundle), device="cpu", log_json=True,
         destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
                        "port": pacs.port}],
     )
@@ -132,6 +139,18 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
         for name, proc in procs.items():
             proc.send_signal(signal.SIGTERM)  # the units' KillSignal
             assert proc.wait(timeout=120) == 0, f"{name}: {logs[name].read_text()}"
+        # JSON log lines name the job and the (hashed) study as fields, in both roles
+        study = uid_hash(str(dcmread(image).StudyInstanceUID))
+        worker_lines = _json_lines(logs[worker_unit])
+        (outcome,) = [e for e in worker_lines if e.get("job_id") and "score=" in e["message"]]
+        assert outcome["study_instance_uid"] == study
+        if "not_processed" in outcome["message"]:
+            assert "(" in outcome["message"]  # the reason is on the outcome line
+        delivered = [e for e in _json_lines(logs["spine-node-dispatcher.service"])
+                     if "delivered" in e["message"]]
+        assert len(delivered) >= 2
+        assert all(e["job_id"] == outcome["job_id"] and e["study_instance_uid"] == study
+                   and e["send_id"] for e in delivered)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
