@@ -95,7 +95,7 @@ def test_dead_items_exit_non_zero_and_replay_checks_ids(tmp_path: Path) -> None:
     config = write_config(tmp_path / "node.toml", settings)
     store = open_store(settings)
     job_id = _receive(store, "1.2.9.3")
-    (claimed,) = store.claim_jobs("w", 60.0, 1)
+    (claimed,) = store.claim_jobs("w", 60.0, 1, max_attempts=1)
     store.fail_job(claimed.job_id, "w", "decoder crashed", max_attempts=1, retry_delay_s=0)
     store.close()
     code, report = _status(config)
