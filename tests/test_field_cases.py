@@ -485,16 +485,63 @@ def test_f10_lossless_chosen_and_accepted_syntaxes_decodable(node: Node, cases: 
     c_outcome = _ctx_outcome(output, "C")
     if c_outcome == "rejected":
         assert not sent_lossy
-    else:  # accepted only if the node decodes 12-bit lossy JPEG: then it must be processed
+    else:  # accepted only because the node decodes 12-bit lossy JPEG (DCMTK dcmdjpeg)
         assert c_outcome == JPEGExtended12Bit.name, c_outcome
         assert sent_lossy, output
     assert f"sent uncompressed image {plain.SOPInstanceUID}: status 0x0000" in output
     uids = [str(plain.SOPInstanceUID)] + ([str(lossy.SOPInstanceUID)] if sent_lossy else [])
     node.settle(uids)
     results = node.results(str(plain.StudyInstanceUID))
-    for uid in uids:
-        processed(results, uid)
+    processed(results, str(plain.SOPInstanceUID))
+    if sent_lossy:
+        # The case's 12-bit codestream is pydicom's JPGExtended.dcm, a 1024 x 256 nuclear
+        # medicine whole-body scan under a made-up "DX, LSPINE" header. The node must decode
+        # it exactly (no decoding reason); the content gate may then say, with its reason,
+        # that it is no spine radiograph (a real spine image in 4.51 is processed: see
+        # test_f10_kind_spine_radiograph_in_jpeg_extended_is_processed).
+        result = results[str(lossy.SOPInstanceUID)]
+        if result["status"] not in PROCESSED:
+            assert result["status"] == "not_processed", result
+            assert "does not look like a spine radiograph" in str(result["reason"]), result
+        reference = tmp_path / "F10" / "dcmdjpeg.dcm"
+        subprocess.run(["dcmdjpeg", str(tmp_path / "F10" / "F10_jpeg_extended_dx.dcm"),
+                        str(reference)], check=True, capture_output=True, timeout=120)
+        np.testing.assert_array_equal(decode(lossy).pixels, decode(dcmread(reference)).pixels)
     check_dciodvfy(objects_for(node, set(uids)))
+
+
+def test_f10_kind_spine_radiograph_in_jpeg_extended_is_processed(node: Node, cases: Path,
+                                                                 tmp_path: Path) -> None:
+    """The kind behind F10: a real spine image sent in 12-bit JPEG Extended (4.51), in a
+    context that offers nothing else, is accepted, decoded and processed like its
+    uncompressed original (DCMTK ``dcmcjpeg +ee`` makes the lossy file)."""
+    run_network_case(cases, "F10", node, tmp_path / "F10")
+    plain = tmp_path / "F10" / "F10_uncompressed_dx.dcm"
+    lossy_path = tmp_path / "spine_4_51.dcm"
+    subprocess.run(["dcmcjpeg", "+ee", "+bt", "+ua", str(plain), str(lossy_path)],
+                   check=True, capture_output=True, timeout=120)
+    lossy = dcmread(lossy_path)
+    assert lossy.file_meta.TransferSyntaxUID == JPEGExtended12Bit
+    assert int(lossy.BitsStored) == 12
+    ae = AE(ae_title=CALLING_AE)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+    ae.add_requested_context(str(lossy.SOPClassUID), [JPEGExtended12Bit])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=node.settings.ae_title)
+    assert assoc.is_established, "the node refused the association"
+    try:
+        accepted = [c.transfer_syntax[0] for c in assoc.accepted_contexts]
+        assert accepted == [JPEGExtended12Bit], accepted
+        rsp = assoc.send_c_store(lossy)
+        assert int(rsp.Status) == 0x0000, rsp
+    finally:
+        assoc.release()
+    uid = str(lossy.SOPInstanceUID)
+    node.settle([uid, str(dcmread(plain).SOPInstanceUID)])
+    results = node.results(str(lossy.StudyInstanceUID))
+    got = processed(results, uid)
+    want = processed(results, str(dcmread(plain).SOPInstanceUID))
+    same_result(got, want, tolerance=0.05)  # lossy: the same call, scores close
+    check_dciodvfy(objects_for(node, {uid}))
 
 
 def test_f14_abort_mid_transfer_then_resend(node: Node, cases: Path, tmp_path: Path) -> None:
