@@ -217,7 +217,7 @@ def load_cascade(settings: Settings) -> Any:
 def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
     """Create a worker over a loaded cascade."""
     from spine_node.results.builder import ResultOptions, build_results
-    from spine_node.results.priority import study_priority
+    from spine_node.study_report import StudyReporter, StudyReportSettings
     from spine_node.worker import Worker, WorkerSettings
 
     r = settings.results
@@ -233,14 +233,24 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
         institution_name=r.institution_name,
     )
 
-    def builder(source: Any, result: Any, model: Any, priority: Any) -> list[Any]:
-        return build_results(source, result, model, options, priority)
+    def builder(source: Any, result: Any, model: Any) -> list[Any]:
+        return build_results(source, result, model, options)
 
+    reporter = StudyReporter(
+        store,
+        settings.outbox_dir,
+        cascade.model_info,
+        options,
+        StudyReportSettings(
+            destinations=tuple(d.name for d in settings.destinations),
+            webhook=bool(settings.webhook_url),
+        ),
+    )
     return Worker(
         store,
         cascade,
         builder,
-        study_priority,
+        reporter.report,
         settings.spool_dir,
         settings.outbox_dir,
         WorkerSettings(

@@ -174,6 +174,47 @@ class Outbound(Base):
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class StudyState(Base):
+    """The study-level summary's revision: bumped when what it states would change."""
+
+    __tablename__ = "study_states"
+    study_instance_uid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+    state_key: Mapped[str] = mapped_column(String(128), default="")
+    queued_revision: Mapped[int] = mapped_column(Integer, default=0)
+    document_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    document_series_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+@dataclass(frozen=True)
+class StudyImage:
+    """One analysed image of a study, as stored: identity and result payload."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudySnapshot:
+    """A study's analysed images and its summary revision, read in one transaction.
+
+    ``changed`` is True when this call opened ``revision`` (what the summary states
+    changed), or when ``revision`` was opened earlier but its document never queued; the
+    caller then builds and queues the document for ``revision``. ``previous_document_uid``
+    / ``previous_document_series_uid`` name the last document queued (its predecessor).
+    """
+
+    study_instance_uid: str
+    revision: int
+    changed: bool
+    images: tuple[StudyImage, ...]
+    previous_document_uid: str | None
+    previous_document_series_uid: str | None
+
+
 @dataclass(frozen=True)
 class InstanceRecord:
     """What the receiver knows about a stored instance.
@@ -993,6 +1034,105 @@ class JobStore:
             return {"jobs": jobs, "sends": sends}
 
         return self._run(dead_letters)
+
+    def advance_study(
+        self, study_instance_uid: str, state_key: Callable[[Sequence[StudyImage]], str]
+    ) -> StudySnapshot:
+        """Read a study's analysed images and open a new summary revision if they changed.
+
+        One transaction with the study's state row locked, so that concurrent workers
+        finishing images of one study take turns: the last one always sees every committed
+        result.
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            As received.
+        state_key : callable
+            ``images -> str``: what the summary states (a new key opens a revision).
+        """
+        now = self.clock()
+
+        def advance_study(s: Session) -> StudySnapshot:
+            state = s.get(StudyState, study_instance_uid, with_for_update=True)
+            if state is None:
+                state = StudyState(
+                    study_instance_uid=study_instance_uid,
+                    revision=0,
+                    state_key="",
+                    queued_revision=0,
+                    updated_at=now,
+                )
+                s.add(state)
+                s.flush()
+            rows = s.execute(
+                select(
+                    Instance.sop_instance_uid,
+                    Instance.sop_class_uid,
+                    Instance.series_instance_uid,
+                    Result.payload,
+                )
+                .join(Result, Result.instance_id == Instance.id)
+                .where(Result.study_instance_uid == study_instance_uid)
+                .order_by(Result.id)
+            ).all()
+            images = tuple(
+                StudyImage(uid, sop_class, series, json.loads(payload))
+                for uid, sop_class, series, payload in rows
+            )
+            key = state_key(images) if images else ""
+            changed = False
+            if images and key != state.state_key:
+                state.revision += 1
+                state.state_key = key
+                state.updated_at = now
+                changed = True
+            elif images and state.queued_revision < state.revision:
+                changed = True  # opened earlier, never queued (e.g. a crash in between)
+            return StudySnapshot(
+                study_instance_uid,
+                state.revision,
+                changed,
+                images,
+                state.document_uid,
+                state.document_series_uid,
+            )
+
+        try:
+            return self._run(advance_study)
+        except IntegrityError:  # another worker created the state row at the same moment
+            return self._run(advance_study)
+
+    def queue_study_document(
+        self,
+        study_instance_uid: str,
+        revision: int,
+        document_uid: str,
+        document_series_uid: str,
+        sends: Sequence[SendSpec],
+    ) -> bool:
+        """Queue the sends of a study summary revision unless a newer revision was opened.
+
+        Returns
+        -------
+        bool
+            False when ``revision`` is no longer the study's current one (nothing queued:
+            the newer revision's document supersedes it).
+        """
+        now = self.clock()
+
+        def queue_study_document(s: Session) -> bool:
+            state = s.get(StudyState, study_instance_uid, with_for_update=True)
+            if state is None or state.revision != revision:
+                return False
+            self._add_sends(s, None, sends, now)
+            state.queued_revision = revision
+            state.document_uid = document_uid
+            state.document_series_uid = document_series_uid
+            state.updated_at = now
+            return True
+
+        return self._run(queue_study_document)
 
     def study_results(self, study_instance_uid: str) -> list[tuple[str, dict[str, Any]]]:
         """All results of one study as ``(sop_instance_uid, payload)`` pairs."""

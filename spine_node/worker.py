@@ -12,7 +12,6 @@ that is impossible does the job end ``dead``. SIGTERM (``stop`` set) lets the cu
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,7 +27,6 @@ from spine_node.isolation import DecoderCrash
 from spine_node.results.types import CascadeResult, ModelInfo, ResultRecord, Status
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import (
-    WEBHOOK_DESTINATION,
     ClaimedJob,
     DestinationKind,
     JobOutcome,
@@ -52,10 +50,11 @@ class CascadeLike(Protocol):
         ...
 
 
-#: Builds the DICOM result objects for one image: (source, result, model, study priority).
-ResultBuilder = Callable[[Dataset, CascadeResult, ModelInfo, Any], list[Dataset]]
-#: Computes a study's priority from its results ``[(sop_instance_uid, CascadeResult)]``.
-PriorityFn = Callable[[Sequence[tuple[str, CascadeResult]]], Any]
+#: Builds the DICOM result objects for one image: (source, result, model).
+ResultBuilder = Callable[[Dataset, CascadeResult, ModelInfo], list[Dataset]]
+#: After an image's result is recorded: (study instance UID as received, source dataset).
+#: Sends the study-level summary (study priority) when it changed (``study_report``).
+StudyReportFn = Callable[[str, Dataset], Any]
 
 
 @dataclass(frozen=True)
@@ -90,8 +89,8 @@ class Worker:
         Loaded, warm models.
     build_results : ResultBuilder
         Makes the SR / SC / GSPS datasets for one image.
-    priority : PriorityFn
-        Study priority from all of a study's results.
+    report_study : StudyReportFn or None
+        Called after each recorded result: keeps the study summary (priority) true.
     spool_dir, outbox_dir : pathlib.Path
         Where received images are and where result objects are written.
     settings : WorkerSettings
@@ -103,7 +102,7 @@ class Worker:
         store: JobStore,
         cascade: CascadeLike,
         build_results: ResultBuilder,
-        priority: PriorityFn,
+        report_study: StudyReportFn | None,
         spool_dir: Path,
         outbox_dir: Path,
         settings: WorkerSettings,
@@ -111,7 +110,7 @@ class Worker:
         self.store = store
         self.cascade = cascade
         self.build_results = build_results
-        self.priority = priority
+        self.report_study = report_study
         self.spool_dir = spool_dir
         self.outbox_dir = outbox_dir
         self.settings = settings
@@ -186,15 +185,7 @@ class Worker:
         return len(jobs)
 
     def _finish(self, job: ClaimedJob, ds: Dataset, result: CascadeResult) -> None:
-        previous = [
-            ResultRecord.from_json(p)
-            for uid, p in self.store.study_results(job.study_instance_uid)
-            if uid != job.sop_instance_uid
-        ]
-        priority = self.priority(
-            [(r.sop_instance_uid, r.result) for r in previous] + [(job.sop_instance_uid, result)]
-        )
-        objects = self.build_results(ds, result, self.cascade.model_info, priority)
+        objects = self.build_results(ds, result, self.cascade.model_info)
         sends: list[SendSpec] = []
         for obj in objects:
             uid = str(obj.SOPInstanceUID)
@@ -207,20 +198,6 @@ class Worker:
             job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)
         )
         payload = record.to_json()
-        if self.settings.webhook:
-            hook = {
-                "study_instance_uid": job.study_instance_uid,
-                "priority": _jsonable(priority),
-                "images": [r.to_json() for r in previous] + [payload],
-                "model": {
-                    "name": self.cascade.model_info.name,
-                    "version": self.cascade.model_info.version,
-                },
-            }
-            hook_uid = f"webhook:{job.study_instance_uid}:{job.job_id}"
-            relative = relative_name(hook_uid, ".json")
-            write_durable(self.outbox_dir, relative, json.dumps(hook, sort_keys=True).encode())
-            sends.append(SendSpec(WEBHOOK_DESTINATION, DestinationKind.WEBHOOK, hook_uid, relative))
         outcome = JobOutcome(result.status.value, result.score, result.reason, payload)
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends)
         try:
@@ -229,6 +206,13 @@ class Worker:
             logger.warning(
                 "job %d: last-job heartbeat not written: %s", job.job_id, exc, extra=_fields(job)
             )
+        if self.report_study is not None:
+            try:  # the image's result is recorded; the study summary follows from it
+                self.report_study(job.study_instance_uid, ds)
+            except Exception:
+                logger.exception(
+                    "job %d: the study summary could not be updated", job.job_id, extra=_fields(job)
+                )
         logger.info(
             "job %d: %s%s score=%s findings=%d objects=%d",
             job.job_id,
@@ -318,19 +302,3 @@ def _without_pixels(ds: Dataset) -> Dataset:
         if keyword in copy:
             del copy[keyword]
     return copy
-
-
-def _jsonable(value: Any) -> Any:
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if hasattr(value, "__dataclass_fields__"):
-        import dataclasses
-
-        return _jsonable(dataclasses.asdict(value))
-    if hasattr(value, "value"):
-        return _jsonable(value.value)
-    return str(value)

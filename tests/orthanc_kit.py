@@ -24,6 +24,7 @@ from typing import Any
 
 from pydicom import Dataset
 
+from spine_node import imaging
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
 from tests.nodekit import free_port
 
@@ -272,6 +273,15 @@ class ScriptedCascade:
                     threshold=0.5,
                     findings=answer.findings,
                     member_scores={} if answer.score is None else {"scripted": answer.score},
+                    display=_display(ds),
                 )
             )
         return results
+
+
+def _display(ds: Dataset) -> imaging.SourceImage | None:
+    """The display image the real cascade hands on with its result (None if undecodable)."""
+    try:
+        return imaging.decode(ds)
+    except Exception:  # the real cascade reports these "not decoded"
+        return None

@@ -108,8 +108,10 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "DEMO BUNDLE" in out.stdout
     received = list((tmp_path / "pacs").rglob("*.dcm"))
-    srs = [p for p in received if dcmread(p).Modality == "SR"]
-    assert len(srs) == 4  # one SR per image (2 studies x 2 images)
+    srs = [dcmread(p) for p in received if dcmread(p).Modality == "SR"]
+    summaries = [d for d in srs if d.SeriesNumber == 9900]  # study summaries, >= 1 per study
+    assert len(srs) - len(summaries) == 4  # one SR per image (2 studies x 2 images)
+    assert len({d.StudyInstanceUID for d in summaries}) == 2
     assert any(dcmread(p).Modality == "OT" or dcmread(p).SOPClassUID.endswith(".7")
                for p in received)
 

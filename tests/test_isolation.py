@@ -16,7 +16,6 @@ from spine_node.isolation import DecoderCrash, IsolatedPreparer
 from spine_node.node import open_store, prepare_data_dir
 from spine_node.pipeline import Cascade
 from spine_node.results.builder import ResultOptions, build_results
-from spine_node.results.priority import study_priority
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import InstanceRecord
 from spine_node.worker import Worker, WorkerSettings
@@ -93,8 +92,8 @@ def test_worker_fails_only_the_crashing_job_then_reports_not_processed(
                                              "M", rel, 1))
     worker = Worker(
         store, cascade,
-        lambda s, r, m, p: build_results(s, r, m, ResultOptions(), p),
-        study_priority, settings.spool_dir, settings.outbox_dir,
+        lambda s, r, m: build_results(s, r, m, ResultOptions()),
+        None, settings.spool_dir, settings.outbox_dir,
         WorkerSettings(owner="w", batch_size=3, lease_s=60, poll_s=0.1, max_attempts=2,
                        retry_delay_s=0.0, destinations=("pacs",), webhook=False),
     )

@@ -89,7 +89,15 @@ def test_node_end_to_end_with_status_worklist_and_replay(tmp_path: Path, tiny_bu
         # every image has an SR (and an overlay when its pixels decode) at the PACS, once
         counts = Counter(pacs.received)
         assert all(n == 1 for n in counts.values())
-        assert pacs.classes.count("1.2.840.10008.5.1.4.1.1.88.33") == 3  # Comprehensive SR
+        # Comprehensive SRs: one per image, plus the study summaries (one per study and
+        # priority change, series 9900)
+        study_docs = {
+            str(d.SOPInstanceUID)
+            for d in (dcmread(p) for p in settings.outbox_dir.rglob("*.dcm"))
+            if d.get("SeriesNumber") == 9900
+        }
+        assert len(study_docs) >= 1
+        assert pacs.classes.count("1.2.840.10008.5.1.4.1.1.88.33") == 3 + len(study_docs)
         assert status["outbound"]["pacs"]["sent"] == len(pacs.received)
         # the misrouted CT is outside the intended use: recorded, no job, nothing sent
         store = JobStore.open(settings.db_url)

@@ -24,7 +24,6 @@ from spine_node.results import gsps as gsps_module
 from spine_node.results import overlay as overlay_module
 from spine_node.results import sr as sr_module
 from spine_node.results.options import ResultOptions
-from spine_node.results.priority import StudyPriority
 from spine_node.results.reference import (
     OUTPUT_CHARACTER_SET,
     reference_dataset,
@@ -48,7 +47,6 @@ def build_results(
     result: CascadeResult,
     model: ModelInfo,
     options: ResultOptions | None = None,
-    study_priority: StudyPriority | None = None,
 ) -> list[Dataset]:
     """Build the result objects for one source image.
 
@@ -64,8 +62,6 @@ def build_results(
         The bundle that produced ``result``.
     options : ResultOptions, optional
         Series numbers, descriptions and switches (defaults when None).
-    study_priority : StudyPriority, optional
-        Priority of the whole study, reported in the SR and the banner.
 
     Returns
     -------
@@ -84,10 +80,6 @@ def build_results(
         options = ResultOptions()
     if not isinstance(options, ResultOptions):
         raise TypeError(f"options must be a ResultOptions, got {type(options).__name__}")
-    if study_priority is not None and not isinstance(study_priority, StudyPriority):
-        raise TypeError(
-            f"study_priority must be a StudyPriority or None, got {type(study_priority).__name__}"
-        )
     source_uid = source_sop_instance_uid(source)
     if result.sop_instance_uid != source_uid:
         raise ValueError(
@@ -116,16 +108,13 @@ def build_results(
             result,
             model,
             options,
-            study_priority=study_priority,
             frame_number=frame_number,
             notes=tuple(d.sentence() for d in source_ref.derived_uids),
         )
     ]
     if options.secondary_capture and image is not None:
         objects.append(
-            overlay_module.build_overlay(
-                reference, image, result, model, options, study_priority=study_priority
-            )
+            overlay_module.build_overlay(reference, image, result, model, options)
         )
     if options.gsps and result.findings:
         presentation_state = _try_gsps(reference, result, model, options)

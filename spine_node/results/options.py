@@ -14,9 +14,10 @@ class ResultOptions:
 
     Attributes
     ----------
-    sr_series_number, sc_series_number, gsps_series_number : int
+    sr_series_number, sc_series_number, gsps_series_number, study_sr_series_number : int
         Series Number per object kind.
-    sr_series_description, sc_series_description, gsps_series_description : str
+    sr_series_description, sc_series_description, gsps_series_description,
+    study_sr_series_description : str
         Series Description per object kind (a demo bundle appends ``DEMO_TEXT``).
     secondary_capture : bool
         Build the overlay Secondary Capture.
@@ -33,9 +34,11 @@ class ResultOptions:
     sr_series_number: int = 9901
     sc_series_number: int = 9902
     gsps_series_number: int = 9903
+    study_sr_series_number: int = 9900
     sr_series_description: str = "AI spine triage SR"
     sc_series_description: str = "AI spine triage overlay"
     gsps_series_description: str = "AI spine triage annotations"
+    study_sr_series_description: str = "AI spine triage study summary"
     secondary_capture: bool = True
     gsps: bool = False
     institution_name: str = ""
@@ -44,7 +47,12 @@ class ResultOptions:
     device_name: str = "spine-node"
 
     def __post_init__(self) -> None:
-        for name in ("sr_series_number", "sc_series_number", "gsps_series_number"):
+        for name in (
+            "sr_series_number",
+            "sc_series_number",
+            "gsps_series_number",
+            "study_sr_series_number",
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -54,6 +62,7 @@ class ResultOptions:
             "sr_series_description",
             "sc_series_description",
             "gsps_series_description",
+            "study_sr_series_description",
             "institution_name",
             "institutional_department_name",
             "manufacturer",
@@ -72,7 +81,8 @@ class ResultOptions:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     def series_description(self, kind: str, model: ModelInfo) -> str:
-        """Return the Series Description for ``kind`` (``"sr"``, ``"sc"``, ``"gsps"``)."""
+        """Return the Series Description for ``kind`` (``"sr"``, ``"sc"``, ``"gsps"``,
+        ``"study_sr"``)."""
         base: str = getattr(self, f"{kind}_series_description")
         if not model.demo:
             return base

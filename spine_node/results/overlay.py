@@ -11,7 +11,7 @@ The display image is ``imaging.decode(source).pixels`` (modality LUT, VOI LUT / 
 MONOCHROME1 inverted: bone is bright). Images narrower than ``MIN_WIDTH`` are enlarged by an
 integer factor (nearest neighbour) so that the text stays legible. The banner is added
 *above* the image (nothing of the image is hidden); it states the triage result, the
-findings, the study priority, the model name and version, "NOT FOR DIAGNOSTIC USE" and,
+findings, the model name and version, "NOT FOR DIAGNOSTIC USE" and,
 for a demo bundle, "DEMO MODEL - PHANTOM-TRAINED".
 """
 
@@ -30,7 +30,6 @@ from spine_node import imaging
 from spine_node.results import codes, layout
 from spine_node.results.equipment import algorithm_equipment, software_versions
 from spine_node.results.options import ResultOptions
-from spine_node.results.priority import StudyPriority
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 from spine_node.results.uids import ResultKind, bundle_key, series_instance_uid, sop_instance_uid
 
@@ -44,9 +43,7 @@ _WHITE = 255
 _BLACK = 0
 
 
-def banner_lines(
-    result: CascadeResult, model: ModelInfo, study_priority: StudyPriority | None = None
-) -> list[str]:
+def banner_lines(result: CascadeResult, model: ModelInfo) -> list[str]:
     """Return the banner text, one line per item (ASCII).
 
     Parameters
@@ -55,13 +52,12 @@ def banner_lines(
         The cascade's answer.
     model : ModelInfo
         The bundle that produced it.
-    study_priority : StudyPriority, optional
-        Priority of the whole study.
 
     Returns
     -------
     list of str
-        Triage line, findings line (positive only), study priority, model, warnings.
+        Triage line, findings line (positive only), model, warnings. Nothing about the
+        study as a whole: a later image could make it false.
     """
     if result.status is Status.NOT_PROCESSED:
         lines = [f"AI TRIAGE: NOT PROCESSED - {result.reason}"]
@@ -77,8 +73,6 @@ def banner_lines(
             lines.append(f"Findings: {found}")
         else:
             lines.append("Findings: none localised")
-    if study_priority is not None:
-        lines.append(study_priority.summary())
     lines.append(f"Model: {model.name} {model.version}")
     lines.append(codes.NOT_FOR_DIAGNOSTIC_USE)
     if model.demo:
@@ -90,7 +84,6 @@ def render_overlay(
     pixels: np.ndarray,
     result: CascadeResult,
     model: ModelInfo,
-    study_priority: StudyPriority | None = None,
 ) -> np.ndarray:
     """Draw boxes and banner on a display image.
 
@@ -98,7 +91,7 @@ def render_overlay(
     ----------
     pixels : numpy.ndarray
         float, shape (rows, columns), values in [0, 1], display polarity.
-    result, model, study_priority
+    result, model
         What to draw.
 
     Returns
@@ -153,7 +146,7 @@ def render_overlay(
     for text, rect in zip(labels, placement.labels, strict=True):
         _draw_label(image, text, rect, font_scale, thickness)
 
-    banner = _banner(banner_lines(result, model, study_priority), width, font_scale, thickness)
+    banner = _banner(banner_lines(result, model), width, font_scale, thickness)
     return np.vstack([banner, image])
 
 
@@ -170,8 +163,6 @@ def build_overlay(
     result: CascadeResult,
     model: ModelInfo,
     options: ResultOptions,
-    *,
-    study_priority: StudyPriority | None = None,
 ) -> hd.sc.SCImage:
     """Build the Secondary Capture overlay for one image.
 
@@ -185,8 +176,6 @@ def build_overlay(
         What to draw.
     options : ResultOptions
         Series number, description, manufacturer, institution.
-    study_priority : StudyPriority, optional
-        Shown in the banner.
 
     Returns
     -------
@@ -196,7 +185,7 @@ def build_overlay(
     """
     bundle = bundle_key(model)
     source_uid = str(reference.SOPInstanceUID)
-    canvas = render_overlay(image.pixels, result, model, study_priority)
+    canvas = render_overlay(image.pixels, result, model)
     sc = hd.sc.SCImage(
         pixel_array=canvas,
         photometric_interpretation="MONOCHROME2",

@@ -6,8 +6,7 @@ Content tree (every group references the source image):
   name); procedure reported: SCT 168537006 "Plain radiography";
 - one TID 1501 group "AI triage": Probability (DCM 122157) and Threshold Value (DCM 122411)
   in UCUM ``{probability}``, the triage as a qualitative evaluation (99SPINENODE SN-100 =
-  SCT Abnormal / SCT Normal / 99SPINENODE "Not processed"), the study priority (SN-102),
-  algorithm identification (TID 4019, parameters include member weights and hashes), and
+  SCT Abnormal / SCT Normal / 99SPINENODE "Not processed"), algorithm identification (TID 4019, parameters include member weights and hashes), and
   TEXT comments (DCM 121106): the outcome in words, the reason when not processed, the
   member probabilities, "NOT FOR DIAGNOSTIC USE" and, for a demo bundle, "DEMO MODEL -
   PHANTOM-TRAINED";
@@ -16,7 +15,8 @@ Content tree (every group references the source image):
   the Meyerding grade when graded.
 
 The document is COMPLETE, PRELIMINARY and UNVERIFIED: a machine result that nobody has
-checked.
+checked. It says nothing about the study as a whole (a later image could make that false):
+the study's priority lives in the study summary SR (``results.study``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,6 @@ from pydicom.sr.codedict import codes as dcm_codes
 from spine_node.results import codes
 from spine_node.results.equipment import algorithm_equipment, software_versions
 from spine_node.results.options import ResultOptions
-from spine_node.results.priority import StudyPriority
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 from spine_node.results.uids import (
     ResultKind,
@@ -55,7 +54,6 @@ def build_sr(
     model: ModelInfo,
     options: ResultOptions,
     *,
-    study_priority: StudyPriority | None = None,
     frame_number: int | None = None,
     notes: Sequence[str] = (),
 ) -> hd.sr.ComprehensiveSR:
@@ -71,8 +69,6 @@ def build_sr(
         The bundle that produced it.
     options : ResultOptions
         Series number, description, manufacturer, institution.
-    study_priority : StudyPriority, optional
-        Priority of the whole study.
     frame_number : int, optional
         1-based frame the boxes refer to, for multi-frame sources.
     notes : sequence of str
@@ -102,7 +98,7 @@ def build_sr(
         ),
     )
     groups: list[Any] = [
-        _triage_group(reference, result, model, algorithm, bundle, study_priority, notes)
+        _triage_group(reference, result, model, algorithm, bundle, notes)
     ]
     for index, finding in enumerate(result.findings, start=1):
         groups.append(_finding_group(reference, finding, index, algorithm, bundle, frame_number))
@@ -188,7 +184,6 @@ def _triage_group(
     model: ModelInfo,
     algorithm: hd.sr.AlgorithmIdentification,
     bundle: str,
-    study_priority: StudyPriority | None,
     notes: Sequence[str],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     source_uid = str(reference.SOPInstanceUID)
@@ -208,26 +203,12 @@ def _triage_group(
             unit=codes.UNIT_PROBABILITY,
         )
     )
-    if study_priority is not None and study_priority.max_score is not None:
-        measurements.append(
-            hd.sr.Measurement(
-                name=codes.STUDY_MAX_PROBABILITY,
-                value=float(study_priority.max_score),
-                unit=codes.UNIT_PROBABILITY,
-            )
-        )
     verdict = {
         Status.POSITIVE: codes.ABNORMAL,
         Status.NEGATIVE: codes.NORMAL,
         Status.NOT_PROCESSED: codes.NOT_PROCESSED,
     }[result.status]
     evaluations = [hd.sr.QualitativeEvaluation(name=codes.TRIAGE_RESULT, value=verdict)]
-    if study_priority is not None:
-        evaluations.append(
-            hd.sr.QualitativeEvaluation(
-                name=codes.STUDY_PRIORITY, value=codes.PRIORITY_CODES[study_priority.level]
-            )
-        )
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(source_uid, bundle, "triage"), identifier="AI triage"
@@ -248,8 +229,6 @@ def _triage_group(
         comments.append(f"Reason: {result.reason}")
     for member, score in sorted(result.member_scores.items()):
         comments.append(f"Member {member} probability: {float(score):.4f}")
-    if study_priority is not None:
-        comments.append(study_priority.summary())
     comments.extend(notes)
     if model.intended_use:
         comments.append(f"Intended use: {model.intended_use}")

@@ -8,6 +8,7 @@ replaces rather than duplicates an object:
 - series UIDs: (Study Instance UID, object kind, bundle identity): all images of a study
   share one result series per kind;
 - SOP Instance UIDs: (source SOP Instance UID, object kind, bundle identity);
+- study summary SR UIDs: (Study Instance UID, bundle identity, revision);
 - tracking UIDs: (source SOP Instance UID, bundle identity, finding key);
 - the device observer UID: (manufacturer, device name, bundle identity).
 
@@ -45,6 +46,7 @@ class ResultKind(str, enum.Enum):
     SR = "sr"
     SC = "sc"
     GSPS = "gsps"
+    STUDY_SR = "study-sr"
 
 
 def is_valid_uid(value: object) -> bool:
@@ -177,6 +179,17 @@ def sop_instance_uid(source_sop_instance_uid: str, kind: ResultKind | str, bundl
     return uid_from_name(
         "instance", _check_uid(source_sop_instance_uid), ResultKind(kind).value, bundle
     )
+
+
+def study_document_uid(study_instance_uid: str, bundle: str, revision: int) -> str:
+    """Return the SOP Instance UID of revision ``revision`` (>= 1) of a study's summary SR.
+
+    Each amendment is a new document with a new UID (derived from the study, the bundle
+    identity and the revision), as DICOM amends SR documents.
+    """
+    if isinstance(revision, bool) or not isinstance(revision, int) or revision < 1:
+        raise ValueError(f"revision must be an int >= 1, got {revision!r}")
+    return uid_from_name("study-document", _check_uid(study_instance_uid), bundle, str(revision))
 
 
 def tracking_uid(source_sop_instance_uid: str, bundle: str, key: str) -> str:

@@ -1,0 +1,175 @@
+"""Keep a study's priority true: the study summary SR and the webhook, from one study state.
+
+After each finished image the worker calls :meth:`StudyReporter.report`. In one transaction
+the store reads every analysed image of the study and opens a new summary revision when the
+study's priority changed (``JobStore.advance_study`` with ``images_key``); the reporter then builds that
+revision's SR (``results.study``, amending the previous revision) and the webhook body from
+the same snapshot, writes them to the outbox and queues their sends, unless a newer revision
+was opened meanwhile (``JobStore.queue_study_document``). The worklist ranks studies with the
+same function (``results.priority.study_priority``) over the same stored results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom.dataset import Dataset
+
+from spine_node.results.options import ResultOptions
+from spine_node.results.priority import study_priority
+from spine_node.results.reference import reference_dataset
+from spine_node.results.study import (
+    Predecessor,
+    StudyImageResult,
+    build_study_sr,
+    priority_key,
+)
+from spine_node.results.types import CascadeResult, ModelInfo
+from spine_node.spool import relative_name, write_durable
+from spine_node.store import (
+    WEBHOOK_DESTINATION,
+    DestinationKind,
+    JobStore,
+    SendSpec,
+    StudyImage,
+    StudySnapshot,
+)
+from spine_node.worker import encode_dataset
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StudyReportSettings:
+    """Where study documents go.
+
+    Attributes
+    ----------
+    destinations : tuple of str
+        DICOM destinations (names).
+    webhook : bool
+        Also POST the study state to the webhook.
+    """
+
+    destinations: tuple[str, ...]
+    webhook: bool
+
+
+def images_key(images: Sequence[StudyImage]) -> str:
+    """What opens a new summary revision: the study's priority (``results.study.priority_key``)."""
+    return priority_key([(i.sop_instance_uid, CascadeResult.from_json(i.payload)) for i in images])
+
+
+class StudyReporter:
+    """Builds and queues study summary revisions.
+
+    Parameters
+    ----------
+    store : JobStore
+        The queue (study state and sends).
+    outbox_dir : pathlib.Path
+        Where documents and webhook bodies are written.
+    model : ModelInfo
+        The bundle in use.
+    options : ResultOptions
+        Series numbers and descriptions.
+    settings : StudyReportSettings
+        Destinations and webhook.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        outbox_dir: Path,
+        model: ModelInfo,
+        options: ResultOptions,
+        settings: StudyReportSettings,
+    ) -> None:
+        self.store = store
+        self.outbox_dir = outbox_dir
+        self.model = model
+        self.options = options
+        self.settings = settings
+
+    def report(self, study_instance_uid: str, source: Dataset) -> StudySnapshot:
+        """Send a new summary revision of the study when its state changed.
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            As received (the store's key).
+        source : pydicom.Dataset
+            An image of the study (patient and study attributes for the document).
+
+        Returns
+        -------
+        StudySnapshot
+            The state read; ``changed`` tells whether a revision was built.
+        """
+        snapshot = self.store.advance_study(study_instance_uid, images_key)
+        if not snapshot.changed:
+            return snapshot
+        images = [
+            StudyImageResult(
+                i.sop_instance_uid,
+                i.series_instance_uid,
+                i.sop_class_uid,
+                CascadeResult.from_json(i.payload),
+            )
+            for i in snapshot.images
+        ]
+        predecessor = (
+            Predecessor(snapshot.previous_document_uid, snapshot.previous_document_series_uid)
+            if snapshot.previous_document_uid and snapshot.previous_document_series_uid
+            else None
+        )
+        sr = build_study_sr(
+            reference_dataset(source),
+            images,
+            self.model,
+            self.options,
+            revision=snapshot.revision,
+            predecessor=predecessor,
+        )
+        uid = str(sr.SOPInstanceUID)
+        relative = relative_name(uid)
+        write_durable(self.outbox_dir, relative, encode_dataset(sr))
+        sends = [
+            SendSpec(d, DestinationKind.DICOM, uid, relative) for d in self.settings.destinations
+        ]
+        if self.settings.webhook:
+            sends.append(self._webhook(snapshot, uid))
+        queued = self.store.queue_study_document(
+            study_instance_uid, snapshot.revision, uid, str(sr.SeriesInstanceUID), sends
+        )
+        logger.info(
+            "study summary revision %d (%s) %s",
+            snapshot.revision,
+            uid,
+            "queued" if queued else "superseded by a newer revision",
+        )
+        return snapshot
+
+    def _webhook(self, snapshot: StudySnapshot, document_uid: str) -> SendSpec:
+        pairs = [(i.sop_instance_uid, CascadeResult.from_json(i.payload)) for i in snapshot.images]
+        priority = study_priority(pairs)
+        body: dict[str, Any] = {
+            "study_instance_uid": snapshot.study_instance_uid,
+            "revision": snapshot.revision,
+            "study_summary_sop_instance_uid": document_uid,
+            "priority": dataclasses.asdict(priority),
+            "images": [
+                {**i.payload, "sop_instance_uid": i.sop_instance_uid} for i in snapshot.images
+            ],
+            "model": {"name": self.model.name, "version": self.model.version},
+        }
+        hook_uid = f"webhook:{snapshot.study_instance_uid}:{snapshot.revision}"
+        relative = relative_name(hook_uid, ".json")
+        write_durable(self.outbox_dir, relative, json.dumps(body, sort_keys=True).encode())
+        return SendSpec(WEBHOOK_DESTINATION, DestinationKind.WEBHOOK, hook_uid, relative)

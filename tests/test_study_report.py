@@ -1,0 +1,222 @@
+"""A study priority that stays true (issue 15 point 5).
+
+The study's priority lives in one study summary SR, sent when the first image finishes and
+amended (new SOP Instance UID, Predecessor Documents Sequence) when it changes; per-image
+objects say nothing about the study; the webhook and the worklist read the same state.
+Real SQLite store, real worker, real outbox files, dciodvfy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from spine_node.node import build_worker, open_store, prepare_data_dir
+from spine_node.results import codes
+from spine_node.results.overlay import banner_lines
+from spine_node.results.types import CascadeResult
+from spine_node.results.uids import ResultKind, bundle_key, series_instance_uid, study_document_uid
+from spine_node.spool import relative_name, write_durable
+from spine_node.store import DestinationKind, InstanceRecord, SendSpec
+from spine_node.study_report import images_key
+from spine_node.worklist import build_worklist
+from tests.nodekit import make_image, node_settings
+from tests.orthanc_kit import NEGATIVE, POSITIVE, ScriptedCascade
+from tests.results_kit import dciodvfy_errors, sr_texts
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+STUDY = "1.2.826.0.1.3680043.8.498.0715.07.1"  # leading zeros: carried as received
+
+
+def _codes(ds: pydicom.Dataset) -> list[tuple[str, str]]:
+    found: list[tuple[str, str]] = []
+
+    def walk(items) -> None:  # type: ignore[no-untyped-def]
+        for item in items:
+            if item.get("ValueType") == "CODE":
+                name = item.ConceptNameCodeSequence[0].CodeMeaning
+                found.append((name, item.ConceptCodeSequence[0].CodeMeaning))
+            walk(item.get("ContentSequence", []))
+
+    walk(ds.ContentSequence)
+    return found
+
+
+class Study:
+    """A node's worker and store over a temporary data directory."""
+
+    def __init__(self, tmp_path: Path, script: dict) -> None:  # type: ignore[type-arg]
+        self.settings = node_settings(
+            tmp_path,
+            destinations=[{"name": "pacs", "host": "127.0.0.1", "port": 11112, "ae_title": "PACS"}],
+            webhook_url="http://127.0.0.1:9/hook",
+        )
+        prepare_data_dir(self.settings)
+        self.store = open_store(self.settings)
+        self.cascade = ScriptedCascade(script)
+        self.worker = build_worker(self.settings, self.store, self.cascade)
+        self.tmp = tmp_path
+
+    def receive(self, name: str, seed: int) -> pydicom.Dataset:
+        path = self.tmp / f"{name}.dcm"
+        ds = make_image(path, study_uid=STUDY, seed=seed, rows=96, cols=64)
+        rel = relative_name(str(ds.SOPInstanceUID))
+        write_durable(self.settings.spool_dir, rel, path.read_bytes())
+        self.store.record_instance(
+            InstanceRecord(
+                str(ds.SOPInstanceUID),
+                str(ds.SOPClassUID),
+                STUDY,
+                str(ds.SeriesInstanceUID),
+                "1.2.840.10008.1.2.1",
+                "MODALITY",
+                rel,
+                path.stat().st_size,
+            )
+        )
+        return ds
+
+    def outbox(self, uid: str) -> tuple[Path, pydicom.Dataset]:
+        path = self.settings.outbox_dir / relative_name(uid)
+        return path, pydicom.dcmread(path)
+
+    def webhooks(self) -> list[dict]:  # type: ignore[type-arg]
+        return [
+            json.loads(
+                (
+                    self.settings.outbox_dir / relative_name(f"webhook:{STUDY}:{r}", ".json")
+                ).read_text()
+            )
+            for r in range(1, 10)
+            if (self.settings.outbox_dir / relative_name(f"webhook:{STUDY}:{r}", ".json")).exists()
+        ]
+
+
+def _only_carried_uid_errors(path: Path) -> None:
+    """dciodvfy may only object to the leading zeros of the carried Study Instance UID."""
+    for line in dciodvfy_errors(path):
+        assert "Leading zeroes" in line and f"<{STUDY}>" in line, line
+
+
+def test_study_summary_is_sent_then_amended_when_the_priority_changes(tmp_path: Path) -> None:
+    node = Study(tmp_path, {})
+    model = node.cascade.model_info
+    bundle = bundle_key(model)
+    try:
+        first = node.receive("first", 1)
+        node.cascade.script[str(first.SOPInstanceUID)] = NEGATIVE
+        assert node.worker.run_once() == 1
+
+        rev1 = study_document_uid(STUDY, bundle, 1)
+        path1, sr1 = node.outbox(rev1)
+        _only_carried_uid_errors(path1)
+        assert sr1.StudyInstanceUID == STUDY
+        assert sr1.SeriesInstanceUID == series_instance_uid(STUDY, ResultKind.STUDY_SR, bundle)
+        assert "PredecessorDocumentsSequence" not in sr1
+        assert ("Study AI triage priority", "Normal") in _codes(sr1)
+        refs = sr1.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        assert [r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in refs] == [
+            str(first.SOPInstanceUID)
+        ]
+
+        # the per-image SR of the first image says nothing about the study
+        per_image = [
+            pydicom.dcmread(p)
+            for p in node.settings.outbox_dir.rglob("*")
+            if p.is_file() and p.suffix != ".json"
+        ]
+        image_srs = [d for d in per_image if d.Modality == "SR" and d.SOPInstanceUID != rev1]
+        assert len(image_srs) == 1
+        assert not any("Study" in t for t in sr_texts(image_srs[0]))
+        assert not any(name.startswith("Study") for name, _ in _codes(image_srs[0]))
+        overlays = [d for d in per_image if d.Modality == "OT"]
+        assert len(overlays) == 1  # drawn on the image the cascade handed on
+        result = CascadeResult.from_json(node.store.study_results(STUDY)[0][1])
+        assert not any("study" in line.lower() for line in banner_lines(result, model))
+
+        # a second, positive image: the study becomes abnormal -> revision 2 amends revision 1
+        second = node.receive("second", 2)
+        node.cascade.script[str(second.SOPInstanceUID)] = POSITIVE
+        assert node.worker.run_once() == 1
+        rev2 = study_document_uid(STUDY, bundle, 2)
+        path2, sr2 = node.outbox(rev2)
+        assert rev2 != rev1
+        _only_carried_uid_errors(path2)
+        assert ("Study AI triage priority", "Abnormal") in _codes(sr2)
+        predecessor = sr2.PredecessorDocumentsSequence[0]
+        assert predecessor.StudyInstanceUID == STUDY
+        assert predecessor.ReferencedSeriesSequence[0].SeriesInstanceUID == sr1.SeriesInstanceUID
+        assert (
+            predecessor.ReferencedSeriesSequence[0]
+            .ReferencedSOPSequence[0]
+            .ReferencedSOPInstanceUID
+            == rev1
+        )
+        referenced = {
+            sop.ReferencedSOPInstanceUID
+            for series in sr2.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for sop in series.ReferencedSOPSequence
+        }
+        assert referenced == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
+        assert any("revision 2, written when 2 image(s)" in t for t in sr_texts(sr2))
+
+        # the webhook and the worklist read the same state as the study SR
+        hooks = node.webhooks()
+        assert [h["revision"] for h in hooks] == [1, 2]
+        assert [h["priority"]["level"] for h in hooks] == ["normal", "abnormal"]
+        assert hooks[1]["study_summary_sop_instance_uid"] == rev2
+        assert hooks[1]["study_instance_uid"] == STUDY
+        (row,) = build_worklist(node.store.studies())
+        assert (row["priority"], row["max_score"], row["n_images"]) == (
+            hooks[1]["priority"]["level"],
+            hooks[1]["priority"]["max_score"],
+            hooks[1]["priority"]["n_images"],
+        )
+
+        # each revision is queued once per destination (DICOM) plus the webhook
+        outbound = node.store.status()["outbound"]
+        assert sum(outbound["pacs"].values()) == 2 * 2 + 2  # 2 images x (SR + SC) + 2 revisions
+        assert sum(outbound["webhook"].values()) == 2
+
+        # a third, negative image leaves the priority abnormal: no new revision, and nothing
+        # revision 2 states becomes false (its counts are tied to the revision)
+        third = node.receive("third", 3)
+        node.cascade.script[str(third.SOPInstanceUID)] = NEGATIVE
+        assert node.worker.run_once() == 1
+        snapshot = node.store.advance_study(STUDY, images_key)
+        assert (snapshot.revision, snapshot.changed) == (2, False)
+        assert len(snapshot.images) == 3
+        assert len(node.webhooks()) == 2
+        assert not (
+            node.settings.outbox_dir / relative_name(study_document_uid(STUDY, bundle, 3))
+        ).exists()
+        assert build_worklist(node.store.studies())[0]["priority"] == "abnormal"
+        # a stale revision is never queued
+        assert not node.store.queue_study_document(STUDY, 1, rev1, "1.2.3", [])
+        assert codes.STUDY_PRIORITY.meaning == "Study AI triage priority"
+    finally:
+        node.store.close()
+
+
+def test_a_revision_whose_document_was_never_queued_is_built_again(tmp_path: Path) -> None:
+    node = Study(tmp_path, {})
+    try:
+        node.receive("only", 3)
+        node.worker.report_study = None  # the worker dies before the study summary
+        assert node.worker.run_once() == 1
+        snapshot = node.store.advance_study(STUDY, images_key)
+        assert (snapshot.revision, snapshot.changed) == (1, True)
+        again = node.store.advance_study(STUDY, images_key)
+        assert (again.revision, again.changed) == (1, True)  # still owed, not a new revision
+        bundle = bundle_key(node.cascade.model_info)
+        uid = study_document_uid(STUDY, bundle, 1)
+        assert node.store.queue_study_document(
+            STUDY, 1, uid, "1.2.3", [SendSpec("pacs", DestinationKind.DICOM, uid, relative_name(uid))]
+        )
+        assert node.store.advance_study(STUDY, images_key).changed is False
+    finally:
+        node.store.close()
