@@ -7,6 +7,7 @@ is captured from a real pynetdicom SCU, and DCMTK's echoscu/storescu check the n
 from __future__ import annotations
 
 import hashlib
+import logging
 import signal
 import socket
 import struct
@@ -209,8 +210,11 @@ def test_idle_association_is_aborted_after_the_network_timeout(
     assert time.monotonic() - start < settings.network_timeout_s + 3
 
 
-def test_association_limit_holds(node: tuple[Settings, RunningNode]) -> None:
+def test_association_limit_holds(
+    node: tuple[Settings, RunningNode], caplog: pytest.LogCaptureFixture
+) -> None:
     settings, _ = node
+    caplog.set_level(logging.WARNING, logger="spine_node.receiver")
     ae = AE(ae_title="MODALITY1")
     ae.add_requested_context("1.2.840.10008.1.1")
     held = [
@@ -221,6 +225,9 @@ def test_association_limit_holds(node: tuple[Settings, RunningNode]) -> None:
         assert all(a.is_established for a in held)
         extra = ae.associate("127.0.0.1", settings.port, ae_title="SPINENODE")
         assert extra.is_rejected and not extra.is_established
+        refused = [r.getMessage() for r in caplog.records if "association refused" in r.getMessage()]
+        assert refused and "calling AE 'MODALITY1' called AE 'SPINENODE'" in refused[0]
+        assert "too many associations" in refused[0] and "127.0.0.1:" in refused[0]
         out = echoscu(settings.port)
         assert out.returncode != 0 and "Rejected" in out.stdout + out.stderr
         held.pop().release()
