@@ -275,7 +275,7 @@ def test_field_case_f15_private_classes(
 
 @needs_field_cases
 def test_field_case_f07_non_images_recorded_without_jobs(
-    receiver: tuple[Settings, RunningNode], tmp_path: Path
+    receiver: tuple[Settings, RunningNode], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings, node = receiver
     files = tmp_path / "F07"
@@ -297,6 +297,14 @@ def test_field_case_f07_non_images_recorded_without_jobs(
     for name in ("F07_2_rdsr.dcm", "F07_3_gsps.dcm", "F07_4_ko.dcm"):
         other = pydicom.dcmread(files / name, stop_before_pixels=True)
         assert node.store.job_state(str(other.SOPInstanceUID)) is None, name
+    # what an administrator sees
+    from spine_node.cli import main
+    from tests.nodekit import write_config
+
+    config = write_config(tmp_path / "node.toml", settings)
+    main(["status", "--config", str(config)])
+    table = capsys.readouterr().out
+    assert "ignored: not an image 3" in table and "out of scope          0" in table
 
 
 def _field_case(script: str, settings: Settings, tmp_path: Path) -> str:
