@@ -111,3 +111,37 @@ def test_overlay_widens_only_when_labels_have_no_room():
         findings=_findings([(0.0, 0.0, 800.0, 400.0), (0.0, 0.0, 799.0, 399.0)]),
     )
     assert render_overlay(pixels, full, MODEL).shape[1] > 800
+
+
+def test_gsps_text_objects_do_not_cover_each_other_or_other_boxes(tmp_path):
+    from spine_node.results.builder import ResultOptions, build_results
+    from tests.results_kit import dx_source
+
+    source = dx_source(rows=1000, columns=800)
+    boxes = [(300.0, 100.0 + 90 * k, 520.0, 180.0 + 90 * k) for k in range(8)]
+    result = CascadeResult(
+        str(source.SOPInstanceUID), Status.POSITIVE, score=0.9, findings=_findings(boxes)
+    )
+    (pr,) = [
+        o
+        for o in build_results(source, result, MODEL, ResultOptions(gsps=True))
+        if o.Modality == "PR"
+    ]
+    texts = pr.GraphicAnnotationSequence[0].TextObjectSequence
+    rects = [
+        Rect(
+            round(t.BoundingBoxTopLeftHandCorner[0]),
+            round(t.BoundingBoxTopLeftHandCorner[1]),
+            round(t.BoundingBoxBottomRightHandCorner[0]),
+            round(t.BoundingBoxBottomRightHandCorner[1]),
+        )
+        for t in texts
+    ]
+    finding_rects = [Rect(round(a), round(b), round(c) + 1, round(d) + 1) for a, b, c, d in boxes]
+    for (i, a), (j, b) in itertools.combinations(enumerate(rects), 2):
+        assert not a.intersects(b), f"text {i + 1} covers text {j + 1}"
+    for i, rect in enumerate(rects):
+        assert rect.inside(800, 1000)
+        for j, box in enumerate(finding_rects):
+            if i != j:
+                assert not rect.intersects(box), f"text {i + 1} covers box {j + 1}"

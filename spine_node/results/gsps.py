@@ -31,11 +31,11 @@ import numpy as np
 from highdicom._standard_utils import is_multiframe_image
 from pydicom.dataset import Dataset
 
-from spine_node.results import codes
+from spine_node.results import codes, layout
 from spine_node.results.equipment import algorithm_equipment, software_versions
 from spine_node.results.options import ResultOptions
 from spine_node.results.sr import box_polyline
-from spine_node.results.types import CascadeResult, ModelInfo, Status, display_label
+from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 from spine_node.results.uids import (
     ResultKind,
     bundle_key,
@@ -240,6 +240,48 @@ def _without_presentation(reference: Dataset) -> Dataset:
     return copy
 
 
+def _label_text(index: int, finding: Finding) -> str:
+    text = f"{index}. {display_label(finding.label)} {finding.score:.2f}"
+    if finding.grade:
+        text += f" grade {finding.grade}"
+    return text
+
+
+def _label_boxes(
+    result: CascadeResult, texts: list[str], height: float, rows: int, columns: int
+) -> list[tuple[float, float, float, float]]:
+    """Text bounding boxes (pixel units) that cover no other label and no other finding's box.
+
+    Placed by ``layout.place_labels`` with a width estimated from the text (0.6 x height per
+    character); a label that finds no free place inside the image (a GSPS text must stay on
+    the image) goes just above its box, as before.
+    """
+    boxes = [
+        layout.Rect(
+            int(max(0.0, f.box[0])),
+            int(max(0.0, f.box[1])),
+            int(min(columns, np.ceil(f.box[2])) + 1),
+            int(min(rows, np.ceil(f.box[3])) + 1),
+        )
+        for f in result.findings
+    ]
+    h = max(1, int(np.ceil(height)))
+    sizes = [(max(1, min(columns, int(np.ceil(len(t) * 0.6 * height)))), h) for t in texts]
+    placed = layout.place_labels(boxes, sizes, columns, rows, edge=1)
+    out = []
+    for finding, rect in zip(result.findings, placed.labels, strict=True):
+        if rect.x1 <= columns and rect.y1 <= rows:
+            out.append((float(rect.x0), float(rect.y0), float(rect.x1), float(rect.y1)))
+            continue
+        xmin, ymin, xmax, _ = (float(v) for v in finding.box)
+        left = min(max(xmin, 0.0), columns - 1.0)
+        right = min(max(xmax, left + 1.0), float(columns))
+        top = ymin - height if ymin - height >= 0 else max(ymin, 0.0)
+        top = min(top, rows - height) if rows > height else 0.0
+        out.append((left, top, right, min(top + height, float(rows))))
+    return out
+
+
 def supports(reference: Dataset) -> bool:
     """Return True when a GSPS can annotate ``reference`` (single-frame grayscale)."""
     try:
@@ -316,7 +358,11 @@ def build_gsps(
     graphics = []
     texts = []
     text_height = max(8.0, rows * 0.03)
-    for index, finding in enumerate(result.findings, start=1):
+    label_texts = [_label_text(i, f) for i, f in enumerate(result.findings, start=1)]
+    label_boxes = _label_boxes(result, label_texts, text_height, rows, columns)
+    for index, (finding, text, bounding_box) in enumerate(
+        zip(result.findings, label_texts, label_boxes, strict=True), start=1
+    ):
         key = f"finding-{index}"
         label = display_label(finding.label)
         graphics.append(
@@ -328,20 +374,11 @@ def build_gsps(
                 tracking_uid=tracking_uid(source_uid, bundle, key),
             )
         )
-        xmin, ymin, xmax, _ = (float(v) for v in finding.box)
-        left = min(max(xmin, 0.0), columns - 1.0)
-        right = min(max(xmax, left + 1.0), float(columns))
-        top = ymin - text_height if ymin - text_height >= 0 else max(ymin, 0.0)
-        top = min(top, rows - text_height) if rows > text_height else 0.0
-        bottom = min(top + text_height, float(rows))
-        text = f"{index}. {label} {finding.score:.2f}"
-        if finding.grade:
-            text += f" grade {finding.grade}"
         texts.append(
             hd.pr.TextObject(
                 text_value=text,
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
-                bounding_box=(left, top, right, bottom),
+                bounding_box=bounding_box,
             )
         )
     annotations = [
