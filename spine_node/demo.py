@@ -1,20 +1,23 @@
 """``spine-node demo``: the whole node end to end on loopback with the embedded demo bundle.
 
 It starts the node (SQLite, all roles) and a local PACS stand-in that writes what it receives
-to ``DIR/pacs``, sends a few phantom spine studies by C-STORE (re-UIDed as a router would),
-waits for the results and prints a table pointing at the SR and overlay files received.
+to ``DIR/pacs``, sends the sample studies shipped in ``spine_node/samples`` by C-STORE, waits for
+the results and prints a table pointing at the SR and overlay files received.
+
+The samples are standard DICOM (CR Image Storage, valid UIDs, Explicit VR Little Endian) made
+from the synthetic phantom when the demo bundle is built (``training.samples``);
+``spine-node demo --write-samples DIR`` copies them out for loading into a PACS.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
+import shutil
 import sys
-import tempfile
 import time
-import warnings
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +35,39 @@ CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
 _KIND = {"SR": "SR", "OT": "overlay", "PR": "GSPS"}
 
 
-def hex_to_uid(value: str) -> str:
-    """Map a VinDr-style 32-hex id to a valid ``2.25`` UID, deterministically."""
-    text = str(value)
-    try:
-        number = int(text, 16)
-    except ValueError:
-        number = int(hashlib.sha256(text.encode()).hexdigest()[:32], 16)
-    return f"2.25.{number}"
+def samples_dir() -> Path:
+    """The sample studies shipped inside the package (``spine_node/samples``)."""
+    return Path(str(resources.files("spine_node") / "samples"))
 
 
-def make_sendable(ds: Any) -> Dataset:
-    """What a DICOM router does to a VinDr-style file: valid UIDs, a SOP class and modality."""
-    for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-        ds[keyword].value = hex_to_uid(str(ds[keyword].value))
-    ds.SOPClassUID = CR_IMAGE_STORAGE
-    ds.Modality = "CR"
-    ds.PatientName = "PHANTOM^DEMO"
-    ds.PatientID = "PHANTOM"
-    ds.file_meta.MediaStorageSOPClassUID = CR_IMAGE_STORAGE
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    return ds
+def sample_files(studies: int | None = None) -> list[Path]:
+    """The shipped sample files, sorted by study and image; the first ``studies`` studies only.
+
+    Raises
+    ------
+    FileNotFoundError
+        When the package has no samples (a broken installation).
+    """
+    files = sorted(samples_dir().glob("*.dcm"))
+    if not files:
+        raise FileNotFoundError(f"no sample studies in {samples_dir()}")
+    if studies is None:
+        return files
+    if studies < 1:
+        raise ValueError(f"studies must be >= 1, got {studies!r}")
+    keep = sorted({p.name.rsplit("-", 1)[0] for p in files})[:studies]
+    return [p for p in files if p.name.rsplit("-", 1)[0] in keep]
+
+
+def write_samples(out_dir: Path) -> list[Path]:
+    """Copy the sample studies (and their ``index.json``) to ``out_dir``; return the files."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in [*sample_files(), samples_dir() / "index.json"]:
+        target = out_dir / path.name
+        shutil.copyfile(path, target)
+        written.append(target)
+    return written
 
 
 @dataclass(frozen=True)
@@ -111,8 +126,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``spine-node demo``."""
     parser.add_argument("--out", default="spine-node-demo",
                         help="output folder (default: %(default)s)")
-    parser.add_argument("--studies", type=int, default=4, help="phantom studies to send")
-    parser.add_argument("--seed", type=int, default=20261122)
+    parser.add_argument("--studies", type=int, default=None,
+                        help="send only the first N sample studies (default: all)")
+    parser.add_argument("--write-samples", metavar="DIR", default=None,
+                        help="only copy the sample studies (standard DICOM: CR, valid UIDs, "
+                        "Explicit VR Little Endian) to DIR, for loading into a PACS, and exit")
     parser.add_argument("--bundle", default="demo", help="bundle directory (default: embedded demo)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for results")
 
@@ -121,8 +139,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the demo; returns 0 when every image ended in a visible outcome delivered to the PACS."""
     from spine_node.logs import configure_logging
     from spine_node.node import NoBundle, resolve_bundle, start_node
-    from training.phantom import write_phantom_dataset
 
+    if args.write_samples:
+        for path in write_samples(Path(args.write_samples)):
+            print(path)
+        print("synthetic phantom studies (PatientName PHANTOM^...), not patient data; "
+              "send them with e.g. storescu HOST PORT *.dcm")
+        return 0
     configure_logging("WARNING", False)
     out = Path(args.out).resolve()
     try:
@@ -148,14 +171,7 @@ def run(args: argparse.Namespace) -> int:
         },
         environ={},
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = write_phantom_dataset(Path(tmp), n_images=max(2, args.studies * 2),
-                                        seed=args.seed, test_fraction=0.5)
-        files = sorted(Path(tmp).glob("*_images/*.dicom"))
-        with warnings.catch_warnings():  # the phantom's VinDr-style ids are not valid UIDs
-            warnings.simplefilter("ignore")
-            datasets = [make_sendable(dcmread(f)) for f in files]
-    del summary
+    datasets: list[Dataset] = [dcmread(f) for f in sample_files(args.studies)]
     print(f"starting the node on 127.0.0.1:{settings.port} (bundle: {args.bundle}) ...")
     t0 = time.monotonic()
     node = start_node(settings)

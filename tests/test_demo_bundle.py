@@ -13,6 +13,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 
+from spine_node.demo import sample_files
 from spine_node.models.bundle import load_manifest
 from spine_node.node import demo_bundle_path
 from spine_node.pipeline import Cascade
@@ -110,7 +111,7 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     received = list((tmp_path / "pacs").rglob("*.dcm"))
     srs = [dcmread(p) for p in received if dcmread(p).Modality == "SR"]
     summaries = [d for d in srs if d.SeriesNumber == 9900]  # study summaries, >= 1 per study
-    assert len(srs) - len(summaries) == 4  # one SR per image (2 studies x 2 images)
+    assert len(srs) - len(summaries) == len(sample_files(studies=2))  # one SR per image sent
     assert len({d.StudyInstanceUID for d in summaries}) == 2
     assert any(dcmread(p).Modality == "OT" or dcmread(p).SOPClassUID.endswith(".7")
                for p in received)

@@ -113,17 +113,7 @@ def test_spine_node_has_no_import_cycle() -> None:
 
 @pytest.mark.parametrize(
     "module",
-    [
-        pytest.param(
-            m,
-            marks=pytest.mark.xfail(
-                strict=True, reason="demo still writes phantom studies with training.phantom"
-            ),
-        )
-        if m == "spine_node.demo"
-        else m
-        for m in sorted(MODULES)
-    ],
+    sorted(MODULES),
 )
 def test_no_spine_node_module_imports_training(module: str) -> None:
     bad = sorted(m for m in imports_of(module) if m == "training" or m.startswith("training."))
@@ -198,7 +188,6 @@ def test_serve_never_imports_training(tmp_path: Path, dx_dataset) -> None:  # ty
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="demo still writes phantom studies with training.phantom")
 def test_demo_never_imports_training(tmp_path: Path) -> None:
     violations = tmp_path / "violations.txt"
     proc = _guarded(["demo", "--studies", "1", "--out", str(tmp_path / "demo"), "--timeout",

@@ -414,6 +414,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detector-epochs", type=int, default=d.detector_epochs)
     parser.add_argument("--detect-size", type=int, default=d.detect_size)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--samples",
+        type=Path,
+        default=None,
+        help="where to write the demo's sample studies (default: samples/ next to --out, "
+        "i.e. spine_node/samples)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -428,7 +435,11 @@ def run(args: argparse.Namespace) -> int:
         detect_size=args.detect_size,
     )
     manifest = build_demo_bundle(Path(args.out), Path(args.work), settings)
+    from training.samples import write_demo_samples
+
+    samples = write_demo_samples(args.samples or Path(args.out).parent / "samples")
     print(json.dumps(dict(manifest.metrics), indent=2, default=str))
+    print(f"{len(samples)} sample images for spine-node demo written")
     return 0
 
 
