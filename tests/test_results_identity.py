@@ -7,6 +7,7 @@ mislabels; every object is written to bytes, read back by pydicom and checked by
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import highdicom as hd
@@ -244,3 +245,15 @@ def test_not_processed_result_without_pixels_keeps_identity(tmp_path):
     objects = _objects(source, tmp_path, result)
     assert [b.Modality for _, b in objects] == ["SR"]
     assert objects[0][1].StudyInstanceUID == F01_STUDY
+
+
+def test_options_are_limited_in_utf8_bytes(tmp_path):
+    with pytest.raises(ValueError, match="institution_name"):
+        ResultOptions(institution_name="Ü" * 33)  # 33 characters, 66 bytes
+    options = ResultOptions(institution_name="Ü" * 32, sr_series_description="Ü" * 32, gsps=True)
+    demo = dataclasses.replace(MODEL, demo=True)
+    source = dx_source()
+    for path, _ in _objects(source, tmp_path, options=options):
+        assert dciodvfy_errors(path) == []
+    sr = build_results(source, positive(source), demo, options)[0]
+    assert len(sr.SeriesDescription.encode()) <= 64 and "DEMO" in sr.SeriesDescription

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from spine_node.results.codes import DEMO_TEXT
+from spine_node.results.text import fit_bytes
 from spine_node.results.types import ModelInfo
 
 
@@ -71,8 +72,10 @@ class ResultOptions:
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise TypeError(f"{name} must be a str, got {type(value).__name__}")
-            if len(value) > 64 or any(c in value for c in "\\\r\n\x00"):
-                raise ValueError(f"{name} must be a DICOM LO (<= 64 chars, no \\), got {value!r}")
+            if len(value.encode("utf-8")) > 64 or any(c in value for c in "\\\r\n\x00"):
+                raise ValueError(
+                    f"{name} must be a DICOM LO (<= 64 UTF-8 bytes, no \\), got {value!r}"
+                )
         for name in ("manufacturer", "device_name", "sr_series_description"):
             if not getattr(self, name).strip():
                 raise ValueError(f"{name} must not be empty")
@@ -87,4 +90,4 @@ class ResultOptions:
         if not model.demo:
             return base
         suffix = f" {DEMO_TEXT}"
-        return (base[: 64 - len(suffix)] + suffix).strip()
+        return (fit_bytes(base, 64 - len(suffix.encode("utf-8"))) + suffix).strip()
