@@ -60,3 +60,18 @@ def test_a_grade_outside_the_vocabulary_cannot_exist():
         Finding("Spondylolysthesis", 0.8, (10.0, 20.0, 60.0, 70.0), "VI")
     with pytest.raises(ValueError, match="grade"):
         Finding("Spondylolysthesis", 0.8, (10.0, 20.0, 60.0, 70.0), "2")
+
+
+def test_a_grader_file_that_could_output_another_grade_is_refused(tmp_path):
+    import numpy as np
+    from sklearn.ensemble import RandomForestClassifier
+
+    from spine_node.models.grader import Grader, load_grader
+    from training.meyerding import save_grader
+
+    x = np.random.default_rng(0).random((8, 4))
+    good = RandomForestClassifier(n_estimators=2, random_state=0).fit(x, ["I", "V"] * 4)
+    assert load_grader(save_grader(Grader(good), tmp_path / "good.joblib")).model is not None
+    bad = RandomForestClassifier(n_estimators=2, random_state=0).fit(x, ["I", "VI"] * 4)
+    with pytest.raises(ValueError, match="VI"):
+        load_grader(save_grader(Grader(bad), tmp_path / "bad.joblib"))

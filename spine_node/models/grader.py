@@ -136,11 +136,20 @@ def load_grader(path: Path) -> Grader:
     Raises
     ------
     ValueError
-        When the file is not a grader file of :data:`GRADER_FORMAT`.
+        When the file is not a grader file of :data:`GRADER_FORMAT`, or its classifier can
+        output a grade outside :data:`MEYERDING_GRADES` (the grader must not output a grade
+        the result objects have no code for).
     """
     obj = joblib.load(Path(path))
     if not isinstance(obj, Mapping) or obj.get("format") != GRADER_FORMAT:
         raise ValueError(f"{path}: not a Meyerding grader file ({GRADER_FORMAT})")
+    classes = [str(c) for c in getattr(obj["model"], "classes_", ())]
+    unknown = sorted(set(classes) - set(MEYERDING_GRADES))
+    if not classes or unknown:
+        raise ValueError(
+            f"{path}: the grader's classes {classes} are not all Meyerding grades "
+            f"{MEYERDING_GRADES} (unknown: {unknown})"
+        )
     return Grader(model=obj["model"], crop_size=int(obj["crop_size"]), margin=float(obj["margin"]))
 
 
