@@ -341,6 +341,29 @@ def retention_sweep(store: JobStore, spool_dir: Path, retention_s: float, now: f
     return removed
 
 
+def outbox_retention_sweep(
+    store: JobStore, outbox_dir: Path, retention_s: float, now: float
+) -> int:
+    """Delete outbox files delivered to every destination more than ``retention_s`` ago.
+
+    Objects not yet delivered (pending, sending, dead) keep their files for retries and replay.
+    Returns how many files were removed.
+    """
+    monitor = Monitor(store)
+    removed = 0
+    while True:
+        paths = monitor.expired_outbox(now - retention_s)
+        if not paths:
+            break
+        for relative in paths:
+            (outbox_dir / relative).unlink(missing_ok=True)
+        monitor.mark_outbox_removed(paths)
+        removed += len(paths)
+    if removed:
+        logger.info("retention removed %d delivered result objects from the outbox", removed)
+    return removed
+
+
 def start_scheduler(
     settings: Settings, store: JobStore, dispatcher: Dispatcher | None
 ) -> BackgroundScheduler:
@@ -366,6 +389,9 @@ def start_scheduler(
     scheduler.add_job(
         lambda: retention_sweep(
             store, settings.spool_dir, settings.spool_retention_h * 3600, time.time()
+        )
+        + outbox_retention_sweep(
+            store, settings.outbox_dir, settings.outbox_retention_h * 3600, time.time()
         ),
         "interval",
         seconds=300,

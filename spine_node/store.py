@@ -43,6 +43,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     delete,
     event,
@@ -1267,6 +1268,14 @@ class WorkerBeat(Base):
     last_job_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
+class OutboxRemoved(Base):
+    """A result object file removed from the outbox by retention (after every delivery)."""
+
+    __tablename__ = "outbox_removed"
+    path: Mapped[str] = mapped_column(String(255), primary_key=True)
+    removed_at: Mapped[float] = mapped_column(Float)
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     """What a worker's heartbeat says about it."""
@@ -1423,3 +1432,33 @@ class Monitor:
             return {int(i): (None if j is None else int(j), study) for i, j, study in rows}
 
         return self.store._run(send_context)
+
+    def expired_outbox(self, older_than: float, limit: int = 1000) -> list[str]:
+        """Outbox files delivered to every destination, the last delivery before ``older_than``.
+
+        Dead, pending or sending objects are never listed: their files stay for ``replay``.
+        """
+
+        def expired_outbox(s: Session) -> list[str]:
+            undelivered = func.sum(case((Outbound.state != SendState.SENT.value, 1), else_=0))
+            rows = s.execute(
+                select(Outbound.path)
+                .where(Outbound.path.not_in(select(OutboxRemoved.path)))
+                .group_by(Outbound.path)
+                .having((undelivered == 0) & (func.max(Outbound.sent_at) < older_than))
+                .limit(limit)
+            ).all()
+            return [str(r[0]) for r in rows]
+
+        return self.store._run(expired_outbox)
+
+    def mark_outbox_removed(self, paths: Sequence[str]) -> None:
+        """Record outbox files removed by retention (they are not listed again)."""
+        now = self.store.clock()
+
+        def mark_outbox_removed(s: Session) -> None:
+            for path in paths:
+                if s.get(OutboxRemoved, path) is None:
+                    s.add(OutboxRemoved(path=path, removed_at=now))
+
+        self.store._run(mark_outbox_removed)
