@@ -15,7 +15,7 @@ def test_delivered_objects_leave_the_outbox_after_the_retention(tmp_path: Path) 
     store = JobStore.open(f"sqlite:///{tmp_path / 'q.db'}", clock=lambda: now[0])
     outbox = tmp_path / "outbox"
     names = {uid: relative_name(uid) for uid in ("1.2.3.1", "1.2.3.2", "1.2.3.3")}
-    for uid, rel in names.items():
+    for rel in names.values():
         write_durable(outbox, rel, b"DICM")
     dicom = DestinationKind.DICOM
     store.add_sends([
