@@ -148,9 +148,11 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
             assert "(" in outcome["message"]  # the reason is on the outcome line
         delivered = [e for e in _json_lines(logs["spine-node-dispatcher.service"])
                      if "delivered" in e["message"]]
-        assert len(delivered) >= 2
+        assert all(e["send_id"] and e["destination"] == "pacs" for e in delivered)
+        per_image = [e for e in delivered if "job_id" in e]  # the image's SR and overlay
+        assert len(per_image) >= 2
         assert all(e["job_id"] == outcome["job_id"] and e["study_instance_uid"] == study
-                   and e["send_id"] for e in delivered)
+                   and f"of job {outcome['job_id']}" in e["message"] for e in per_image)
     finally:
         for proc in procs.values():
             if proc.poll() is None:
