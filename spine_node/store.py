@@ -1150,8 +1150,10 @@ class JobStore:
         return self._run(study_results)
 
     def studies(self) -> list[dict[str, Any]]:
-        """Every study with results: first arrival time, its results (for the worklist) and
-        how many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``)."""
+        """Every study with results: first arrival time, its results (for the worklist), how
+        many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``) and its
+        last queued study summary (``summary``: ``revision``, ``sop_instance_uid``; absent
+        before the first)."""
 
         def rows(s: Session) -> list[Any]:
             return list(
@@ -1191,6 +1193,24 @@ class JobStore:
         for study_uid, category, n in self._run(ignored):
             if study_uid in studies:
                 studies[study_uid]["ignored"][category] = n
+
+        def summaries(s: Session) -> list[Any]:
+            return list(
+                s.execute(
+                    select(
+                        StudyState.study_instance_uid,
+                        StudyState.queued_revision,
+                        StudyState.document_uid,
+                    ).where(StudyState.queued_revision > 0)
+                ).all()
+            )
+
+        for study_uid, revision, document_uid in self._run(summaries):
+            if study_uid in studies:
+                studies[study_uid]["summary"] = {
+                    "revision": int(revision),
+                    "sop_instance_uid": document_uid,
+                }
         return list(studies.values())
 
     def deliverable_spool(self, older_than: float) -> list[tuple[int, str]]:

@@ -27,8 +27,10 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     list of dict
         One row per study with ``rank``, ``priority``, ``max_score``, ``n_images``,
         ``n_positive``, ``n_not_processed``, ``n_not_image`` (objects ignored: not an image),
-        ``n_out_of_scope`` (images outside the intended use), ``arrival`` and
-        ``study_instance_uid``. Ignored objects never change the priority.
+        ``n_out_of_scope`` (images outside the intended use), ``arrival``,
+        ``study_instance_uid``, and ``summary_revision`` / ``summary_sop_instance_uid``: the
+        study summary SR revision that states the same priority (None before the first).
+        Ignored objects never change the priority.
     """
     rows = []
     for study in studies:
@@ -46,6 +48,9 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n_not_image": study.get("ignored", {}).get("not_image", 0),
                 "n_out_of_scope": study.get("ignored", {}).get("out_of_scope", 0),
                 "arrival": study["arrival"],
+                # the study summary SR that states this priority (its latest revision)
+                "summary_revision": study.get("summary", {}).get("revision"),
+                "summary_sop_instance_uid": study.get("summary", {}).get("sop_instance_uid"),
             }
         )
     rows.sort(

@@ -308,6 +308,11 @@ def test_f01_leading_zero_uids_are_carried_verbatim(node: Node, cases: Path,
                                                     tmp_path: Path) -> None:
     sources, results = process_file_case(node, cases, "F01", tmp_path)
     assert len(sources) == 2
+    # the study summary SR references both images: every source UID may be carried
+    carried = frozenset(
+        str(getattr(src, k)) for src in sources.values()
+        for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+    )
     for src in sources.values():
         sop, series, study = (str(src.SOPInstanceUID), str(src.SeriesInstanceUID),
                               str(src.StudyInstanceUID))
@@ -319,7 +324,9 @@ def test_f01_leading_zero_uids_are_carried_verbatim(node: Node, cases: Path,
             assert sop in ui_values(obj), obj.Modality
             for item in obj.get("ReferencedSeriesSequence", []):  # GSPS (and any other)
                 assert item.SeriesInstanceUID == series, (obj.Modality, item.SeriesInstanceUID)
-        (sr,) = [o for _, o in objects if o.SOPClassUID == SR_CLASS]
+        srs = [o for _, o in objects if o.SOPClassUID == SR_CLASS]
+        (sr,) = [o for o in srs if o.get("SeriesNumber") != 9900]  # the image's own SR
+        assert all(o.StudyInstanceUID == study for o in srs)  # and the study summary
         evidence = sr.CurrentRequestedProcedureEvidenceSequence[0]
         assert evidence.StudyInstanceUID == study
         refs = {(str(s.SeriesInstanceUID), str(i.ReferencedSOPInstanceUID))
@@ -330,7 +337,7 @@ def test_f01_leading_zero_uids_are_carried_verbatim(node: Node, cases: Path,
                    for key in ("SourceImageSequence", "ReferencedImageSequence")
                    for i in sc.get(key, [])}
         assert sop in sc_refs, sc_refs
-        check_dciodvfy(objects, carried=frozenset({sop, series, study}))
+        check_dciodvfy(objects, carried=carried)
 
 
 def test_f02_voi_lut_8bit_layouts_display_alike(node: Node, cases: Path, tmp_path: Path) -> None:
@@ -381,16 +388,23 @@ def test_f07_study_with_non_images(node: Node, cases: Path, tmp_path: Path) -> N
     (row,) = [r for r in node.worklist() if r["study_instance_uid"] == study]
     assert row["n_images"] == 1 and row["n_not_processed"] == 0, row
     assert row["priority"] == expected, row
-    (sr,) = [o for _, o in objects if o.SOPClassUID == SR_CLASS]
-    stated = [
-        (str(item.ConceptCodeSequence[0].CodeValue),
-         str(item.ConceptCodeSequence[0].CodingSchemeDesignator))
-        for item in _content_items(sr)
-        if item.get("ValueType") == "CODE"
-        and item.ConceptNameCodeSequence[0].CodeValue == codes.STUDY_PRIORITY.value
-    ]
+    # the study priority is stated by the study summary SR (series 9900), not the image's SR
+    srs = [o for _, o in objects if o.SOPClassUID == SR_CLASS]
+    (summary,) = [o for o in srs if o.get("SeriesNumber") == 9900]
+    (image_sr,) = [o for o in srs if o.get("SeriesNumber") != 9900]
+
+    def stated(sr: Dataset) -> list[tuple[str, str]]:
+        return [
+            (str(item.ConceptCodeSequence[0].CodeValue),
+             str(item.ConceptCodeSequence[0].CodingSchemeDesignator))
+            for item in _content_items(sr)
+            if item.get("ValueType") == "CODE"
+            and item.ConceptNameCodeSequence[0].CodeValue == codes.STUDY_PRIORITY.value
+        ]
+
     want = codes.PRIORITY_CODES[expected]
-    assert stated == [(want.value, want.scheme_designator)], stated
+    assert stated(summary) == [(want.value, want.scheme_designator)], stated(summary)
+    assert stated(image_sr) == []
     check_dciodvfy(objects)
 
 
@@ -563,7 +577,8 @@ def test_f14_abort_mid_transfer_then_resend(node: Node, cases: Path, tmp_path: P
     objects = objects_for(node, {sop})
     sops = [str(ds.SOPInstanceUID) for _, ds in objects]
     assert len(sops) == len(set(sops)), "a result object reached the PACS twice"
-    assert classes(objects).count(SR_CLASS) == 1, classes(objects)
+    series_numbers = [ds.get("SeriesNumber") for _, ds in objects if ds.SOPClassUID == SR_CLASS]
+    assert sorted(series_numbers) == [9900, 9901], series_numbers  # study summary + image SR
     check_dciodvfy(objects)
 
 

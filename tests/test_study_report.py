@@ -171,6 +171,7 @@ def test_study_summary_is_sent_then_amended_when_the_priority_changes(tmp_path: 
         assert hooks[1]["study_summary_sop_instance_uid"] == rev2
         assert hooks[1]["study_instance_uid"] == STUDY
         (row,) = build_worklist(node.store.studies())
+        assert (row["summary_revision"], row["summary_sop_instance_uid"]) == (2, rev2)
         assert (row["priority"], row["max_score"], row["n_images"]) == (
             hooks[1]["priority"]["level"],
             hooks[1]["priority"]["max_score"],
