@@ -17,7 +17,7 @@ import pytest
 from spine_node.node import build_worker, open_store, prepare_data_dir
 from spine_node.results import codes
 from spine_node.results.overlay import banner_lines
-from spine_node.results.types import CascadeResult
+from spine_node.results.types import CascadeResult, Status
 from spine_node.results.uids import ResultKind, bundle_key, series_instance_uid, study_document_uid
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import DestinationKind, InstanceRecord, SendSpec
@@ -216,8 +216,89 @@ def test_a_revision_whose_document_was_never_queued_is_built_again(tmp_path: Pat
         bundle = bundle_key(node.cascade.model_info)
         uid = study_document_uid(STUDY, bundle, 1)
         assert node.store.queue_study_document(
-            STUDY, 1, uid, "1.2.3", [SendSpec("pacs", DestinationKind.DICOM, uid, relative_name(uid))]
+            STUDY,
+            1,
+            uid,
+            "1.2.3",
+            [SendSpec("pacs", DestinationKind.DICOM, uid, relative_name(uid))],
         )
         assert node.store.advance_study(STUDY, images_key).changed is False
     finally:
         node.store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def bare_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from spine_node.store import JobStore
+
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'q.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    store = JobStore.open(url)
+    if request.param == "postgres":
+        with store.engine.begin() as conn:
+            conn.execute(
+                text(
+                    "TRUNCATE study_states, outbound, results, jobs, instances "
+                    "RESTART IDENTITY CASCADE"
+                )
+            )
+    yield store
+    store.close()
+
+
+def _finish(store, uid: str, status: str, score: float | None) -> None:  # type: ignore[no-untyped-def]
+    from spine_node.store import JobOutcome
+
+    store.record_instance(
+        InstanceRecord(
+            uid,
+            "1.2.840.10008.5.1.4.1.1.1",
+            STUDY,
+            "1.2.3.4",
+            "1.2.840.10008.1.2.1",
+            "MOD",
+            f"xx/{uid}.dcm",
+            100,
+        )
+    )
+    (job,) = store.claim_jobs("w", 60.0, 1, 3)
+    payload = CascadeResult(
+        uid, Status(status), score=score, reason=None if score is not None else "scripted"
+    ).to_json()
+    payload.update({"study_instance_uid": STUDY, "objects": []})
+    store.complete_job(job.job_id, "w", JobOutcome(status, score, payload["reason"], payload), [])
+
+
+def test_study_state_on_sqlite_and_postgres(bare_store) -> None:  # type: ignore[no-untyped-def]
+    import threading
+
+    _finish(bare_store, "9.1", "negative", 0.1)
+    first = bare_store.advance_study(STUDY, images_key)
+    assert (first.revision, first.changed, len(first.images)) == (1, True, 1)
+    assert first.images[0].sop_class_uid == "1.2.840.10008.5.1.4.1.1.1"
+    assert bare_store.queue_study_document(STUDY, 1, "2.25.1", "2.25.9", [])
+    _finish(bare_store, "9.2", "positive", 0.9)
+    # two workers finishing at once: exactly one opens revision 2, both see both images
+    snapshots = []
+    threads = [
+        threading.Thread(
+            target=lambda: snapshots.append(bare_store.advance_study(STUDY, images_key))
+        )
+        for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # one revision was opened (2, not 3); the later caller finds it owed (not yet queued)
+    assert all(s.changed for s in snapshots)
+    assert {s.revision for s in snapshots} == {2}
+    assert all(len(s.images) == 2 for s in snapshots)
+    (opened,) = {s.previous_document_uid for s in snapshots}
+    assert opened == "2.25.1"
+    assert bare_store.queue_study_document(STUDY, 2, "2.25.2", "2.25.9", [])
+    assert not bare_store.advance_study(STUDY, images_key).changed
