@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 
 _COPY_CHUNK = 4 * 1024 * 1024
@@ -87,7 +90,7 @@ def write_durable(root: Path, relative: str, data: bytes | Path, min_free_bytes:
         free = shutil.disk_usage(directory).free
         if free - size < min_free_bytes:
             raise SpoolFull(f"only {free} bytes free in {root}, watermark {min_free_bytes}")
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=".incoming-", suffix=".part")
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=_part_prefix(), suffix=".part")
     try:
         with os.fdopen(fd, "wb") as fh:
             if isinstance(data, Path):
@@ -109,12 +112,53 @@ def write_durable(root: Path, relative: str, data: bytes | Path, min_free_bytes:
     return target
 
 
-def remove_stale_parts(root: Path) -> int:
-    """Delete temporary ``.part`` files left by a crash; return how many were removed."""
+#: Temporary files of :func:`write_durable`: ``.incoming-<pid>@<host>@<random>.part``.
+_PART_RE = re.compile(r"^\.incoming-(\d+)@([^@/]*)@[^@/]*\.part$")
+#: A part file of another host (shared spool or outbox) is removed after this long.
+_FOREIGN_PART_AGE_S = 24 * 3600.0
+
+
+def _host() -> str:
+    return socket.gethostname().replace("@", "_").replace("/", "_")
+
+
+def _part_prefix() -> str:
+    """Names the writing process, so that another process sharing the folder keeps its file."""
+    return f".incoming-{os.getpid()}@{_host()}@"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_parts(root: Path, now: float | None = None) -> int:
+    """Delete temporary ``.part`` files left by a crash; return how many were removed.
+
+    The spool and the outbox may be shared by several processes (scale-out: one receiver
+    and several workers on a shared folder), so a part file is only removed when its writer
+    is gone: a process of this host that no longer runs, or any writer after 24 hours.
+    """
     if not root.exists():
         return 0
+    now = time.time() if now is None else now
+    host = _host()
     count = 0
     for part in root.rglob(".incoming-*.part"):
-        part.unlink(missing_ok=True)
-        count += 1
+        match = _PART_RE.match(part.name)
+        if match is not None and match.group(2) == host:
+            stale = not _alive(int(match.group(1)))
+        else:
+            try:
+                stale = match is None or now - part.stat().st_mtime > _FOREIGN_PART_AGE_S
+            except FileNotFoundError:
+                continue
+        if stale:
+            part.unlink(missing_ok=True)
+            count += 1
     return count

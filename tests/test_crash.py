@@ -11,12 +11,15 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 from pynetdicom import AE
 
 from spine_node.spool import relative_name
 from spine_node.store import JobStore
 from tests.nodekit import CountingPACS, make_image, node_settings, wait_for, write_config
+
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
 
 pytest_plugins = ("tests.fixtures_models",)
 

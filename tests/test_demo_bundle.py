@@ -21,6 +21,8 @@ from spine_node.results.types import Status
 from training.phantom import write_phantom_dataset
 from training.vindr import load_records
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
 CLI = [sys.executable, "-m", "spine_node.cli"]
 
 

@@ -7,8 +7,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from spine_node.store import JobStore
 from tests.nodekit import make_image, node_settings, wait_for, write_config
+
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
 
 
 def _vm(pid: int, key: str) -> int:

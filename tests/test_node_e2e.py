@@ -17,6 +17,8 @@ from pydicom import dcmread
 from spine_node.store import JobStore
 from tests.nodekit import CountingPACS, make_image, node_settings, storescu, wait_for, write_config
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
 CLI = [sys.executable, "-m", "spine_node.cli"]
 
 

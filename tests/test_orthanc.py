@@ -22,6 +22,8 @@ from spine_node.store import JobStore
 from tests.nodekit import make_image, node_settings, storescu, wait_for
 from tests.orthanc_kit import NEGATIVE, POSITIVE, Orthanc, ScriptedCascade
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"  # Comprehensive SR
 SC_CLASS = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"  # Grayscale Softcopy Presentation State

@@ -66,18 +66,21 @@ def _with(  # type: ignore[no-untyped-def]
 def test_results_in_order_with_model_info(
     cascade: Cascade, dx_dataset: Callable[..., pydicom.Dataset]
 ) -> None:
+    # a threshold no library default has: the one in force must come from the bundle
+    threshold = 0.3125
+    cascade = _with(cascade, threshold=threshold)
     datasets = [dx_dataset(seed=s) for s in (21, 22, 23)]
     results = cascade.analyze(datasets)
     assert [r.sop_instance_uid for r in results] == [ds.SOPInstanceUID for ds in datasets]
     for r in results:
         assert r.status in (Status.POSITIVE, Status.NEGATIVE), r.reason
         assert r.score is not None and 0.0 <= r.score <= 1.0
-        assert r.threshold == 0.478
+        assert r.threshold == threshold
         assert set(r.member_scores) == {"densenet", "efficientnet", "resnet"}
-        assert (r.status is Status.POSITIVE) == (r.score >= 0.478)
+        assert (r.status is Status.POSITIVE) == (r.score >= threshold)
     info = cascade.model_info
     assert info.name == "spine-node-tiny" and info.demo is True
-    assert info.parameters["threshold"] == 0.478 and info.parameters["tta_views"] == 5
+    assert info.parameters["threshold"] == threshold and info.parameters["tta_views"] == 5
     assert [m["arch"] for m in info.parameters["members"]] == [
         "densenet121",
         "tf_efficientnetv2_s",

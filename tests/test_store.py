@@ -300,3 +300,28 @@ def test_objects_that_are_not_processed_are_recorded_without_a_job(
     [row] = build_worklist([study])
     assert (row["n_images"], row["n_not_image"], row["n_out_of_scope"]) == (1, 1, 1)
     assert row["priority"] == "normal"  # ignored objects do not change the priority
+
+
+def test_part_files_of_running_writers_survive_a_restart(tmp_path: Path) -> None:
+    """A shared spool/outbox: a process that starts removes only dead writers' part files."""
+    import os
+    import socket
+
+    from spine_node.spool import remove_stale_parts, write_durable
+
+    folder = tmp_path / "ab"
+    folder.mkdir()
+    host = socket.gethostname()
+    live = folder / f".incoming-{os.getpid()}@{host}@x1.part"
+    gone = folder / f".incoming-999999999@{host}@x2.part"  # no such pid
+    legacy = folder / ".incoming-abc.part"  # written before part files named their writer
+    foreign = folder / ".incoming-12@otherhost@x3.part"
+    for path in (live, gone, legacy, foreign):
+        path.write_bytes(b"x")
+    assert remove_stale_parts(tmp_path) == 2
+    assert live.exists() and foreign.exists()
+    assert not gone.exists() and not legacy.exists()
+    assert remove_stale_parts(tmp_path, now=time.time() + 2 * 24 * 3600) == 1  # foreign, old
+    assert live.exists()
+    write_durable(tmp_path, "ab/y.dcm", b"data")
+    assert (folder / "y.dcm").read_bytes() == b"data"

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
 TRAIN = [sys.executable, "-m", "training.cli"]
 NODE = [sys.executable, "-m", "spine_node.cli"]
 ROOT = Path(__file__).resolve().parents[1]

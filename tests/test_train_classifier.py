@@ -19,6 +19,8 @@ from training.train_classifier import (
     train_fold,
 )
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
 TINY = {"growth_rate": 8, "block_config": [1, 1, 1, 1]}
 
 

@@ -25,6 +25,8 @@ from training.detector_extras import (
 )
 from training.train_detector import DetectorConfig, tiny_model_yaml, train_detector
 
+pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
 COMMON, RARE = 0, 5
 
 
