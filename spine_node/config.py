@@ -90,9 +90,11 @@ class ResultsSettings(_Strict):
     sr_series_number: int = Field(default=9901, ge=1, le=2**31 - 1)
     sc_series_number: int = Field(default=9902, ge=1, le=2**31 - 1)
     gsps_series_number: int = Field(default=9903, ge=1, le=2**31 - 1)
+    study_sr_series_number: int = Field(default=9900, ge=1, le=2**31 - 1)
     sr_series_description: str = "AI spine triage report"
     sc_series_description: str = "AI spine triage overlay"
     gsps_series_description: str = "AI spine triage annotations"
+    study_sr_series_description: str = "AI spine triage study summary"
     secondary_capture: bool = True
     gsps: bool = False
     institution_name: str = ""
