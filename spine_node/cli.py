@@ -219,6 +219,51 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return status
 
 
+def parse_time(text: str) -> float:
+    """ISO 8601 date or date-time (local time when it has no offset) -> epoch seconds.
+
+    Raises
+    ------
+    ConfigError
+        When ``text`` is not an ISO 8601 date or date-time.
+    """
+    from datetime import datetime
+
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise ConfigError("--since", text, "not an ISO 8601 date or date-time") from None
+    return moment.astimezone().timestamp()
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    """Queue finished images again; exit 1 when none matched."""
+    from spine_node.node import open_store
+    from spine_node.store import Monitor
+
+    settings = _settings(args)
+    since = None if args.since is None else parse_time(args.since)
+    store = open_store(settings)
+    try:
+        requeued, skipped = Monitor(store).requeue_finished(
+            study_instance_uid=args.study, sop_instance_uid=args.instance, received_since=since
+        )
+    finally:
+        store.close()
+    selector = (f"study {args.study}" if args.study else f"instance {args.instance}"
+                if args.instance else f"images received since {args.since}")
+    logging.getLogger(__name__).info(
+        "reprocess %s: %d images queued again, %d skipped", selector, len(requeued), len(skipped)
+    )
+    print(f"queued {len(requeued)} finished images again ({selector}); the worker analyses "
+          "them with the configured bundle and sends the new result objects")
+    for uid in skipped:
+        print(f"  skipped {uid}: the received image was removed by spool retention")
+    if not requeued and not skipped:
+        print(f"spine-node reprocess: no finished image matches {selector}", file=sys.stderr)
+    return 0 if requeued else 1
+
+
 def cmd_worklist(args: argparse.Namespace) -> int:
     """List studies by triage priority, then arrival."""
     from spine_node.node import open_store
@@ -293,6 +338,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("what", choices=["sends", "jobs"])
     p.add_argument("--id", type=int, action="append", help="only these ids (repeatable)")
     p.set_defaults(func=cmd_replay)
+
+    p = with_config(
+        sub.add_parser(
+            "reprocess",
+            help="analyse finished images again (e.g. after a bundle upgrade)",
+            description="Queue finished images again; the worker analyses them with the "
+            "configured bundle and sends the new result objects (a new bundle version gives "
+            "new UIDs; the study summary SR is amended when the study's priority changes). "
+            "Exit 1 when no finished image matches.",
+        )
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="UID", help="every image of this study")
+    which.add_argument("--instance", metavar="UID", help="this image (SOP Instance UID)")
+    which.add_argument("--since", metavar="TIME",
+                       help="images received since TIME (ISO 8601, local time without offset)")
+    p.set_defaults(func=cmd_reprocess)
 
     p = with_config(sub.add_parser("worklist", help="studies ranked by triage priority"))
     p.add_argument("--json", action="store_true")

@@ -1482,3 +1482,75 @@ class Monitor:
                     s.add(OutboxRemoved(path=path, removed_at=now))
 
         self.store._run(mark_outbox_removed)
+
+    def requeue_finished(
+        self,
+        *,
+        study_instance_uid: str | None = None,
+        sop_instance_uid: str | None = None,
+        received_since: float | None = None,
+    ) -> tuple[list[int], list[str]]:
+        """Queue finished images again (``spine-node reprocess``), for example after a bundle
+        upgrade.
+
+        Exactly one selector is given. A finished job (done, not processed or dead) goes back to
+        ``queued`` with its attempts reset; its previous result record is removed (the objects
+        already sent stay known as ours: their outbound rows are kept, detached). Images whose
+        source file was removed by spool retention cannot be analysed again and are returned
+        apart.
+
+        Returns
+        -------
+        (list of int, list of str)
+            The requeued job ids, and the SOP Instance UIDs skipped for a removed source.
+
+        Raises
+        ------
+        ValueError
+            When not exactly one selector is given.
+        """
+        chosen = [v is not None for v in (study_instance_uid, sop_instance_uid, received_since)]
+        if sum(chosen) != 1:
+            raise ValueError("give exactly one of study_instance_uid, sop_instance_uid, "
+                             f"received_since; got {chosen.count(True)}")
+        if study_instance_uid is not None:
+            where: Any = Instance.study_instance_uid == study_instance_uid
+        elif sop_instance_uid is not None:
+            where = Instance.sop_instance_uid == sop_instance_uid
+        else:
+            where = Instance.received_at >= received_since
+        finished = [state.value for state in TERMINAL_JOB_STATES]
+        now = self.store.clock()
+
+        def requeue_finished(s: Session) -> tuple[list[int], list[str]]:
+            rows = s.execute(
+                select(Job, Instance.sop_instance_uid, Instance.spool_deleted_at)
+                .join(Instance, Instance.id == Job.instance_id)
+                .where(where & Job.state.in_(finished))
+                .order_by(Job.id)
+            ).all()
+            requeued: list[int] = []
+            skipped: list[str] = []
+            for job, sop_uid, removed in rows:
+                if removed is not None:
+                    skipped.append(str(sop_uid))
+                    continue
+                result_ids = list(s.scalars(select(Result.id).where(Result.job_id == job.id)))
+                if result_ids:
+                    s.execute(
+                        update(Outbound)
+                        .where(Outbound.result_id.in_(result_ids))
+                        .values(result_id=None)
+                    )
+                    s.execute(delete(Result).where(Result.id.in_(result_ids)))
+                job.state = JobState.QUEUED.value
+                job.attempts = 0
+                job.not_before = 0.0
+                job.last_error = None
+                job.lease_owner = None
+                job.lease_until = None
+                job.updated_at = now
+                requeued.append(int(job.id))
+            return requeued, skipped
+
+        return self.store._run(requeue_finished)

@@ -1,0 +1,101 @@
+"""``spine-node reprocess``: finished images analysed again after a bundle upgrade, their new
+result objects delivered; nothing matching exits 1; an image whose source was removed is
+reported, not silently dropped."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pydicom import dcmread
+
+from spine_node.node import start_node
+from spine_node.store import JobStore
+from tests.nodekit import CountingPACS, make_image, node_settings, storescu, wait_for, write_config
+
+pytest_plugins = ("tests.fixtures_models",)
+
+CLI = [sys.executable, "-m", "spine_node.cli"]
+
+
+def _reprocess(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, "reprocess", "--config", str(config), *args],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def _finished(store: JobStore, uid: str) -> bool:
+    return store.job_state(uid) in ("done", "not_processed")
+
+
+def test_reprocess_after_a_bundle_upgrade_sends_new_objects(tmp_path: Path,
+                                                            tiny_bundle: Path) -> None:
+    upgraded = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle-v2"))
+    manifest = json.loads((upgraded / "manifest.json").read_text())
+    manifest["version"] = manifest["version"] + "-upgraded"
+    (upgraded / "manifest.json").write_text(json.dumps(manifest))
+    pacs = CountingPACS().start()
+    dest = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    settings = node_settings(tmp_path, bundle=str(tiny_bundle), device="cpu", destinations=dest)
+    image = tmp_path / "image.dcm"
+    make_image(image, rows=320, cols=256)
+    uid = str(dcmread(image).SOPInstanceUID)
+    study = str(dcmread(image).StudyInstanceUID)
+    try:
+        node = start_node(settings)
+        try:
+            assert storescu(settings.port, [image]).returncode == 0
+            wait_for(lambda: _finished(node.store, uid) and len(pacs.received) >= 2, timeout=120)
+            wait_for(lambda: node.store.status()["outbound"]["pacs"]["pending"] == 0, timeout=60)
+        finally:
+            node.stop()
+        first = set(pacs.received)
+
+        # the same configuration pointing at the upgraded bundle
+        upgraded_settings = settings.model_copy(update={"bundle": str(upgraded)})
+        config = write_config(tmp_path / "node.toml", upgraded_settings)
+        out = _reprocess(config, "--instance", uid)
+        assert out.returncode == 0, out.stderr
+        assert "queued 1 finished images again" in out.stdout
+        node = start_node(upgraded_settings)
+        try:
+            new = wait_for(lambda: set(pacs.received) - first, timeout=120)
+            wait_for(lambda: _finished(node.store, uid), timeout=120)
+            results = node.store.study_results(study)
+        finally:
+            node.stop()
+        assert len(new) >= 2  # the image's SR and overlay from the new bundle, new UIDs
+        assert len(results) == 1  # one current result per image, the new bundle's
+        sr_classes = [c for c in pacs.classes if c == "1.2.840.10008.5.1.4.1.1.88.33"]
+        assert len(sr_classes) >= 2
+        assert all(n == 1 for n in (pacs.received.count(u) for u in pacs.received))  # no dups
+
+        # nothing matching: exit 1 with a line saying so
+        out = _reprocess(config, "--study", "1.2.3.999")
+        assert out.returncode == 1 and "no finished image matches study 1.2.3.999" in out.stderr
+        out = _reprocess(config, "--since", "2000-01-01T00:00:00")
+        assert out.returncode == 0 and "queued 1 finished images again" in out.stdout
+        out = _reprocess(config, "--since", "yesterday")
+        assert out.returncode == 2 and "ISO 8601" in out.stderr
+    finally:
+        pacs.stop()
+
+
+def test_reprocess_reports_images_whose_source_was_removed(tmp_path: Path) -> None:
+    from spine_node.store import InstanceRecord, JobOutcome, Monitor
+
+    store = JobStore.open(f"sqlite:///{tmp_path / 'q.db'}")
+    for uid in ("1.2.9.1", "1.2.9.2"):
+        store.receive(InstanceRecord(uid, "1.2.840.10008.5.1.4.1.1.1", "1.2.9", "1.2.9.0",
+                                     "1.2.840.10008.1.2.1", "MOD", f"x/{uid}.dcm", 10))
+    for job in store.claim_jobs("w", 60.0, 2, max_attempts=3):
+        store.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {}), [])
+    removed_id = store.deliverable_spool(older_than=1e12)[0][0]
+    store.mark_spool_deleted(removed_id)
+    requeued, skipped = Monitor(store).requeue_finished(study_instance_uid="1.2.9")
+    assert len(requeued) == 1 and skipped == ["1.2.9.1"]
+    assert store.job_state("1.2.9.2") == "queued" and store.job_state("1.2.9.1") == "done"
+    assert store.study_results("1.2.9") == [("1.2.9.1", {})]  # the requeued result is gone
+    store.close()
