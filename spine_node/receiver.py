@@ -60,7 +60,7 @@ from spine_node.audit import AuditLog, AuditRecord, Direction
 from spine_node.config import Settings
 from spine_node.sop_classes import RADIOGRAPH_CLASSES, Category, classify, is_storage_like
 from spine_node.spool import SpoolFull, fsync_dir, relative_name, target_path, write_durable
-from spine_node.store import InstanceRecord, JobStore
+from spine_node.store import InstanceRecord, JobStore, resent_with_new_content
 from spine_node.tls import client_ssl_context, server_ssl_context
 from spine_node.transport import (
     INCOMING_DIR,
@@ -384,6 +384,10 @@ def _store(event: evt.Event, ctx: ReceiverContext, cmd_class: str, cmd_instance:
         return _Stored(STATUS_SUCCESS, "own_object", "our own result object", study_uid)
     if outcome == "duplicate_removed":
         (ctx.spool_dir / relative).unlink(missing_ok=True)  # retention already removed it
+    elif (again := resent_with_new_content(ctx.store, cmd_instance, ctx.spool_dir / relative)):
+        logger.info("job %d queued again: instance re-sent by %s with different content", again,
+                    calling_ae, extra={"job_id": again, "study_instance_uid": study_uid})
+        return _Stored(STATUS_SUCCESS, "stored", f"different content: job {again} again", study_uid)
     logger.info("C-STORE from %s: instance already received, not queued again", calling_ae)
     return _Stored(STATUS_SUCCESS, "duplicate", "already received", study_uid)
 

@@ -26,6 +26,7 @@ or back to ``pending`` with exponential backoff, or ``dead`` after the last atte
 from __future__ import annotations
 
 import enum
+import hashlib
 import json
 import logging
 import random
@@ -33,6 +34,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import (
@@ -1296,6 +1298,16 @@ class OutboxRemoved(Base):
     removed_at: Mapped[float] = mapped_column(Float)
 
 
+class AnalysedContent(Base):
+    """SHA-256 of the received file a finished job analysed (a re-send with other bytes is new)."""
+
+    __tablename__ = "analysed_content"
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    analysed_at: Mapped[float] = mapped_column(Float)
+    revision: Mapped[int] = mapped_column(Integer, default=1)
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     """What a worker's heartbeat says about it."""
@@ -1535,22 +1547,88 @@ class Monitor:
                 if removed is not None:
                     skipped.append(str(sop_uid))
                     continue
-                result_ids = list(s.scalars(select(Result.id).where(Result.job_id == job.id)))
-                if result_ids:
-                    s.execute(
-                        update(Outbound)
-                        .where(Outbound.result_id.in_(result_ids))
-                        .values(result_id=None)
-                    )
-                    s.execute(delete(Result).where(Result.id.in_(result_ids)))
-                job.state = JobState.QUEUED.value
-                job.attempts = 0
-                job.not_before = 0.0
-                job.last_error = None
-                job.lease_owner = None
-                job.lease_until = None
-                job.updated_at = now
+                _requeue_finished_job(s, job, now)
                 requeued.append(int(job.id))
             return requeued, skipped
 
         return self.store._run(requeue_finished)
+
+    def record_analysed(self, job_id: int, sha256: str) -> None:
+        """Remember the SHA-256 of the received file job ``job_id`` analysed."""
+        now = self.store.clock()
+
+        def record_analysed(s: Session) -> None:
+            instance_id = s.scalar(select(Job.instance_id).where(Job.id == job_id))
+            if instance_id is None:
+                return
+            row = s.get(AnalysedContent, instance_id)
+            if row is None:
+                s.add(AnalysedContent(instance_id=instance_id, sha256=sha256, analysed_at=now,
+                                      revision=1))
+            else:
+                row.sha256, row.analysed_at = sha256, now
+
+        self.store._run(record_analysed)
+
+    def analysis_revision(self, job_id: int) -> int:
+        """The analysis revision of a job's image (1 unless re-sent with other content)."""
+
+        def analysis_revision(s: Session) -> int:
+            revision = s.scalar(
+                select(AnalysedContent.revision)
+                .join(Job, Job.instance_id == AnalysedContent.instance_id)
+                .where(Job.id == job_id)
+            )
+            return 1 if revision is None else int(revision)
+
+        return self.store._run(analysis_revision)
+
+    def resent_with_new_content(self, sop_instance_uid: str, sha256: str) -> int | None:
+        """Queue a finished image again when it was re-sent with other bytes than analysed.
+
+        Returns
+        -------
+        int or None
+            The requeued job's id; None when the content is the one analysed, or the image
+            was not analysed yet (its job will read the new file anyway).
+        """
+        finished = [state.value for state in TERMINAL_JOB_STATES]
+        now = self.store.clock()
+
+        def resent(s: Session) -> int | None:
+            row = s.execute(
+                select(Job, AnalysedContent)
+                .join(Instance, Instance.id == Job.instance_id)
+                .join(AnalysedContent, AnalysedContent.instance_id == Instance.id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+            ).first()
+            if row is None or row[1].sha256 == sha256 or row[0].state not in finished:
+                return None
+            row[1].revision += 1  # the new analysis's objects get new UIDs
+            _requeue_finished_job(s, row[0], now)
+            return int(row[0].id)
+
+        return self.store._run(resent)
+
+
+def _requeue_finished_job(s: Session, job: Job, now: float) -> None:
+    """Put a finished job back in the queue; its result record goes (sent objects stay ours)."""
+    result_ids = list(s.scalars(select(Result.id).where(Result.job_id == job.id)))
+    if result_ids:
+        s.execute(update(Outbound).where(Outbound.result_id.in_(result_ids)).values(result_id=None))
+        s.execute(delete(Result).where(Result.id.in_(result_ids)))
+    job.state = JobState.QUEUED.value
+    job.attempts = 0
+    job.not_before = 0.0
+    job.last_error = None
+    job.lease_owner = None
+    job.lease_until = None
+    job.updated_at = now
+
+
+def resent_with_new_content(store: JobStore, sop_instance_uid: str, path: Path) -> int | None:
+    """The receiver's check for a duplicate: the job id queued again when the file at ``path``
+    differs from what was analysed (see :meth:`Monitor.resent_with_new_content`)."""
+    with open(path, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    return Monitor(store).resent_with_new_content(sop_instance_uid, digest)

@@ -12,6 +12,8 @@ that is impossible does the job end ``dead``. SIGTERM (``stop`` set) lets the cu
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -144,12 +146,16 @@ class Worker:
         if not jobs:
             return 0
         readable: list[tuple[ClaimedJob, Dataset]] = []
+        analysed: dict[int, str] = {}  # job id -> SHA-256 of the file read (re-send detection)
         for job in jobs:
             if job.report_reason is not None:
                 self._report_exhausted(job, job.report_reason)
                 continue
             try:
-                ds: Dataset = dcmread(self.spool_dir / job.spool_path, force=True)
+                path = self.spool_dir / job.spool_path
+                ds: Dataset = dcmread(path, force=True)
+                with open(path, "rb") as handle:
+                    analysed[job.job_id] = hashlib.file_digest(handle, "sha256").hexdigest()
                 readable.append((job, ds))
             except Exception as exc:
                 self._fail(job, None, f"spooled file could not be read: {exc}")
@@ -177,6 +183,7 @@ class Worker:
             for (job, ds), result in zip(readable, results, strict=True):
                 try:
                     self._finish(job, ds, result)
+                    self._note_analysed(job, analysed[job.job_id])
                 except LeaseLost as exc:
                     logger.warning("job %d: %s; result discarded", job.job_id, exc, extra=_fields(job))
                 except Exception as exc:
@@ -184,8 +191,20 @@ class Worker:
                     self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
         return len(jobs)
 
+    def _note_analysed(self, job: ClaimedJob, sha256: str) -> None:
+        """Remember which bytes were analysed: a re-send with other bytes is analysed again."""
+        try:
+            Monitor(self.store).record_analysed(job.job_id, sha256)
+        except Exception as exc:
+            logger.warning("job %d: analysed-content hash not recorded: %s", job.job_id, exc,
+                           extra=_fields(job))
+
     def _finish(self, job: ClaimedJob, ds: Dataset, result: CascadeResult) -> None:
-        objects = self.build_results(ds, result, self.cascade.model_info)
+        model = self.cascade.model_info
+        revision = Monitor(self.store).analysis_revision(job.job_id)
+        if revision != 1:  # re-sent with other content: new objects, new UIDs
+            model = dataclasses.replace(model, analysis_revision=revision)
+        objects = self.build_results(ds, result, model)
         sends: list[SendSpec] = []
         for obj in objects:
             uid = str(obj.SOPInstanceUID)

@@ -5,11 +5,13 @@ reported, not silently dropped."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
 
 from spine_node.node import start_node
@@ -99,3 +101,41 @@ def test_reprocess_reports_images_whose_source_was_removed(tmp_path: Path) -> No
     assert store.job_state("1.2.9.2") == "queued" and store.job_state("1.2.9.1") == "done"
     assert store.study_results("1.2.9") == [("1.2.9.1", {})]  # the requeued result is gone
     store.close()
+
+
+def test_resent_image_with_other_content_is_analysed_again(
+    tmp_path: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pacs = CountingPACS().start()
+    dest = [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}]
+    settings = node_settings(tmp_path, bundle=str(tiny_bundle), device="cpu", destinations=dest)
+    image = tmp_path / "image.dcm"
+    ds = make_image(image, rows=320, cols=256, seed=1)
+    uid = str(ds.SOPInstanceUID)
+    node = start_node(settings)
+    try:
+        def settled() -> bool:
+            sends = node.store.status()["outbound"].get("pacs", {})
+            return _finished(node.store, uid) and sends.get("pending", 1) == 0 \
+                and sends.get("sending", 1) == 0
+
+        assert storescu(settings.port, [image]).returncode == 0
+        wait_for(settled, timeout=120)
+        first = set(pacs.received)
+        # the same bytes again: a duplicate, nothing new
+        assert storescu(settings.port, [image]).returncode == 0
+        assert node.store.job_state(uid) in ("done", "not_processed")
+        # a corrected image: same SOP Instance UID, other pixels
+        make_image(image, rows=320, cols=256, seed=2, sop_uid=uid,
+                   study_uid=str(ds.StudyInstanceUID))
+        with caplog.at_level(logging.INFO, logger="spine_node.receiver"):
+            assert storescu(settings.port, [image]).returncode == 0
+        assert any("re-sent" in r.getMessage() and "different content" in r.getMessage()
+                   for r in caplog.records)
+        new = wait_for(lambda: (set(pacs.received) - first) if settled() else None, timeout=120)
+        assert len(new) >= 2  # the corrected image's SR and overlay, with new UIDs
+        assert node.store.status()["instances"] == 1
+        assert all(pacs.received.count(u) == 1 for u in pacs.received)  # nothing sent twice
+    finally:
+        node.stop()
+        pacs.stop()

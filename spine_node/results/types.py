@@ -80,6 +80,10 @@ class ModelInfo:
         Free text from the manifest.
     parameters : Mapping[str, Any]
         Algorithm parameters worth recording (member weights, hashes, threshold, TTA views).
+    analysis_revision : int
+        1 normally; 2 and more when an image re-sent with other content (same SOP Instance
+        UID) is analysed again. Part of the derived UIDs, so the new objects never collide
+        with the ones already sent.
     """
 
     name: str
@@ -87,6 +91,7 @@ class ModelInfo:
     demo: bool = False
     intended_use: str = ""
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    analysis_revision: int = 1
 
 
 @dataclass(frozen=True)

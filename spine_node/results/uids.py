@@ -108,11 +108,14 @@ def uid_from_name(*parts: str) -> str:
 
 
 def bundle_key(model: ModelInfo) -> str:
-    """Return the bundle identity used in UIDs: ``"<name>/<version>"``."""
+    """Return the bundle identity used in UIDs: ``"<name>/<version>"``, with ``"/r<n>"``
+    appended for an analysis revision ``n`` > 1 (a re-sent image with other content)."""
     if not isinstance(model, ModelInfo):
         raise TypeError(f"model must be a ModelInfo, got {type(model).__name__}")
     if not model.name or not model.version:
         raise ValueError(f"model needs a name and a version, got {model.name!r}/{model.version!r}")
+    if model.analysis_revision != 1:
+        return f"{model.name}/{model.version}/r{model.analysis_revision}"
     return f"{model.name}/{model.version}"
 
 
