@@ -56,6 +56,8 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from spine_node.results.types import Status
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -75,7 +77,7 @@ class JobState(str, enum.Enum):
     RUNNING = "running"
     FAILED = "failed"
     DONE = "done"
-    NOT_PROCESSED = "not_processed"
+    NOT_PROCESSED = Status.NOT_PROCESSED.value  # the result's verdict, same word
     DEAD = "dead"
 
 
@@ -257,12 +259,36 @@ class ClaimedJob:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    """What a finished job recorded."""
+    """What a finished job recorded.
 
-    status: str
+    Attributes
+    ----------
+    status : Status
+        The result's verdict (the one vocabulary of results, jobs and studies; a plain
+        string naming one is converted).
+    score, reason : float or None, str or None
+        As in the result.
+    payload : dict
+        The result's JSON form (``ResultRecord.to_json``).
+
+    Raises
+    ------
+    ValueError
+        When ``status`` names no :class:`Status`.
+    """
+
+    status: Status
     score: float | None
     reason: str | None
     payload: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "status", Status(self.status))
+        except ValueError:
+            raise ValueError(
+                f"outcome status must be one of {[s.value for s in Status]}, got {self.status!r}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -703,10 +729,6 @@ class JobStore:
         LeaseLost
             When the lease was lost (another worker may have processed it): nothing is written.
         """
-        if outcome.status not in ("positive", "negative", "not_processed"):
-            raise ValueError(
-                f"outcome.status must be positive/negative/not_processed, got {outcome.status!r}"
-            )
         now = self.clock()
 
         def complete_job(s: Session) -> None:
@@ -718,7 +740,7 @@ class JobStore:
                 job_id=job.id,
                 instance_id=inst.id,
                 study_instance_uid=inst.study_instance_uid,
-                status=outcome.status,
+                status=outcome.status.value,
                 score=outcome.score,
                 reason=outcome.reason,
                 payload=json.dumps(outcome.payload, sort_keys=True),
@@ -729,12 +751,12 @@ class JobStore:
             self._add_sends(s, result.id, sends, now)
             job.state = (
                 JobState.NOT_PROCESSED.value
-                if outcome.status == "not_processed"
+                if outcome.status is Status.NOT_PROCESSED
                 else JobState.DONE.value
             )
             job.lease_owner = None
             job.lease_until = None
-            job.last_error = outcome.reason if outcome.status == "not_processed" else None
+            job.last_error = outcome.reason if outcome.status is Status.NOT_PROCESSED else None
             job.updated_at = now
 
         self._run(complete_job)

@@ -217,7 +217,7 @@ class Worker:
             job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)
         )
         payload = record.to_json()
-        outcome = JobOutcome(result.status.value, result.score, result.reason, payload)
+        outcome = JobOutcome(result.status, result.score, result.reason, payload)
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends)
         try:
             Monitor(self.store).worker_job_done(self.settings.owner, job.job_id)

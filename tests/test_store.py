@@ -325,3 +325,12 @@ def test_part_files_of_running_writers_survive_a_restart(tmp_path: Path) -> None
     assert live.exists()
     write_durable(tmp_path, "ab/y.dcm", b"data")
     assert (folder / "y.dcm").read_bytes() == b"data"
+
+
+def test_an_outcome_speaks_the_result_vocabulary() -> None:
+    from spine_node.results.types import Status
+
+    assert JobOutcome("negative", 0.1, None, {}).status is Status.NEGATIVE
+    assert JobState.NOT_PROCESSED.value == Status.NOT_PROCESSED.value
+    with pytest.raises(ValueError, match="'abnormal'"):
+        JobOutcome("abnormal", 0.9, None, {})
