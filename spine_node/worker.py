@@ -243,6 +243,10 @@ class Worker:
             extra=_fields(job),
         )
 
+    def _threshold(self) -> float:
+        """The bundle's decision threshold, stated in every report (never a library default)."""
+        return float(self.cascade.model_info.parameters["threshold"])
+
     def _report_exhausted(self, job: ClaimedJob, reason: str) -> None:
         """End a job whose attempts are spent "not processed", without decoding its pixels.
 
@@ -256,6 +260,7 @@ class Worker:
                 sop_instance_uid=job.sop_instance_uid,
                 status=Status.NOT_PROCESSED,
                 reason=reason[:500],
+                threshold=self._threshold(),
             )
             self._finish(job, _without_pixels(header), result)
         except LeaseLost as exc:
@@ -276,6 +281,7 @@ class Worker:
                     sop_instance_uid=job.sop_instance_uid,
                     status=Status.NOT_PROCESSED,
                     reason=reason[:500],
+                    threshold=self._threshold(),
                 )
                 self._finish(job, ds, result)
                 return

@@ -246,7 +246,8 @@ class ScriptedCascade:
         default: Scripted = NEGATIVE,
         fail_once: Iterable[str] = (),
     ) -> None:
-        self.model_info = ModelInfo(name="scripted-cascade", version="1.0.0")
+        self.model_info = ModelInfo(name="scripted-cascade", version="1.0.0",
+                                    parameters={"threshold": 0.5})
         self.script = dict(script)
         self.default = default
         self.fail_once = set(fail_once)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from tests.nodekit import make_image, node_settings
 pytest_plugins = ("tests.fixtures_models",)
 
 SR_CLASS = "1.2.840.10008.5.1.4.1.1.88.33"
+THRESHOLD = 0.3125
 
 
 def _receive(store, spool: Path, ds: pydicom.Dataset, source: Path) -> str:  # type: ignore[no-untyped-def]
@@ -31,11 +33,15 @@ def _receive(store, spool: Path, ds: pydicom.Dataset, source: Path) -> str:  # t
 
 
 def test_worker_processes_reports_and_queues_sends_in_the_real_store(
-    tmp_path: Path, tiny_bundle: Path, dx_dataset: Callable[..., pydicom.Dataset]
+    tmp_path: Path, tiny_bundle_copy: Path, dx_dataset: Callable[..., pydicom.Dataset]
 ) -> None:
     torch.set_num_threads(1)
+    manifest = tiny_bundle_copy / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["triage"]["threshold"] = THRESHOLD  # no library default has it: reports must take the bundle's
+    manifest.write_text(json.dumps(data))
     settings = node_settings(
-        tmp_path, bundle=str(tiny_bundle), device="cpu", decode_isolation=False,
+        tmp_path, bundle=str(tiny_bundle_copy), device="cpu", decode_isolation=False,
         job_max_attempts=2, worker_batch_size=2,
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}],
     )
@@ -69,7 +75,7 @@ def test_worker_processes_reports_and_queues_sends_in_the_real_store(
             for uid, payload in study["results"]:
                 records[uid] = ResultRecord.from_json(payload)
         assert records[spine_uid].result.status in (Status.POSITIVE, Status.NEGATIVE)
-        assert records[spine_uid].result.threshold == 0.478  # the tiny bundle's, from its manifest
+        assert {r.result.threshold for r in records.values()} == {THRESHOLD}
         assert records[ct_uid].result.status is Status.NOT_PROCESSED
         assert records[ct_uid].result.reason
         assert records[killer_uid].result.reason == "worker died during processing 2 times"
