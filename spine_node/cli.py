@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="analyse finished images again (e.g. after a bundle upgrade)",
             description="Queue finished images again; the worker analyses them with the "
             "configured bundle and sends the new result objects (a new bundle version gives "
-            "new UIDs; the study summary SR is amended when the study's priority changes). "
+            "new UIDs; the study summary SR is amended). "
             "Exit 1 when no finished image matches.",
         )
     )

@@ -2,7 +2,8 @@
 
 After each finished image the worker calls :meth:`StudyReporter.report`. In one transaction
 the store reads every analysed image of the study and opens a new summary revision when the
-study's priority changed (``JobStore.advance_study`` with ``images_key``); the reporter then builds that
+study's analysed images or their outcomes changed (``JobStore.advance_study`` with ``images_key``);
+the reporter then builds that
 revision's SR (``results.study``, amending the previous revision) and the webhook body from
 the same snapshot, writes them to the outbox and queues their sends, unless a newer revision
 was opened meanwhile (``JobStore.queue_study_document``). The worklist ranks studies with the
@@ -62,8 +63,15 @@ class StudyReportSettings:
 
 
 def images_key(images: Sequence[StudyImage]) -> str:
-    """What opens a new summary revision: the study's priority (``results.study.priority_key``)."""
-    return priority_key([(i.sop_instance_uid, CascadeResult.from_json(i.payload)) for i in images])
+    """What opens a new summary revision: what the summary states.
+
+    The study's priority (``results.study.priority_key``) and every analysed image with its
+    outcome, so that the current revision always references all analysed images of the
+    study: a new image, or a new outcome for one (re-analysis), amends the summary.
+    """
+    results = [(i.sop_instance_uid, CascadeResult.from_json(i.payload)) for i in images]
+    outcomes = sorted(f"{uid}={result.status.value}" for uid, result in results)
+    return "|".join([priority_key(results), *outcomes])
 
 
 class StudyReporter:

@@ -267,11 +267,18 @@ def test_positive_gsps_replay_and_rerun_add_nothing(tmp_path: Path, orthanc: Ort
         series = _result_series(orthanc, STUDY)
         _check_result_series(series, numbers, descriptions, uids, {uids[0]})
         count = orthanc.instance_count()
-        # sources, SR and SC per image, one GSPS, one study summary (abnormal from image 1 on)
-        assert count == 3 + 2 * 3 + 1 + 1
-        (summary,) = series[9900]["instances"]
-        assert summary["StudyInstanceUID"] == STUDY
-        assert _referenced_sops(summary, "CurrentRequestedProcedureEvidenceSequence") == {uids[0]}
+        # sources, SR and SC per image, one GSPS, one study summary revision per analysed
+        # image (each amends the one before and references every image analysed so far)
+        assert count == 3 + 2 * 3 + 1 + 3
+        summaries = series[9900]["instances"]
+        assert len(summaries) == 3
+        assert all(summary["StudyInstanceUID"] == STUDY for summary in summaries)
+        referenced = sorted(
+            (_referenced_sops(summary, "CurrentRequestedProcedureEvidenceSequence")
+             for summary in summaries),
+            key=len,
+        )
+        assert referenced == [{uids[0]}, {uids[0], uids[1]}, set(uids)]
         # nothing is dead or failed now: replaying jobs requeues nothing and sends nothing
         assert first.store.replay("jobs") == 0
         assert first.store.replay("sends") == 0

@@ -183,17 +183,32 @@ def test_study_summary_is_sent_then_amended_when_the_priority_changes(tmp_path: 
         assert sum(outbound["pacs"].values()) == 2 * 2 + 2  # 2 images x (SR + SC) + 2 revisions
         assert sum(outbound["webhook"].values()) == 2
 
-        # a third, negative image leaves the priority abnormal: no new revision, and nothing
-        # revision 2 states becomes false (its counts are tied to the revision)
+        # a third, negative image leaves the priority abnormal but amends the summary, so
+        # that the current revision references every analysed image of the study
         third = node.receive("third", 3)
         node.cascade.script[str(third.SOPInstanceUID)] = NEGATIVE
         assert node.worker.run_once() == 1
         snapshot = node.store.advance_study(STUDY, images_key)
-        assert (snapshot.revision, snapshot.changed) == (2, False)
+        assert (snapshot.revision, snapshot.changed) == (3, False)
         assert len(snapshot.images) == 3
-        assert len(node.webhooks()) == 2
+        hooks = node.webhooks()
+        assert [h["revision"] for h in hooks] == [1, 2, 3]
+        assert hooks[2]["priority"]["level"] == "abnormal"
+        rev3 = study_document_uid(STUDY, bundle, 3)
+        sr3 = pydicom.dcmread(node.settings.outbox_dir / relative_name(rev3))
+        assert sr3.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
+            .ReferencedSOPSequence[0].ReferencedSOPInstanceUID == rev2
+        referenced = {
+            sop.ReferencedSOPInstanceUID
+            for series in sr3.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+            for sop in series.ReferencedSOPSequence
+        }
+        assert referenced == {str(first.SOPInstanceUID), str(second.SOPInstanceUID),
+                              str(third.SOPInstanceUID)}
+        # the same images again change nothing: no revision 4
+        assert node.store.advance_study(STUDY, images_key).changed is False
         assert not (
-            node.settings.outbox_dir / relative_name(study_document_uid(STUDY, bundle, 3))
+            node.settings.outbox_dir / relative_name(study_document_uid(STUDY, bundle, 4))
         ).exists()
         assert build_worklist(node.store.studies())[0]["priority"] == "abnormal"
         # a stale revision is never queued

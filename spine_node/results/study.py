@@ -10,8 +10,9 @@ a later image can change) lives here, in one Comprehensive SR per study, TID 150
 - one group per analysed image states its triage result (SN-100) and probability and
   references that image (facts about that image, which later images cannot change).
 
-Revision 1 is sent when the first image of the study finishes. When the priority changes
-(``priority_key``), a new revision is sent: a new document with a new SOP Instance UID
+Revision 1 is sent when the first image of the study finishes. When the study's priority
+(``priority_key``) or its set of analysed images and their outcomes changes, a new revision is
+sent, so that the newest revision always references every analysed image: a new document with a new SOP Instance UID
 (``uids.study_document_uid``: study, bundle, revision) whose Predecessor Documents Sequence
 references the revision it amends, as DICOM amends SR documents. All revisions share one
 series per study and bundle. Nothing the document states can be made false by a later image
@@ -253,7 +254,7 @@ def _study_group(
         f"Study summary revision {revision}, written when {priority.n_images} image(s) of the "
         f"study had been analysed: {priority.n_positive} positive, "
         f"{priority.n_not_processed} not processed, highest probability {highest}. A new "
-        "revision amends this one when the study's priority changes.",
+        "revision amends this one when another image is analysed or the priority changes.",
     ]
     if predecessor is not None:
         comments.append(f"Amends the study summary {predecessor.sop_instance_uid}.")
