@@ -420,7 +420,7 @@ def build_gsps(
         instance_number=1,
         manufacturer=options.manufacturer,
         manufacturer_model_name=model.name[:64],
-        software_versions=cast(tuple[str], tuple(software_versions(model))),
+        software_versions=cast(tuple[str], software_versions(model)),  # a list: pydicom warns on tuples
         device_serial_number=cast(str, None),
         content_label=CONTENT_LABEL,
         content_description=description[:64],
