@@ -42,6 +42,7 @@ class DecoderCrash(RuntimeError):
 
 
 def _child(conn: multiprocessing.connection.Connection, fn: PrepareFn) -> None:
+    conn.send(("ready", None))  # imports done: from now on only decoding is timed
     while True:
         try:
             message = conn.recv()
@@ -67,14 +68,22 @@ class IsolatedPreparer:
         The preparation function run in the child (module-level, picklable); default
         :func:`spine_node.imaging.prepare`.
     timeout_s : float
-        How long one image may take before the child is killed.
+        How long one image may take before the child is killed (seconds; the child's
+        start-up is not counted).
+    start_timeout_s : float
+        How long a new child may take to start (spawn and imports: slow on a busy host).
     """
 
-    def __init__(self, fn: PrepareFn = prepare, timeout_s: float = 120.0) -> None:
+    def __init__(
+        self, fn: PrepareFn = prepare, timeout_s: float = 120.0, start_timeout_s: float = 300.0
+    ) -> None:
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s!r}")
+        if start_timeout_s <= 0:
+            raise ValueError(f"start_timeout_s must be > 0, got {start_timeout_s!r}")
         self.fn = fn
         self.timeout_s = timeout_s
+        self.start_timeout_s = start_timeout_s
         self._ctx = multiprocessing.get_context("spawn")
         self._proc: Any = None
         self._conn: multiprocessing.connection.Connection | None = None
@@ -88,6 +97,16 @@ class IsolatedPreparer:
         self._proc.start()
         child.close()
         self._conn = parent
+        try:
+            ready = parent.poll(self.start_timeout_s) and parent.recv()[0] == "ready"
+        except (EOFError, OSError):
+            ready = False
+        if not ready:
+            code = self._kill()
+            raise DecoderCrash(
+                f"decoder process did not start within {self.start_timeout_s:g} s "
+                f"(exit code {code})"
+            )
         return parent
 
     def _kill(self) -> int | None:

@@ -112,3 +112,16 @@ def test_worker_fails_only_the_crashing_job_then_reports_not_processed(
     finally:
         iso.close()
         store.close()
+
+
+def test_start_up_is_timed_apart_from_decoding(tmp_path: Path) -> None:
+    # a child that cannot even start in time is reported as such, and the next call starts
+    # a fresh one; the per-image timeout never includes the child's start-up
+    iso = IsolatedPreparer(hostile_prepare, timeout_s=5, start_timeout_s=0.001)
+    try:
+        with pytest.raises(DecoderCrash, match="did not start within"):
+            iso(_ds(tmp_path, "OK"), PARAMS)
+        iso.start_timeout_s = 300
+        assert iso(_ds(tmp_path, "OK"), PARAMS).triage.shape == (64, 64)
+    finally:
+        iso.close()
