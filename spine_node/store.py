@@ -1330,6 +1330,14 @@ class AnalysedContent(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1)
 
 
+class Superseded(Base):
+    """Result objects of an image's previous analysis, which the next analysis's SR amends."""
+
+    __tablename__ = "superseded_objects"
+    instance_id: Mapped[int] = mapped_column(ForeignKey("instances.id"), primary_key=True)
+    object_uids: Mapped[str] = mapped_column(Text)
+
+
 @dataclass(frozen=True)
 class WorkerIdentity:
     """What a worker's heartbeat says about it."""
@@ -1605,6 +1613,19 @@ class Monitor:
 
         return self.store._run(analysis_revision)
 
+    def superseded_objects(self, job_id: int) -> list[str]:
+        """SOP Instance UIDs of the objects the previous analysis of a job's image sent."""
+
+        def superseded_objects(s: Session) -> list[str]:
+            text = s.scalar(
+                select(Superseded.object_uids)
+                .join(Job, Job.instance_id == Superseded.instance_id)
+                .where(Job.id == job_id)
+            )
+            return [] if text is None else [str(u) for u in json.loads(text)]
+
+        return self.store._run(superseded_objects)
+
     def resent_with_new_content(self, sop_instance_uid: str, sha256: str) -> int | None:
         """Queue a finished image again when it was re-sent with other bytes than analysed.
 
@@ -1635,7 +1656,15 @@ class Monitor:
 
 def _requeue_finished_job(s: Session, job: Job, now: float) -> None:
     """Put a finished job back in the queue; its result record goes (sent objects stay ours)."""
-    result_ids = list(s.scalars(select(Result.id).where(Result.job_id == job.id)))
+    previous = s.execute(select(Result.id, Result.payload).where(Result.job_id == job.id)).all()
+    result_ids = [int(r[0]) for r in previous]
+    objects = [uid for _, payload in previous for uid in json.loads(payload).get("objects", [])]
+    if objects:
+        row = s.get(Superseded, job.instance_id)
+        if row is None:
+            s.add(Superseded(instance_id=job.instance_id, object_uids=json.dumps(objects)))
+        else:
+            row.object_uids = json.dumps(objects)
     if result_ids:
         s.execute(update(Outbound).where(Outbound.result_id.in_(result_ids)).values(result_id=None))
         s.execute(delete(Result).where(Result.id.in_(result_ids)))

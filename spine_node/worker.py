@@ -191,6 +191,28 @@ class Worker:
                     self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
         return len(jobs)
 
+    def _amend_previous(self, job: ClaimedJob, objects: Sequence[Dataset]) -> None:
+        """Make the new per-image SR amend the SR of the image's previous analysis (reprocess or
+        a re-send with other content): Predecessor Documents Sequence, as DICOM amends SRs."""
+        previous = Monitor(self.store).superseded_objects(job.job_id)
+        new_uids = {str(o.SOPInstanceUID) for o in objects}
+        for uid in previous:
+            if uid in new_uids:
+                continue  # the same object again (same bundle, same bytes)
+            try:
+                old = dcmread(self.outbox_dir / relative_name(uid), stop_before_pixels=True)
+            except OSError:
+                logger.info("job %d: previous object %s no longer in the outbox; not amended",
+                            job.job_id, uid, extra=_fields(job))
+                continue
+            if str(old.get("Modality", "")) != "SR":
+                continue
+            for sr in objects:
+                if str(sr.get("Modality", "")) == "SR" and sr.get("SeriesNumber") == old.get(
+                    "SeriesNumber"
+                ):
+                    sr.PredecessorDocumentsSequence = [_predecessor(old)]
+
     def _note_analysed(self, job: ClaimedJob, sha256: str) -> None:
         """Remember which bytes were analysed: a re-send with other bytes is analysed again."""
         try:
@@ -205,6 +227,7 @@ class Worker:
         if revision != 1:  # re-sent with other content: new objects, new UIDs
             model = dataclasses.replace(model, analysis_revision=revision)
         objects = self.build_results(ds, result, model)
+        self._amend_previous(job, objects)
         sends: list[SendSpec] = []
         for obj in objects:
             uid = str(obj.SOPInstanceUID)
@@ -308,6 +331,20 @@ class Worker:
                 error,
                 extra=_fields(job),
             )
+
+
+def _predecessor(old: Dataset) -> Dataset:
+    """A Predecessor Documents Sequence item referencing the SR ``old``."""
+    sop = Dataset()
+    sop.ReferencedSOPClassUID = old.SOPClassUID
+    sop.ReferencedSOPInstanceUID = old.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = old.SeriesInstanceUID
+    series.ReferencedSOPSequence = [sop]
+    item = Dataset()
+    item.StudyInstanceUID = old.StudyInstanceUID
+    item.ReferencedSeriesSequence = [series]
+    return item
 
 
 def _fields(job: ClaimedJob) -> dict[str, Any]:

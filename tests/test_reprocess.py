@@ -28,6 +28,23 @@ def _reprocess(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, check=False)
 
 
+def _check_amends(outbox: Path, new: set[str], first: set[str]) -> None:
+    """The new per-image SR amends the first one (Predecessor Documents Sequence), validly."""
+    from spine_node.spool import relative_name
+
+    srs = [dcmread(outbox / relative_name(u)) for u in new]
+    (sr,) = [d for d in srs if d.Modality == "SR" and d.SeriesNumber == 9901]
+    (item,) = sr.PredecessorDocumentsSequence
+    (series,) = item.ReferencedSeriesSequence
+    (ref,) = series.ReferencedSOPSequence
+    assert ref.ReferencedSOPInstanceUID in first and item.StudyInstanceUID == sr.StudyInstanceUID
+    verify = subprocess.run(["dciodvfy", str(outbox / relative_name(str(sr.SOPInstanceUID)))],
+                            capture_output=True, text=True, timeout=60, check=False)
+    errors = [line for line in (verify.stdout + verify.stderr).splitlines()
+              if line.startswith("Error")]
+    assert errors == [], errors
+
+
 def _finished(store: JobStore, uid: str) -> bool:
     return store.job_state(uid) in ("done", "not_processed")
 
@@ -69,6 +86,7 @@ def test_reprocess_after_a_bundle_upgrade_sends_new_objects(tmp_path: Path,
         finally:
             node.stop()
         assert len(new) >= 2  # the image's SR and overlay from the new bundle, new UIDs
+        _check_amends(settings.outbox_dir, new, first)
         assert len(results) == 1  # one current result per image, the new bundle's
         sr_classes = [c for c in pacs.classes if c == "1.2.840.10008.5.1.4.1.1.88.33"]
         assert len(sr_classes) >= 2
@@ -134,6 +152,7 @@ def test_resent_image_with_other_content_is_analysed_again(
                    for r in caplog.records)
         new = wait_for(lambda: (set(pacs.received) - first) if settled() else None, timeout=120)
         assert len(new) >= 2  # the corrected image's SR and overlay, with new UIDs
+        _check_amends(settings.outbox_dir, new, first)
         assert node.store.status()["instances"] == 1
         assert all(pacs.received.count(u) == 1 for u in pacs.received)  # nothing sent twice
     finally:
