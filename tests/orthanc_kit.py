@@ -25,6 +25,8 @@ from typing import Any
 from pydicom import Dataset
 
 from spine_node import imaging
+from spine_node.analyze import demo_bundle_dir
+from spine_node.models.bundle import manifest_from_json
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
 from tests.nodekit import free_port
 
@@ -226,6 +228,11 @@ POSITIVE = Scripted(
 NEGATIVE = Scripted(Status.NEGATIVE, 0.1)
 NOT_PROCESSED = Scripted(Status.NOT_PROCESSED, reason="not a spine radiograph (scripted)")
 
+#: The embedded demo bundle's decision threshold (from its manifest; the node has no default).
+DEMO_THRESHOLD = manifest_from_json(
+    json.loads((demo_bundle_dir() / "manifest.json").read_text(encoding="utf-8"))
+).threshold
+
 
 class ScriptedCascade:
     """Implements the worker's ``CascadeLike``: ``model_info`` and ``analyze(datasets)``.
@@ -238,6 +245,9 @@ class ScriptedCascade:
         Answer for images the script does not name.
     fail_once : iterable of str
         SOP Instance UIDs whose first analysis raises (a transient cascade error).
+    threshold : float
+        The bundle's decision threshold stated in every result and in ``model_info``
+        (the demo bundle's manifest value unless a test states another).
     """
 
     def __init__(
@@ -245,9 +255,11 @@ class ScriptedCascade:
         script: Mapping[str, Scripted],
         default: Scripted = NEGATIVE,
         fail_once: Iterable[str] = (),
+        threshold: float = DEMO_THRESHOLD,
     ) -> None:
+        self.threshold = threshold
         self.model_info = ModelInfo(name="scripted-cascade", version="1.0.0",
-                                    parameters={"threshold": 0.5})
+                                    parameters={"threshold": threshold})
         self.script = dict(script)
         self.default = default
         self.fail_once = set(fail_once)
@@ -271,7 +283,7 @@ class ScriptedCascade:
                     status=answer.status,
                     reason=answer.reason,
                     score=answer.score,
-                    threshold=0.5,
+                    threshold=self.threshold,
                     findings=answer.findings,
                     member_scores={} if answer.score is None else {"scripted": answer.score},
                     display=_display(ds),

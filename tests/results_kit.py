@@ -82,6 +82,7 @@ def positive(source: Dataset, n: int = 2) -> CascadeResult:
         sop_instance_uid=str(source.SOPInstanceUID),
         status=Status.POSITIVE,
         score=0.91,
+        threshold=0.5,
         findings=findings,
         display=display_of(source),  # what the cascade hands on
     )

@@ -33,6 +33,7 @@ def test_every_grade_gets_its_code_in_the_sr(grade, tmp_path):
         sop_instance_uid=str(source.SOPInstanceUID),
         status=Status.POSITIVE,
         score=0.9,
+        threshold=0.5,
         findings=(finding,),
     )
     objects = build_results(source, result, MODEL, ResultOptions(gsps=True))

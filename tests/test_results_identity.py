@@ -240,7 +240,7 @@ def test_not_processed_result_without_pixels_keeps_identity(tmp_path):
     source = dx_source(study=F01_STUDY, series=F01_SERIES, sop=F01_SOP)
     del source.PixelData
     result = CascadeResult(
-        sop_instance_uid=F01_SOP, status=Status.NOT_PROCESSED, reason="no pixels"
+        sop_instance_uid=F01_SOP, status=Status.NOT_PROCESSED, reason="no pixels", threshold=None
     )
     objects = _objects(source, tmp_path, result)
     assert [b.Modality for _, b in objects] == ["SR"]

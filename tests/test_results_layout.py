@@ -87,7 +87,9 @@ def test_rendered_overlay_keeps_every_box_edge_visible():
     pixels = np.full((rows, cols), 0.4, dtype=np.float32)
     boxes = [(300.0, 100.0 + 90 * k, 520.0, 180.0 + 90 * k) for k in range(8)]
     boxes += [(250.0, 300.0, 600.0, 420.0), (100.0, 500.0, 700.0, 540.0)]
-    result = CascadeResult("1.2.3", Status.POSITIVE, score=0.9, findings=_findings(boxes))
+    result = CascadeResult(
+        "1.2.3", Status.POSITIVE, score=0.9, findings=_findings(boxes), threshold=0.5
+    )
     canvas = render_overlay(pixels, result, MODEL)
     k = upscale_factor(cols)
     body = canvas[canvas.shape[0] - rows * k :]
@@ -101,7 +103,11 @@ def test_rendered_overlay_keeps_every_box_edge_visible():
 def test_overlay_widens_only_when_labels_have_no_room():
     pixels = np.full((400, 800), 0.4, dtype=np.float32)
     roomy = CascadeResult(
-        "1.2.3", Status.POSITIVE, score=0.9, findings=_findings([(100.0, 100.0, 200.0, 200.0)])
+        "1.2.3",
+        Status.POSITIVE,
+        score=0.9,
+        findings=_findings([(100.0, 100.0, 200.0, 200.0)]),
+        threshold=0.5,
     )
     assert render_overlay(pixels, roomy, MODEL).shape[1] == 800
     full = CascadeResult(
@@ -109,6 +115,7 @@ def test_overlay_widens_only_when_labels_have_no_room():
         Status.POSITIVE,
         score=0.9,
         findings=_findings([(0.0, 0.0, 800.0, 400.0), (0.0, 0.0, 799.0, 399.0)]),
+        threshold=0.5,
     )
     assert render_overlay(pixels, full, MODEL).shape[1] > 800
 
@@ -120,7 +127,11 @@ def test_gsps_text_objects_do_not_cover_each_other_or_other_boxes(tmp_path):
     source = dx_source(rows=1000, columns=800)
     boxes = [(300.0, 100.0 + 90 * k, 520.0, 180.0 + 90 * k) for k in range(8)]
     result = CascadeResult(
-        str(source.SOPInstanceUID), Status.POSITIVE, score=0.9, findings=_findings(boxes)
+        str(source.SOPInstanceUID),
+        Status.POSITIVE,
+        score=0.9,
+        findings=_findings(boxes),
+        threshold=0.5,
     )
     (pr,) = [
         o

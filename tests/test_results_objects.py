@@ -89,11 +89,18 @@ def _result_for(source: Dataset, status: Status, findings: bool = True) -> Casca
     uid = str(source.SOPInstanceUID)
     if status is Status.NOT_PROCESSED:
         return CascadeResult(
-            sop_instance_uid=uid, status=status, reason="Not a spine radiograph: body part CHEST"
+            sop_instance_uid=uid,
+            status=status,
+            reason="Not a spine radiograph: body part CHEST",
+            threshold=0.5,
         )
     if status is Status.NEGATIVE:
         return CascadeResult(
-            sop_instance_uid=uid, status=status, score=0.12, member_scores={"resnet50": 0.1}
+            sop_instance_uid=uid,
+            status=status,
+            score=0.12,
+            member_scores={"resnet50": 0.1},
+            threshold=0.5,
         )
     rows, cols = int(source.Rows), int(source.Columns)
     found = (
@@ -110,6 +117,7 @@ def _result_for(source: Dataset, status: Status, findings: bool = True) -> Casca
         sop_instance_uid=uid,
         status=status,
         score=0.91,
+        threshold=0.5,
         findings=found,
         member_scores={"densenet121": 0.93, "resnet50": 0.88},
     )
@@ -417,7 +425,9 @@ def test_odd_character_set_is_written_as_utf8(tmp_path):
 def test_bad_inputs_are_refused():
     source = _read("CT_small.dcm")
     result = result_for(source, Status.NEGATIVE)
-    other = CascadeResult(sop_instance_uid="1.2.3", status=Status.NEGATIVE, score=0.1)
+    other = CascadeResult(
+        sop_instance_uid="1.2.3", status=Status.NEGATIVE, score=0.1, threshold=0.5
+    )
     with pytest.raises(ValueError, match="does not match"):
         build_results(source, other, MODEL)
     with pytest.raises(TypeError, match="source"):
@@ -435,3 +445,18 @@ def test_bad_inputs_are_refused():
     no_uid.file_meta = FileMetaDataset()
     with pytest.raises(ValueError, match="SOPInstanceUID"):
         reference_dataset(no_uid)
+
+
+def test_threshold_is_stated_never_defaulted():
+    """The bundle's threshold is required; only a not_processed result may go without it."""
+    with pytest.raises(TypeError, match="threshold"):
+        CascadeResult(sop_instance_uid="1.2.3", status=Status.NEGATIVE, score=0.1)  # type: ignore[call-arg]
+    with pytest.raises(ValueError, match="needs the bundle's threshold"):
+        CascadeResult(sop_instance_uid="1.2.3", status=Status.POSITIVE, score=0.9, threshold=None)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        CascadeResult(sop_instance_uid="1.2.3", status=Status.POSITIVE, score=0.9, threshold=1.5)
+    refused = CascadeResult(
+        sop_instance_uid="1.2.3", status=Status.NOT_PROCESSED, reason="no pixels", threshold=None
+    )
+    assert CascadeResult.from_json(refused.to_json()) == refused
+    assert refused.to_json()["threshold"] is None

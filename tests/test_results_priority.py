@@ -10,7 +10,9 @@ from spine_node.results.types import CascadeResult, Status
 
 def _r(uid: str, status: Status, score: float | None = None) -> tuple[str, CascadeResult]:
     reason = "unreadable" if status is Status.NOT_PROCESSED else None
-    return uid, CascadeResult(sop_instance_uid=uid, status=status, score=score, reason=reason)
+    return uid, CascadeResult(
+        sop_instance_uid=uid, status=status, score=score, reason=reason, threshold=0.5
+    )
 
 
 def test_any_positive_is_abnormal_with_highest_score():

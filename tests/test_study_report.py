@@ -24,7 +24,7 @@ from spine_node.store import DestinationKind, InstanceRecord, SendSpec
 from spine_node.study_report import images_key
 from spine_node.worklist import build_worklist
 from tests.nodekit import make_image, node_settings
-from tests.orthanc_kit import NEGATIVE, POSITIVE, ScriptedCascade
+from tests.orthanc_kit import DEMO_THRESHOLD, NEGATIVE, POSITIVE, ScriptedCascade
 from tests.results_kit import dciodvfy_errors, sr_texts
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -282,7 +282,11 @@ def _finish(store, uid: str, status: str, score: float | None) -> None:  # type:
     )
     (job,) = store.claim_jobs("w", 60.0, 1, 3)
     payload = CascadeResult(
-        uid, Status(status), score=score, reason=None if score is not None else "scripted"
+        uid,
+        Status(status),
+        score=score,
+        reason=None if score is not None else "scripted",
+        threshold=DEMO_THRESHOLD,
     ).to_json()
     payload.update({"study_instance_uid": STUDY, "objects": []})
     store.complete_job(job.job_id, "w", JobOutcome(status, score, payload["reason"], payload), [])

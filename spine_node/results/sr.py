@@ -196,13 +196,14 @@ def _triage_group(
                 unit=codes.UNIT_PROBABILITY,
             )
         )
-    measurements.append(
-        hd.sr.Measurement(
-            name=codes.THRESHOLD_VALUE,
-            value=float(result.threshold),
-            unit=codes.UNIT_PROBABILITY,
+    if result.threshold is not None:  # None: refused before the bundle's triage was known
+        measurements.append(
+            hd.sr.Measurement(
+                name=codes.THRESHOLD_VALUE,
+                value=float(result.threshold),
+                unit=codes.UNIT_PROBABILITY,
+            )
         )
-    )
     verdict = {
         Status.POSITIVE: codes.ABNORMAL,
         Status.NEGATIVE: codes.NORMAL,

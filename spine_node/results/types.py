@@ -108,8 +108,10 @@ class CascadeResult:
         Why the image was not processed (required then), in words a radiologist understands.
     score : float or None
         Ensemble probability of "abnormal" (None when not processed).
-    threshold : float
-        Decision threshold in force.
+    threshold : float or None
+        The bundle's decision threshold (``triage.threshold`` in its manifest). Required and
+        stated by the caller, never defaulted here: a positive or negative result needs it; a
+        not_processed result has it when the bundle's value is passed, else None.
     findings : tuple of Finding
         Detected lesions (empty unless the detector ran).
     member_scores : Mapping[str, float]
@@ -131,12 +133,12 @@ class CascadeResult:
     status: Status
     reason: str | None = None
     score: float | None = None
-    threshold: float = 0.478
     findings: tuple[Finding, ...] = ()
     member_scores: Mapping[str, float] = field(default_factory=dict)
     heatmap: Any = None
     display: SourceImage | None = field(default=None, compare=False, repr=False)
     notes: tuple[str, ...] = ()
+    threshold: float | None = field(kw_only=True)
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):
@@ -147,6 +149,13 @@ class CascadeResult:
             raise ValueError(f"a {self.status.value} result needs a score")
         if self.score is not None and not 0.0 <= self.score <= 1.0:
             raise ValueError(f"score must be in [0, 1], got {self.score!r}")
+        if self.threshold is None:
+            if self.status is not Status.NOT_PROCESSED:
+                raise ValueError(f"a {self.status.value} result needs the bundle's threshold")
+        elif isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)):
+            raise TypeError(f"threshold must be a float, got {type(self.threshold).__name__}")
+        elif not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {self.threshold!r}")
 
     def to_json(self) -> dict[str, Any]:
         """Return the JSON form used by ``spine-node analyze``, the database and webhooks."""
@@ -185,7 +194,7 @@ class CascadeResult:
                 status=Status(data["status"]),
                 reason=data["reason"],
                 score=None if data["score"] is None else float(data["score"]),
-                threshold=float(data["threshold"]),
+                threshold=None if data["threshold"] is None else float(data["threshold"]),
                 findings=tuple(
                     Finding(
                         f["label"],
