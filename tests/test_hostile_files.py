@@ -64,12 +64,24 @@ def _send_as_is(port: int, path: Path) -> int | None:
 
 def test_every_pydicom_test_file_ends_in_a_defined_outcome(tmp_path: Path,
                                                            tiny_bundle: Path) -> None:
+    files = get_testdata_files()
+    # every modality among the files is "intended" here, so that every image is decoded and
+    # analysed (by default only CR and DX are; the rest would be recorded as out of scope)
+    modalities = set()
+    for name in files:
+        try:
+            modality = dcmread(name, stop_before_pixels=True, force=True).get("Modality")
+        except Exception:
+            continue
+        if isinstance(modality, str) and modality.strip():
+            modalities.add(modality.strip().upper())
     settings = node_settings(tmp_path, bundle=str(tiny_bundle), device="cpu",
-                             worker_batch_size=8, job_max_attempts=2)
+                             worker_batch_size=8, job_max_attempts=2,
+                             intended_modalities=sorted(modalities), report_out_of_scope=True)
     node = start_node(settings)
     outcomes: dict[str, int | None] = {}
     try:
-        for name in get_testdata_files():
+        for name in files:
             outcomes[name] = _send_as_is(settings.port, Path(name))
         echo = subprocess.run(["echoscu", "-aec", "SPINENODE", "127.0.0.1", str(settings.port)],
                               capture_output=True, timeout=30)
@@ -88,8 +100,14 @@ def test_every_pydicom_test_file_ends_in_a_defined_outcome(tmp_path: Path,
     # success, or a proper failure status: out of resources / mismatch / cannot understand
     assert set(statuses) <= {0x0000, 0xA700, 0xA900, 0xC210}, sorted(set(statuses))
     assert status["jobs"]["dead"] == 0
-    assert status["jobs"]["done"] + status["jobs"]["not_processed"] == status["instances"]
-    assert sum(status["results"].values()) == status["instances"]
+    # images (and images without a usable modality, reported as out of scope) get a job and a
+    # result; non-image objects are recorded without either
+    categories = status["categories"]
+    assert sum(categories.values()) == status["instances"]
+    with_jobs = categories["image"] + categories["out_of_scope"]
+    assert with_jobs >= 100, categories
+    assert status["jobs"]["done"] + status["jobs"]["not_processed"] == with_jobs
+    assert sum(status["results"].values()) == with_jobs
     print(f"sent {len(statuses)} of {len(outcomes)} files; statuses "
           f"{ {hex(k): statuses.count(k) for k in set(statuses)} }; results {status['results']}")
 
