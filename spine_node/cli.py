@@ -24,6 +24,7 @@ from spine_node.config import (
     CONFIG_PATH_ENV,
     DEFAULT_CONFIG_PATH,
     ConfigError,
+    DicomDestination,
     Settings,
     config_path,
     load_settings,
@@ -181,6 +182,10 @@ def cmd_echo(args: argparse.Namespace) -> int:
         dest = settings.destination(args.name)
     except KeyError as exc:
         print(f"spine-node: {exc.args[0]}", file=sys.stderr)
+        return 2
+    if not isinstance(dest, DicomDestination):
+        print(f"spine-node: destination {dest.name!r} is of kind {dest.kind!r}, "
+              "C-ECHO needs a DICOM destination", file=sys.stderr)
         return 2
     status = echo(dest, settings.ae_title, timeout_s=args.timeout)
     if status == 0:

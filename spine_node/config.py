@@ -16,9 +16,18 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "SPINE_NODE_"
 #: Environment variable naming the settings file; never read as a setting override.
@@ -69,9 +78,10 @@ class TLSSettings(_Strict):
     require_client_certificate: bool = False
 
 
-class Destination(_Strict):
-    """A DICOM peer that receives our results by C-STORE."""
+class DicomDestination(_Strict):
+    """A DICOM peer that receives our result objects by C-STORE (``kind = "dicom"``)."""
 
+    kind: Literal["dicom"] = "dicom"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     ae_title: str
     host: str
@@ -82,6 +92,38 @@ class Destination(_Strict):
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
         return _check_ae(value)
+
+
+class WebhookDestination(_Strict):
+    """An HTTP endpoint that receives each study's state as a JSON POST (``kind = "webhook"``)."""
+
+    kind: Literal["webhook"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://\S+$")
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
+def _destination_kind(value: Any) -> str:
+    """The tag of a destination: its ``kind`` (``"dicom"`` when not given)."""
+    if isinstance(value, Mapping):
+        return str(value.get("kind", "dicom"))
+    return str(getattr(value, "kind", "dicom"))
+
+
+def _field(value: Any, name: str) -> Any:
+    """A destination's field, from a mapping (parsed TOML) or a model."""
+    return value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
+
+
+#: A configured destination; the dispatcher picks its sender by ``kind``, never by its name.
+#: Another kind (e.g. ``"hl7"``) is one more model with its own ``kind`` literal here.
+Destination = Annotated[
+    Annotated[DicomDestination, Tag("dicom")] | Annotated[WebhookDestination, Tag("webhook")],
+    Discriminator(_destination_kind),
+]
+_DESTINATION_TAGS = ("dicom", "webhook")
+#: Name of the webhook destination that the ``webhook_url`` shorthand stands for.
+WEBHOOK_SHORTHAND_NAME = "webhook"
 
 
 class ResultsSettings(_Strict):
@@ -152,6 +194,25 @@ class Settings(_Strict):
     results: ResultsSettings = ResultsSettings()
     destinations: tuple[Destination, ...] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _webhook_shorthand(cls, data: Any) -> Any:
+        """``webhook_url = URL`` is shorthand for a ``kind = "webhook"`` destination named
+        ``"webhook"`` (the one place it is read)."""
+        if not (isinstance(data, Mapping) and data.get("webhook_url")):
+            return data
+        data = dict(data)
+        destinations = tuple(data.get("destinations", ()))
+        shorthand = {"kind": "webhook", "name": WEBHOOK_SHORTHAND_NAME, "url": data["webhook_url"]}
+        already = any(  # settings dumped and loaded again carry the expanded destination
+            _destination_kind(d) == "webhook" and _field(d, "name") == WEBHOOK_SHORTHAND_NAME
+            and _field(d, "url") == data["webhook_url"]
+            for d in destinations
+        )
+        if not already:
+            data["destinations"] = (*destinations, shorthand)
+        return data
+
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
@@ -199,6 +260,11 @@ class Settings(_Strict):
     def db_url(self) -> str:
         """SQLAlchemy URL of the queue database (SQLite under data_dir by default)."""
         return self.database_url or f"sqlite:///{self.data_dir / 'spine-node.db'}"
+
+    @property
+    def dicom_destinations(self) -> tuple[DicomDestination, ...]:
+        """The destinations of kind ``"dicom"``."""
+        return tuple(d for d in self.destinations if isinstance(d, DicomDestination))
 
     def destination(self, name: str) -> Destination:
         """Return the destination called ``name``.
@@ -263,7 +329,10 @@ def settings_from_mapping(
         return Settings.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "<file>"
+        loc = list(err["loc"])
+        if len(loc) > 2 and loc[0] == "destinations" and loc[2] in _DESTINATION_TAGS:
+            del loc[2]  # the union's tag (the destination's kind) is no part of the key
+        key = ".".join(str(p) for p in loc) or "<file>"
         raise ConfigError(key, err.get("input"), err["msg"]) from None
 
 

@@ -19,6 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pynetdicom
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
@@ -29,11 +30,13 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.audit import AuditLog, AuditRecord, Direction
-from spine_node.config import Destination, Settings
+from spine_node.config import Destination, DicomDestination, Settings, WebhookDestination
 from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore, Monitor
 from spine_node.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
+
+D = TypeVar("D", DicomDestination, WebhookDestination)
 
 #: DIMSE statuses that mean the peer stored the object (success and the storage warnings).
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
@@ -49,7 +52,6 @@ class DispatchSettings:
     batch_size: int
     lease_s: float
     timeout_s: float
-    webhook_url: str | None
 
 
 def dispatch_settings(settings: Settings) -> DispatchSettings:
@@ -63,7 +65,6 @@ def dispatch_settings(settings: Settings) -> DispatchSettings:
         batch_size=settings.send_batch_size,
         lease_s=max(60.0, settings.dimse_timeout_s * 4),
         timeout_s=settings.dimse_timeout_s,
-        webhook_url=settings.webhook_url,
     )
 
 
@@ -98,7 +99,7 @@ def _scu_ae(
     return ae
 
 
-def echo(destination: Destination, calling_ae: str, timeout_s: float = 10.0) -> int | None:
+def echo(destination: DicomDestination, calling_ae: str, timeout_s: float = 10.0) -> int | None:
     """C-ECHO a destination; return the DIMSE status (None when no association was made)."""
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -126,7 +127,7 @@ class Dispatcher:
     store : JobStore
         The queue.
     destinations : sequence of Destination
-        Configured peers, by name.
+        Configured destinations (DICOM peers, webhooks); a send names one and has its kind.
     outbox_dir : pathlib.Path
         Where result objects are stored.
     settings : DispatchSettings
@@ -177,17 +178,26 @@ class Dispatcher:
             sender(name, batch)
         return len(sends)
 
-    def _send_dicom_batch(self, name: str, batch: list[ClaimedSend]) -> None:
+    def _configured(self, name: str, kind: type[D], batch: list[ClaimedSend]) -> D | None:
+        """The destination ``name`` if it is still configured with the send's kind."""
         dest = self.destinations.get(name)
-        if dest is None:
-            for send in batch:
-                self._failed(send, f"DICOM destination {name!r} is no longer configured")
-            return
-        self._send_dicom(dest, batch)
-
-    def _post_webhooks(self, _name: str, batch: list[ClaimedSend]) -> None:
+        if isinstance(dest, kind):
+            return dest
+        what = "no longer configured" if dest is None else f"now of kind {dest.kind!r}"
         for send in batch:
-            self._post_webhook(send)
+            self._failed(send, f"{send.kind.value} destination {name!r} is {what}")
+        return None
+
+    def _send_dicom_batch(self, name: str, batch: list[ClaimedSend]) -> None:
+        dest = self._configured(name, DicomDestination, batch)
+        if dest is not None:
+            self._send_dicom(dest, batch)
+
+    def _post_webhooks(self, name: str, batch: list[ClaimedSend]) -> None:
+        dest = self._configured(name, WebhookDestination, batch)
+        if dest is not None:
+            for send in batch:
+                self._post_webhook(dest, send)
 
     def _failed(self, send: ClaimedSend, error: str) -> None:
         state = self.store.mark_send_failed(
@@ -219,7 +229,7 @@ class Dispatcher:
             "study_instance_uid": study,
         }
 
-    def _send_dicom(self, dest: Destination, batch: list[ClaimedSend]) -> None:
+    def _send_dicom(self, dest: DicomDestination, batch: list[ClaimedSend]) -> None:
         files: list[tuple[ClaimedSend, Path, FileMetaDataset]] = []
         contexts: list[tuple[str, str]] = []
         for send in batch:
@@ -273,7 +283,7 @@ class Dispatcher:
                 assoc.release()
 
     def _audit(
-        self, dest: Destination, path: Path, meta: FileMetaDataset, status: int | None
+        self, dest: DicomDestination, path: Path, meta: FileMetaDataset, status: int | None
     ) -> None:
         """Append one C-STORE attempt to the audit trail (study UID read from the file)."""
         if self.audit is None:
@@ -301,17 +311,13 @@ class Dispatcher:
             )
         )
 
-    def _post_webhook(self, send: ClaimedSend) -> None:
-        url = self.settings.webhook_url
-        if not url:
-            self._failed(send, "no webhook_url configured")
-            return
+    def _post_webhook(self, dest: WebhookDestination, send: ClaimedSend) -> None:
         try:
             body = (self.outbox_dir / send.path).read_bytes()
             request = urllib.request.Request(
-                url, data=body, method="POST", headers={"Content-Type": "application/json"}
+                dest.url, data=body, method="POST", headers={"Content-Type": "application/json"}
             )
-            with urllib.request.urlopen(request, timeout=self.settings.timeout_s) as response:
+            with urllib.request.urlopen(request, timeout=dest.timeout_s) as response:
                 code = response.status
         except Exception as exc:
             self._failed(send, f"webhook POST failed: {exc}")
@@ -319,9 +325,10 @@ class Dispatcher:
         if 200 <= code < 300:
             self.store.mark_sent(send.send_id)
             logger.info(
-                "send %d%s posted to the webhook (HTTP %d)",
+                "send %d%s posted to webhook %s (HTTP %d)",
                 send.send_id,
                 self._of_job(send),
+                dest.name,
                 code,
                 extra=self._fields(send),
             )

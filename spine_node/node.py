@@ -17,7 +17,7 @@ from typing import Any
 from spine_node.audit import AuditLog
 from spine_node.config import Settings
 from spine_node.spool import ensure_private_dir, remove_stale_parts
-from spine_node.store import JobStore, Monitor, WorkerIdentity
+from spine_node.store import DestinationKind, DestinationRef, JobStore, Monitor, WorkerIdentity
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ def check_tls_files(settings: Settings, roles: tuple[str, ...]) -> None:
     if "dispatcher" in roles:
         checks += [
             (f"destinations.{d.name}.tls", d.tls, client_ssl_context)
-            for d in settings.destinations
+            for d in settings.dicom_destinations
             if d.tls.enabled
         ]
     for key, tls, build in checks:
@@ -214,6 +214,11 @@ def load_cascade(settings: Settings) -> Any:
         raise NoBundle(f"model bundle {str(path)!r} cannot be loaded: {exc}") from None
 
 
+def destination_refs(settings: Settings) -> tuple[DestinationRef, ...]:
+    """Name and kind of every configured destination (what the worker and reporter queue for)."""
+    return tuple(DestinationRef(d.name, DestinationKind(d.kind)) for d in settings.destinations)
+
+
 def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
     """Create a worker over a loaded cascade."""
     from spine_node.results.builder import ResultOptions, build_results
@@ -243,10 +248,7 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
         settings.outbox_dir,
         cascade.model_info,
         options,
-        StudyReportSettings(
-            destinations=tuple(d.name for d in settings.destinations),
-            webhook=bool(settings.webhook_url),
-        ),
+        StudyReportSettings(destinations=destination_refs(settings)),
     )
     return Worker(
         store,
@@ -262,8 +264,7 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
             poll_s=settings.worker_poll_s,
             max_attempts=settings.job_max_attempts,
             retry_delay_s=settings.job_retry_delay_s,
-            destinations=tuple(d.name for d in settings.destinations),
-            webhook=bool(settings.webhook_url),
+            destinations=destination_refs(settings),
         ),
     )
 

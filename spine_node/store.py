@@ -94,11 +94,27 @@ class DestinationKind(str, enum.Enum):
     """How an outbound object is delivered; the dispatcher picks its sender by this kind."""
 
     DICOM = "dicom"  # C-STORE of a stored Part 10 file to a configured DICOM peer
-    WEBHOOK = "webhook"  # HTTP POST of a stored JSON document to ``webhook_url``
+    WEBHOOK = "webhook"  # HTTP POST of a stored JSON document to the destination's ``url``
 
 
-#: Destination name of the webhook (there is one, at ``webhook_url``).
-WEBHOOK_DESTINATION = "webhook"
+@dataclass(frozen=True)
+class DestinationRef:
+    """A configured destination as the worker and the study reporter see it: name and kind.
+
+    Attributes
+    ----------
+    name : str
+        The destination's name (``[[destinations]] name``).
+    kind : DestinationKind
+        Its kind, which decides what is queued for it and which sender delivers it.
+    """
+
+    name: str
+    kind: DestinationKind
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, DestinationKind):
+            raise TypeError(f"kind must be a DestinationKind, got {self.kind!r}")
 
 TERMINAL_JOB_STATES = (JobState.DONE, JobState.NOT_PROCESSED, JobState.DEAD)
 
@@ -298,7 +314,7 @@ class SendSpec:
     Attributes
     ----------
     destination : str
-        The destination's name (a configured DICOM peer, or ``"webhook"``).
+        The configured destination's name (of any kind).
     kind : DestinationKind
         How it is delivered.
     object_uid : str

@@ -34,8 +34,8 @@ from spine_node.results.study import (
 from spine_node.results.types import CascadeResult, ModelInfo
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import (
-    WEBHOOK_DESTINATION,
     DestinationKind,
+    DestinationRef,
     JobStore,
     SendSpec,
     StudyImage,
@@ -52,14 +52,12 @@ class StudyReportSettings:
 
     Attributes
     ----------
-    destinations : tuple of str
-        DICOM destinations (names).
-    webhook : bool
-        Also POST the study state to the webhook.
+    destinations : tuple of DestinationRef
+        Every configured destination: DICOM peers get the study summary SR, webhooks the
+        study state as JSON (one document, one send per destination).
     """
 
-    destinations: tuple[str, ...]
-    webhook: bool
+    destinations: tuple[DestinationRef, ...]
 
 
 def images_key(images: Sequence[StudyImage]) -> str:
@@ -149,10 +147,14 @@ class StudyReporter:
         relative = relative_name(uid)
         write_durable(self.outbox_dir, relative, encode_dataset(sr))
         sends = [
-            SendSpec(d, DestinationKind.DICOM, uid, relative) for d in self.settings.destinations
+            SendSpec(d.name, d.kind, uid, relative)
+            for d in self.settings.destinations
+            if d.kind is DestinationKind.DICOM
         ]
-        if self.settings.webhook:
-            sends.append(self._webhook(snapshot, uid))
+        hooks = [d for d in self.settings.destinations if d.kind is DestinationKind.WEBHOOK]
+        if hooks:
+            hook_uid, hook_path = self._webhook_body(snapshot, uid)
+            sends += [SendSpec(d.name, d.kind, hook_uid, hook_path) for d in hooks]
         queued = self.store.queue_study_document(
             study_instance_uid, snapshot.revision, uid, str(sr.SeriesInstanceUID), sends
         )
@@ -164,7 +166,8 @@ class StudyReporter:
         )
         return snapshot
 
-    def _webhook(self, snapshot: StudySnapshot, document_uid: str) -> SendSpec:
+    def _webhook_body(self, snapshot: StudySnapshot, document_uid: str) -> tuple[str, str]:
+        """Write the webhook body of this revision; return its key and outbox path."""
         pairs = [(i.sop_instance_uid, CascadeResult.from_json(i.payload)) for i in snapshot.images]
         priority = study_priority(pairs)
         body: dict[str, Any] = {
@@ -180,4 +183,4 @@ class StudyReporter:
         hook_uid = f"webhook:{snapshot.study_instance_uid}:{snapshot.revision}"
         relative = relative_name(hook_uid, ".json")
         write_durable(self.outbox_dir, relative, json.dumps(body, sort_keys=True).encode())
-        return SendSpec(WEBHOOK_DESTINATION, DestinationKind.WEBHOOK, hook_uid, relative)
+        return hook_uid, relative

@@ -31,6 +31,7 @@ from spine_node.spool import relative_name, write_durable
 from spine_node.store import (
     ClaimedJob,
     DestinationKind,
+    DestinationRef,
     JobOutcome,
     JobState,
     JobStore,
@@ -69,8 +70,7 @@ class WorkerSettings:
     poll_s: float
     max_attempts: int
     retry_delay_s: float
-    destinations: tuple[str, ...]
-    webhook: bool
+    destinations: tuple[DestinationRef, ...]
 
 
 def encode_dataset(ds: Dataset) -> bytes:
@@ -234,7 +234,9 @@ class Worker:
             relative = relative_name(uid)
             write_durable(self.outbox_dir, relative, encode_dataset(obj))
             sends.extend(
-                SendSpec(dest, DestinationKind.DICOM, uid, relative) for dest in self.settings.destinations
+                SendSpec(dest.name, dest.kind, uid, relative)
+                for dest in self.settings.destinations
+                if dest.kind is DestinationKind.DICOM  # image objects go to DICOM peers only
             )
         record = ResultRecord(
             job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)

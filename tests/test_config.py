@@ -82,3 +82,25 @@ def test_bad_file_exits_2_with_one_line(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "spine_node.cli", "status", "--config", str(path)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "not valid TOML" in out.stderr
+
+
+def test_destinations_are_a_union_on_kind() -> None:
+    from spine_node.config import DicomDestination, WebhookDestination, settings_from_mapping
+
+    dicom = {"name": "webhook", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    hook = {"kind": "webhook", "name": "ris", "url": "https://ris.example/spine"}
+    settings = settings_from_mapping({"destinations": [dicom, hook]}, environ={})
+    assert [type(d) for d in settings.destinations] == [DicomDestination, WebhookDestination]
+    assert settings.dicom_destinations == (settings.destinations[0],)
+    assert settings.destination("ris").timeout_s == 30.0  # type: ignore[union-attr]
+    with pytest.raises(ConfigError, match=r"destinations\.0.*'hl7'"):
+        settings_from_mapping({"destinations": [{"kind": "hl7", "name": "x"}]}, environ={})
+    with pytest.raises(ConfigError, match=r"destinations\.0\.url"):
+        settings_from_mapping({"destinations": [{**hook, "url": "ftp://x"}]}, environ={})
+    # the shorthand is one webhook destination named "webhook", read in one place
+    short = settings_from_mapping({"webhook_url": "http://127.0.0.1:9/h"}, environ={})
+    assert short.destinations == (
+        WebhookDestination(kind="webhook", name="webhook", url="http://127.0.0.1:9/h"),
+    )
+    again = settings_from_mapping(short.model_dump(mode="json"), environ={})
+    assert again.destinations == short.destinations  # dumped and loaded: not added twice

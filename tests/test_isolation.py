@@ -17,7 +17,7 @@ from spine_node.node import open_store, prepare_data_dir
 from spine_node.pipeline import Cascade
 from spine_node.results.builder import ResultOptions, build_results
 from spine_node.spool import relative_name, write_durable
-from spine_node.store import InstanceRecord
+from spine_node.store import DestinationKind, DestinationRef, InstanceRecord
 from spine_node.worker import Worker, WorkerSettings
 from tests.nodekit import make_image, node_settings
 
@@ -95,7 +95,8 @@ def test_worker_fails_only_the_crashing_job_then_reports_not_processed(
         lambda s, r, m: build_results(s, r, m, ResultOptions()),
         None, settings.spool_dir, settings.outbox_dir,
         WorkerSettings(owner="w", batch_size=3, lease_s=60, poll_s=0.1, max_attempts=2,
-                       retry_delay_s=0.0, destinations=("pacs",), webhook=False),
+                       retry_delay_s=0.0,
+                       destinations=(DestinationRef("pacs", DestinationKind.DICOM),)),
     )
     try:
         for _ in range(4):

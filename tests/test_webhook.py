@@ -23,7 +23,15 @@ from pydicom import dcmread
 from spine_node.node import start_node
 from spine_node.results.types import Status
 from spine_node.store import JobStore
-from tests.nodekit import make_image, node_settings, storescu, wait_for, write_config
+from tests.nodekit import (
+    StoreSCP,
+    free_port,
+    make_image,
+    node_settings,
+    storescu,
+    wait_for,
+    write_config,
+)
 from tests.orthanc_kit import NOT_PROCESSED, POSITIVE, Scripted, ScriptedCascade
 
 CLI = [sys.executable, "-m", "spine_node.cli"]
@@ -197,3 +205,55 @@ def test_webhook_retried_and_worklist_ranked(tmp_path: Path, hooks: HookServer) 
     assert rows[0]["max_score"] == 0.9 and rows[0]["n_images"] == 2 and rows[0]["n_positive"] == 1
     assert rows[2]["arrival"] < rows[3]["arrival"]  # the tie between normals goes by arrival
     assert rows[3]["max_score"] > rows[2]["max_score"]  # ...not by score
+
+
+def test_each_object_goes_by_its_destination_kind_never_by_name(tmp_path: Path) -> None:
+    """Two webhook destinations and a DICOM peer named "webhook" (once a magic name)."""
+    first, second = HookServer(fail_first=0).start(), HookServer(fail_first=0).start()
+    pacs = StoreSCP(tmp_path / "pacs", port=free_port()).start()
+    path = tmp_path / "one.dcm"
+    make_image(path, rows=320, cols=256, seed=7)
+    study = str(dcmread(path).StudyInstanceUID)
+    settings = node_settings(
+        tmp_path,
+        device="cpu",
+        destinations=[
+            {"name": "webhook", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port},
+            {"kind": "webhook", "name": "ris", "url": f"http://127.0.0.1:{first.port}/a"},
+            {"kind": "webhook", "name": "worklist", "url": f"http://127.0.0.1:{second.port}/b",
+             "timeout_s": 5},
+        ],
+    )
+    assert [d.kind for d in settings.destinations] == ["dicom", "webhook", "webhook"]
+    node = start_node(settings, cascade=ScriptedCascade({}, default=POSITIVE))
+
+    def settled() -> bool:
+        out = node.store.status()["outbound"]
+        return all(
+            name in out and out[name]["sent"] and not out[name]["pending"]
+            and not out[name]["sending"]
+            for name in ("webhook", "ris", "worklist")
+        )
+
+    try:
+        assert storescu(settings.port, [path]).returncode == 0
+        wait_for(settled, timeout=40)
+        out = node.store.status()["outbound"]
+    finally:
+        node.stop()
+        pacs.stop()
+        first.stop()
+        second.stop()
+    # the DICOM peer called "webhook" got DICOM objects by C-STORE, no JSON
+    received = [dcmread(p) for p in pacs.received()]
+    assert len(received) == out["webhook"]["sent"] >= 2
+    assert {ds.Modality for ds in received} >= {"SR"}
+    assert all(ds.StudyInstanceUID == study for ds in received)
+    assert out["webhook"]["dead"] == 0
+    # each webhook got the study state as one JSON POST at its own URL, no DICOM
+    for server, url_path, name in ((first, "/a", "ris"), (second, "/b", "worklist")):
+        hooks = server.received()
+        assert len(hooks) == out[name]["sent"] == 1, name
+        assert hooks[0].path == url_path and hooks[0].content_type == "application/json"
+        assert hooks[0].json()["study_instance_uid"] == study
+        assert hooks[0].json()["priority"]["n_images"] == 1
