@@ -12,7 +12,6 @@ same function (``results.priority.study_priority``) over the same stored results
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from collections.abc import Sequence
@@ -174,7 +173,7 @@ class StudyReporter:
             "study_instance_uid": snapshot.study_instance_uid,
             "revision": snapshot.revision,
             "study_summary_sop_instance_uid": document_uid,
-            "priority": dataclasses.asdict(priority),
+            "priority": priority.to_json(),
             "images": [
                 {**i.payload, "sop_instance_uid": i.sop_instance_uid} for i in snapshot.images
             ],

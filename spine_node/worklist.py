@@ -1,16 +1,20 @@
-"""Rank studies for the reading worklist: abnormal first (highest score first), then arrival."""
+"""Rank studies for the reading worklist: positive first (highest score first), then arrival.
+
+A row's ``priority`` is the study's verdict value (``positive``, ``not_processed``,
+``negative``: :class:`~spine_node.results.types.Status`, the vocabulary of image results).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from spine_node.results.priority import study_priority
-from spine_node.results.types import ResultRecord
+from spine_node.results.priority import LEVELS, study_priority
+from spine_node.results.types import ResultRecord, Status
 
-#: Reading order of priority levels: abnormal studies first, then those the AI could not read
-#: (a radiologist must read them unassisted), then normal.
-LEVEL_ORDER = {"abnormal": 0, "not_processed": 1, "normal": 2}
+#: Reading order of priority values: positive studies first, then those the AI could not read
+#: (a radiologist must read them unassisted), then negative.
+LEVEL_ORDER = {level.value: i for i, level in enumerate(LEVELS)}
 
 
 def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,7 +44,7 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "study_instance_uid": study["study_instance_uid"],
-                "priority": priority.level,
+                "priority": priority.level.value,
                 "max_score": priority.max_score,
                 "n_images": priority.n_images,
                 "n_positive": priority.n_positive,
@@ -56,7 +60,7 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     rows.sort(
         key=lambda r: (
             LEVEL_ORDER.get(r["priority"], 3),
-            -(r["max_score"] or 0.0) if r["priority"] == "abnormal" else 0.0,
+            -(r["max_score"] or 0.0) if r["priority"] == Status.POSITIVE.value else 0.0,
             r["arrival"],
         )
     )

@@ -42,7 +42,7 @@ from spine_node.config import Settings
 from spine_node.imaging import decode
 from spine_node.results import codes
 from spine_node.results.priority import study_priority
-from spine_node.results.types import CascadeResult
+from spine_node.results.types import CascadeResult, Status
 from spine_node.store import JobStore
 from tests.nodekit import free_port, node_settings, wait_for, write_config
 from tests.results_kit import dciodvfy_errors
@@ -384,10 +384,10 @@ def test_f07_study_with_non_images(node: Node, cases: Path, tmp_path: Path) -> N
     study = str(sources["F07_1_dx_ap"].StudyInstanceUID)
     expected = study_priority([(image, CascadeResult.from_json(result))]).level  # F07_1 alone
     if result["status"] == "negative":
-        assert expected == "normal"
+        assert expected is Status.NEGATIVE
     (row,) = [r for r in node.worklist() if r["study_instance_uid"] == study]
     assert row["n_images"] == 1 and row["n_not_processed"] == 0, row
-    assert row["priority"] == expected, row
+    assert row["priority"] == expected.value, row  # the verdict vocabulary of image results
     # the study priority is stated by the study summary SR (series 9900), not the image's SR
     srs = [o for _, o in objects if o.SOPClassUID == SR_CLASS]
     (summary,) = [o for o in srs if o.get("SeriesNumber") == 9900]

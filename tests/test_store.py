@@ -299,7 +299,7 @@ def test_objects_that_are_not_processed_are_recorded_without_a_job(
     assert study["ignored"] == {"not_image": 1, "out_of_scope": 1}
     [row] = build_worklist([study])
     assert (row["n_images"], row["n_not_image"], row["n_out_of_scope"]) == (1, 1, 1)
-    assert row["priority"] == "normal"  # ignored objects do not change the priority
+    assert row["priority"] == "negative"  # ignored objects do not change the priority
 
 
 def test_part_files_of_running_writers_survive_a_restart(tmp_path: Path) -> None:

@@ -167,7 +167,7 @@ def test_study_summary_is_sent_then_amended_when_the_priority_changes(tmp_path: 
         # the webhook and the worklist read the same state as the study SR
         hooks = node.webhooks()
         assert [h["revision"] for h in hooks] == [1, 2]
-        assert [h["priority"]["level"] for h in hooks] == ["normal", "abnormal"]
+        assert [h["priority"]["level"] for h in hooks] == ["negative", "positive"]
         assert hooks[1]["study_summary_sop_instance_uid"] == rev2
         assert hooks[1]["study_instance_uid"] == STUDY
         (row,) = build_worklist(node.store.studies())
@@ -193,7 +193,7 @@ def test_study_summary_is_sent_then_amended_when_the_priority_changes(tmp_path: 
         assert len(snapshot.images) == 3
         hooks = node.webhooks()
         assert [h["revision"] for h in hooks] == [1, 2, 3]
-        assert hooks[2]["priority"]["level"] == "abnormal"
+        assert hooks[2]["priority"]["level"] == "positive"
         rev3 = study_document_uid(STUDY, bundle, 3)
         sr3 = pydicom.dcmread(node.settings.outbox_dir / relative_name(rev3))
         assert sr3.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[0] \
@@ -210,7 +210,7 @@ def test_study_summary_is_sent_then_amended_when_the_priority_changes(tmp_path: 
         assert not (
             node.settings.outbox_dir / relative_name(study_document_uid(STUDY, bundle, 4))
         ).exists()
-        assert build_worklist(node.store.studies())[0]["priority"] == "abnormal"
+        assert build_worklist(node.store.studies())[0]["priority"] == "positive"
         # a stale revision is never queued
         assert not node.store.queue_study_document(STUDY, 1, rev1, "1.2.3", [])
         assert codes.STUDY_PRIORITY.meaning == "Study AI triage priority"

@@ -169,10 +169,10 @@ def test_webhook_retried_and_worklist_ranked(tmp_path: Path, hooks: HookServer) 
                 latest[study] = body
         assert set(latest) == set(studies.values())
         expected = {
-            "A": ("abnormal", 0.9, 2),
-            "B": ("normal", 0.1, 1),
+            "A": ("positive", 0.9, 2),
+            "B": ("negative", 0.1, 1),
             "C": ("not_processed", None, 1),
-            "D": ("normal", 0.3, 1),
+            "D": ("negative", 0.3, 1),
         }
         for name, (level, score, n_images) in expected.items():
             body = latest[studies[name]]
@@ -201,7 +201,7 @@ def test_webhook_retried_and_worklist_ranked(tmp_path: Path, hooks: HookServer) 
     order = {uid: name for name, uid in studies.items()}
     assert [order[r["study_instance_uid"]] for r in rows] == ["A", "C", "B", "D"]
     assert [r["rank"] for r in rows] == [1, 2, 3, 4]
-    assert [r["priority"] for r in rows] == ["abnormal", "not_processed", "normal", "normal"]
+    assert [r["priority"] for r in rows] == ["positive", "not_processed", "negative", "negative"]
     assert rows[0]["max_score"] == 0.9 and rows[0]["n_images"] == 2 and rows[0]["n_positive"] == 1
     assert rows[2]["arrival"] < rows[3]["arrival"]  # the tie between normals goes by arrival
     assert rows[3]["max_score"] > rows[2]["max_score"]  # ...not by score

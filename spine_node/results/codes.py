@@ -18,7 +18,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
-from spine_node.results.types import LESION_LABELS
+from spine_node.results.types import LESION_LABELS, Status
 from spine_node.results.types import MEYERDING_GRADES as GRADE_VOCABULARY
 
 #: Designator of the private coding scheme.
@@ -88,11 +88,11 @@ UNVERIFIED_SNOMED_CANDIDATES: Mapping[str, tuple[str, str]] = {
     "Osteophytes": ("88998003", "Osteophyte"),
 }
 
-#: Triage value per study priority level.
-PRIORITY_CODES: Mapping[str, Code] = {
-    "abnormal": ABNORMAL,
-    "normal": NORMAL,
-    "not_processed": NOT_PROCESSED,
+#: Triage value per study priority level (a study verdict: the abnormal / normal concepts).
+PRIORITY_CODES: Mapping[Status, Code] = {
+    Status.POSITIVE: ABNORMAL,
+    Status.NEGATIVE: NORMAL,
+    Status.NOT_PROCESSED: NOT_PROCESSED,
 }
 
 if set(FINDING_CODES) != set(LESION_LABELS):  # pragma: no cover - guards an edit mistake

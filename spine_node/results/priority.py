@@ -1,14 +1,42 @@
-"""One triage priority per study, from the results of all its images (pure function)."""
+"""One triage priority per study, from the results of all its images (pure function).
+
+The study's level is a value of the same verdict vocabulary as an image's result
+(:class:`~spine_node.results.types.Status`): a study is ``positive`` when any image is,
+``negative`` when every image is, else ``not_processed``. Stored, JSON, webhook and worklist
+values are these; only displayed text says "abnormal" / "normal" (:func:`level_text`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from spine_node.results.types import CascadeResult, Status
 
-#: Priority levels, most urgent first.
-LEVELS: tuple[str, ...] = ("abnormal", "not_processed", "normal")
+#: Priority levels, most urgent first: positive, then what the AI could not read (a
+#: radiologist reads it unassisted), then negative.
+LEVELS: tuple[Status, ...] = (Status.POSITIVE, Status.NOT_PROCESSED, Status.NEGATIVE)
+
+#: Words shown to a reader for each level (reports, banners, the worklist table).
+_LEVEL_TEXT: Mapping[Status, str] = {
+    Status.POSITIVE: "abnormal",
+    Status.NEGATIVE: "normal",
+    Status.NOT_PROCESSED: "not processed",
+}
+
+
+def level_text(level: Status) -> str:
+    """Return the displayed word of a verdict: "abnormal", "normal" or "not processed".
+
+    Raises
+    ------
+    TypeError
+        When ``level`` is not a :class:`Status`.
+    """
+    if not isinstance(level, Status):
+        raise TypeError(f"level must be a Status, got {type(level).__name__}")
+    return _LEVEL_TEXT[level]
 
 
 @dataclass(frozen=True)
@@ -17,25 +45,25 @@ class StudyPriority:
 
     Attributes
     ----------
-    level : str
-        ``"abnormal"`` when any image is positive; ``"normal"`` when every image is
-        negative; ``"not_processed"`` otherwise (no positive image and at least one image
-        the cascade could not read: an unread image is never called normal).
+    level : Status
+        ``positive`` when any image is positive; ``negative`` when every image is
+        negative; ``not_processed`` otherwise (no positive image and at least one image
+        the cascade could not read: an unread image is never called negative).
     max_score : float or None
         Highest ensemble probability over the processed images (None when none was).
     n_images, n_positive, n_not_processed : int
         Counts over distinct source images.
     """
 
-    level: str
+    level: Status
     max_score: float | None
     n_images: int
     n_positive: int
     n_not_processed: int
 
     def __post_init__(self) -> None:
-        if self.level not in LEVELS:
-            raise ValueError(f"level must be one of {LEVELS}, got {self.level!r}")
+        if not isinstance(self.level, Status):
+            raise TypeError(f"level must be a Status, got {self.level!r}")
         if self.max_score is not None and not 0.0 <= self.max_score <= 1.0:
             raise ValueError(f"max_score must be in [0, 1], got {self.max_score!r}")
         if self.n_images < 1:
@@ -48,14 +76,24 @@ class StudyPriority:
 
     @property
     def sort_key(self) -> tuple[int, float]:
-        """Key that sorts a worklist most urgent first (abnormal by descending score)."""
+        """Key that sorts a worklist most urgent first (positive by descending score)."""
         return (LEVELS.index(self.level), -(self.max_score or 0.0))
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the JSON form (webhook body, worklist): ``level`` is the verdict's value."""
+        return {
+            "level": self.level.value,
+            "max_score": self.max_score,
+            "n_images": self.n_images,
+            "n_positive": self.n_positive,
+            "n_not_processed": self.n_not_processed,
+        }
 
     def summary(self) -> str:
         """Return one sentence describing the priority, for reports and banners."""
         score = "n/a" if self.max_score is None else f"{self.max_score:.3f}"
         return (
-            f"Study priority: {self.level.replace('_', ' ')}; highest probability {score}; "
+            f"Study priority: {level_text(self.level)}; highest probability {score}; "
             f"{self.n_positive} of {self.n_images} images positive, "
             f"{self.n_not_processed} not processed"
         )
@@ -73,8 +111,8 @@ def study_priority(results: Sequence[tuple[str, CascadeResult]]) -> StudyPriorit
     Returns
     -------
     StudyPriority
-        Any positive image makes the study ``abnormal``, ranked by its highest score; all
-        negative gives ``normal``; otherwise ``not_processed``.
+        Any positive image makes the study ``positive``, ranked by its highest score; all
+        negative gives ``negative``; otherwise ``not_processed``.
     """
     if isinstance(results, (str, bytes)) or not isinstance(results, Sequence):
         raise TypeError(f"results must be a sequence of pairs, got {type(results).__name__}")
@@ -96,11 +134,11 @@ def study_priority(results: Sequence[tuple[str, CascadeResult]]) -> StudyPriorit
     n_not_processed = statuses.count(Status.NOT_PROCESSED)
     scores = [r.score for r in latest.values() if r.score is not None]
     if n_positive:
-        level = "abnormal"
+        level = Status.POSITIVE
     elif n_not_processed:
-        level = "not_processed"
+        level = Status.NOT_PROCESSED
     else:
-        level = "normal"
+        level = Status.NEGATIVE
     return StudyPriority(
         level=level,
         max_score=max(scores) if scores else None,

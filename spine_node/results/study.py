@@ -35,7 +35,7 @@ from pydicom.uid import ComprehensiveSRStorage, DigitalXRayImageStorageForPresen
 from spine_node.results import codes
 from spine_node.results.equipment import algorithm_equipment, software_versions
 from spine_node.results.options import ResultOptions
-from spine_node.results.priority import StudyPriority, study_priority
+from spine_node.results.priority import StudyPriority, level_text, study_priority
 from spine_node.results.sr import algorithm_identification
 from spine_node.results.types import CascadeResult, ModelInfo, Status
 from spine_node.results.uids import (
@@ -88,9 +88,10 @@ def priority_key(results: Sequence[tuple[str, CascadeResult]]) -> str:
     Returns
     -------
     str
-        ``study_priority(results).level`` ("abnormal", "not_processed" or "normal").
+        ``study_priority(results).level`` as its value ("positive", "not_processed" or
+        "negative").
     """
-    return study_priority(results).level
+    return study_priority(results).level.value
 
 
 def build_study_sr(
@@ -239,7 +240,7 @@ def _study_group(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=tracking_uid(study_uid, bundle, "study-triage"), identifier="Study AI triage"
         ),
-        finding_type=codes.ABNORMAL if priority.level == "abnormal" else None,
+        finding_type=codes.ABNORMAL if priority.level is Status.POSITIVE else None,
         algorithm_id=algorithm,
         qualitative_evaluations=[
             hd.sr.QualitativeEvaluation(
@@ -250,7 +251,7 @@ def _study_group(
     )
     highest = "n/a" if priority.max_score is None else f"{priority.max_score:.3f}"
     comments = [
-        f"Study priority: {priority.level.replace('_', ' ')}.",
+        f"Study priority: {level_text(priority.level)}.",
         f"Study summary revision {revision}, written when {priority.n_images} image(s) of the "
         f"study had been analysed: {priority.n_positive} positive, "
         f"{priority.n_not_processed} not processed, highest probability {highest}. A new "
