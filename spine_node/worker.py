@@ -8,6 +8,8 @@ time (out-of-memory kill, a crash inside a model library) is handed back by
 :meth:`JobStore.claim_jobs` with its ``report_reason`` once the attempts are spent, and is
 reported "not processed" from its header alone, without running the cascade. Only when even
 that is impossible does the job end ``dead``. SIGTERM (``stop`` set) lets the current batch finish.
+While a batch is processed its leases are renewed every ``lease_s / 3`` (:mod:`spine_node.lease`),
+so a slow batch is never claimed by another worker.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 
 from spine_node.isolation import DecoderCrash
+from spine_node.lease import LeaseRenewer
 from spine_node.results.types import CascadeResult, ModelInfo, ResultRecord, Status
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import (
@@ -145,11 +148,19 @@ class Worker:
         )
         if not jobs:
             return 0
+        ids = [job.job_id for job in jobs]
+        with LeaseRenewer(self.store, self.settings.owner, ids, self.settings.lease_s) as leases:
+            self._process(jobs, leases)
+        return len(jobs)
+
+    def _process(self, jobs: Sequence[ClaimedJob], leases: LeaseRenewer) -> None:
+        """Process one claimed batch while ``leases`` keeps its leases alive."""
         readable: list[tuple[ClaimedJob, Dataset]] = []
         analysed: dict[int, str] = {}  # job id -> SHA-256 of the file read (re-send detection)
         for job in jobs:
             if job.report_reason is not None:
                 self._report_exhausted(job, job.report_reason)
+                leases.release(job.job_id)
                 continue
             try:
                 path = self.spool_dir / job.spool_path
@@ -159,6 +170,7 @@ class Worker:
                 readable.append((job, ds))
             except Exception as exc:
                 self._fail(job, None, f"spooled file could not be read: {exc}")
+                leases.release(job.job_id)
         while readable:
             try:
                 results = self.cascade.analyze([ds for _, ds in readable])
@@ -169,16 +181,17 @@ class Worker:
                     crashed = readable[:1]
                 for job, ds in crashed:
                     self._fail(job, _without_pixels(ds), str(exc))
+                    leases.release(job.job_id)
                 crashed_ids = {job.job_id for job, _ in crashed}
                 readable = [item for item in readable if item[0].job_id not in crashed_ids]
                 continue
             except Exception as exc:
                 for job, ds in readable:
                     self._fail(job, ds, f"cascade error: {type(exc).__name__}: {exc}")
-                return len(jobs)
+                return
             break
         else:
-            return len(jobs)
+            return
         if readable:
             for (job, ds), result in zip(readable, results, strict=True):
                 try:
@@ -189,7 +202,7 @@ class Worker:
                 except Exception as exc:
                     logger.exception("job %d: could not record the result", job.job_id, extra=_fields(job))
                     self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
-        return len(jobs)
+                leases.release(job.job_id)
 
     def _amend_previous(self, job: ClaimedJob, objects: Sequence[Dataset]) -> None:
         """Make the new per-image SR amend the SR of the image's previous analysis (reprocess or
