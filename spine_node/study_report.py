@@ -12,6 +12,7 @@ same function (``results.priority.study_priority``) over the same stored results
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -65,10 +66,17 @@ def images_key(images: Sequence[StudyImage]) -> str:
     The study's priority (``results.study.priority_key``) and every analysed image with its
     outcome, so that the current revision always references all analysed images of the
     study: a new image, or a new outcome for one (re-analysis), amends the summary.
+
+    Returns
+    -------
+    str
+        ``"<priority>:<sha256 hex of the sorted image outcomes>"``, at most 128 characters
+        (the store's column), however many images the study has.
     """
     results = [(i.sop_instance_uid, CascadeResult.from_json(i.payload)) for i in images]
     outcomes = sorted(f"{uid}={result.status.value}" for uid, result in results)
-    return "|".join([priority_key(results), *outcomes])
+    digest = hashlib.sha256("|".join(outcomes).encode()).hexdigest()
+    return f"{priority_key(results)}:{digest}"
 
 
 class StudyReporter:

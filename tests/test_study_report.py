@@ -321,3 +321,16 @@ def test_study_state_on_sqlite_and_postgres(bare_store) -> None:  # type: ignore
     assert opened == "2.25.1"
     assert bare_store.queue_study_document(STUDY, 2, "2.25.2", "2.25.9", [])
     assert not bare_store.advance_study(STUDY, images_key).changed
+
+
+def test_the_state_key_fits_the_store_for_a_large_study() -> None:
+    # PostgreSQL enforces the column's 128 characters (SQLite does not)
+    from spine_node.store import StudyImage
+
+    payload = CascadeResult(sop_instance_uid="1.2", status=Status.NEGATIVE, score=0.1,
+                            threshold=0.5).to_json()
+    images = [StudyImage(f"1.2.826.0.1.3680043.10.9.{i}", "1.2.840.10008.5.1.4.1.1.1",
+                         "1.2.3", payload) for i in range(200)]
+    key = images_key(images)
+    assert len(key) <= 128
+    assert key != images_key(images[:-1])  # one image more is another state
