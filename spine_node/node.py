@@ -359,6 +359,20 @@ class RunningNode:
         self.store.close()
 
 
+def _listen(settings: Settings, store: JobStore) -> Any:
+    """Start the receiver; a port that cannot be bound is a :class:`StartupError`."""
+    from spine_node.receiver import start_receiver
+
+    try:
+        return start_receiver(settings, store)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on {settings.bind_address}:{settings.port}: "
+            f"{exc.strerror or exc} (is another node or DICOM service using port "
+            f"{settings.port}?)"
+        ) from None
+
+
 def start_node(
     settings: Settings, roles: tuple[str, ...] = ROLES, cascade: Any = None
 ) -> RunningNode:
@@ -378,7 +392,8 @@ def start_node(
     StartupError
         Before anything starts, when a role cannot work: the worker's bundle is not configured
         or cannot be loaded (:class:`NoBundle`), the data directory, spool or outbox is not
-        writable, the database cannot be opened, or a TLS file cannot be read.
+        writable, the database cannot be opened, a TLS file cannot be read, or the DICOM port
+        cannot be bound (then nothing else is left running).
     """
     for role in roles:
         if role not in ROLES:
@@ -388,49 +403,47 @@ def start_node(
     if "worker" in roles and cascade is None:
         check_bundle(settings.bundle)  # before the database is created or anything listens
     store = open_store(settings)
-    if "worker" in roles and cascade is None:
-        try:
-            cascade = load_cascade(settings)
-        except StartupError:
-            store.close()
-            raise
     node = RunningNode(store=store)
-    if "worker" in roles:
-        node.cascade = cascade
-        worker = build_worker(settings, store, cascade)
-        node.stop_event = threading.Event()
-        node.worker_thread = threading.Thread(
-            target=worker.run, args=(node.stop_event,), name="worker", daemon=False
-        )
-        node.worker_thread.start()
-        info = cascade.model_info
-        identity = WorkerIdentity(
-            owner=worker.settings.owner,
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            bundle_name=str(info.name),
-            bundle_version=str(info.version),
-            bundle_sha256=bundle_sha256(settings.bundle),
-        )
-        heartbeat = Heartbeat(Monitor(store), identity, settings.heartbeat_s, node.stop_event)
-        node.heartbeat_thread = threading.Thread(target=heartbeat.run, name="heartbeat")
-        node.heartbeat_thread.start()
-    if "dispatcher" in roles or "worker" in roles:
-        from spine_node.dispatcher import Dispatcher, dispatch_settings, start_scheduler
-
-        dispatcher = None
-        if "dispatcher" in roles:
-            dispatcher = Dispatcher(
-                store,
-                settings.destinations,
-                settings.outbox_dir,
-                dispatch_settings(settings),
-                random.Random(),
-                audit=AuditLog(settings.audit_path),
+    try:
+        if "receiver" in roles:  # listen first: a port in use stops the node before anything runs
+            node.server = _listen(settings, store)
+        if "worker" in roles and cascade is None:
+            cascade = load_cascade(settings)
+        if "worker" in roles:
+            node.cascade = cascade
+            worker = build_worker(settings, store, cascade)
+            node.stop_event = threading.Event()
+            node.worker_thread = threading.Thread(
+                target=worker.run, args=(node.stop_event,), name="worker", daemon=False
             )
-        node.scheduler = start_scheduler(settings, store, dispatcher)
-    if "receiver" in roles:
-        from spine_node.receiver import start_receiver
+            node.worker_thread.start()
+            info = cascade.model_info
+            identity = WorkerIdentity(
+                owner=worker.settings.owner,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                bundle_name=str(info.name),
+                bundle_version=str(info.version),
+                bundle_sha256=bundle_sha256(settings.bundle),
+            )
+            heartbeat = Heartbeat(Monitor(store), identity, settings.heartbeat_s, node.stop_event)
+            node.heartbeat_thread = threading.Thread(target=heartbeat.run, name="heartbeat")
+            node.heartbeat_thread.start()
+        if "dispatcher" in roles or "worker" in roles:
+            from spine_node.dispatcher import Dispatcher, dispatch_settings, start_scheduler
 
-        node.server = start_receiver(settings, store)
+            dispatcher = None
+            if "dispatcher" in roles:
+                dispatcher = Dispatcher(
+                    store,
+                    settings.destinations,
+                    settings.outbox_dir,
+                    dispatch_settings(settings),
+                    random.Random(),
+                    audit=AuditLog(settings.audit_path),
+                )
+            node.scheduler = start_scheduler(settings, store, dispatcher)
+    except BaseException:
+        node.stop()  # what did start is stopped: never a half-running node
+        raise
     return node

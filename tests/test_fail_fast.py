@@ -129,3 +129,23 @@ def test_unreadable_tls_files_exit_2(tmp_path: Path) -> None:
     config = write_config(tmp_path / "dest.toml", dest)
     _one_line(_run("serve", "--config", str(config), "--role", "dispatcher"),
               "destinations.pacs.tls.ca_file", "no-ca.pem")
+
+
+@pytest.mark.parametrize("role", ["receiver", "all"])
+def test_port_in_use_stops_serve_with_one_line(tmp_path: Path, tiny_bundle: Path,
+                                               role: str) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        settings = node_settings(tmp_path, port=port, bundle=str(tiny_bundle), device="cpu")
+        config = write_config(tmp_path / "node.toml", settings)
+        # exits (the whole process: no worker or scheduler left running) with one line
+        out = _run("serve", "--config", str(config), "--role", role)
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    problems = [line for line in out.stderr.splitlines() if line.startswith("spine-node:")]
+    assert len(problems) == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in problems[0], problems[0]
