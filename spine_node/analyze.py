@@ -66,7 +66,9 @@ def _choose_bundle(args: argparse.Namespace, configured: str | None) -> Path | N
 
     An explicit choice that is not a bundle never silently falls back to the demo.
     """
-    candidate = Path(args.bundle or configured or demo_bundle_dir())
+    choice = args.bundle or configured
+    # "demo" names the embedded demo bundle, as the bundle setting does
+    candidate = demo_bundle_dir() if choice in (None, "", "demo") else Path(choice)
     return candidate if (candidate / "manifest.json").is_file() else None
 
 

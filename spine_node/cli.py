@@ -1,7 +1,7 @@
 """spine-node: an on-premises DICOM node that triages spine radiographs and sends the results
 (SR, overlay, GSPS) back to the PACS.
 
-Every command except ``analyze`` and ``demo`` reads its settings from --config FILE, else from
+Every command except analyze and demo reads its settings from --config FILE, else from
 the file named by $SPINE_NODE_CONFIG, else from /etc/spine-node/spine-node.toml; without any of
 them it exits with status 2 (it never runs on built-in defaults). Exit status 2 also means a bad
 setting or a role that cannot start (bundle, data directory, database, TLS file), with one line

@@ -144,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         for path in write_samples(Path(args.write_samples)):
             print(path)
         print("synthetic phantom studies (PatientName PHANTOM^...), not patient data; "
-              "send them with e.g. storescu HOST PORT *.dcm")
+              "send them with e.g. storescu -aet MODALITY1 -aec SPINENODE HOST PORT *.dcm "
+              "(-aet: a calling AE title in allowed_calling_aes; -aec: the node's ae_title)")
         return 0
     configure_logging("WARNING", False)
     out = Path(args.out).resolve()

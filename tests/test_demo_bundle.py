@@ -103,6 +103,10 @@ def test_analyze_uses_the_demo_bundle_by_default(phantom: Path) -> None:
         assert row["status"] in ("positive", "negative")
         assert 0.0 <= row["score"] <= 1.0 and row["threshold"] == pytest.approx(
             float(load_manifest(demo_bundle_path()).threshold))
+    # "--bundle demo" names the same embedded bundle, as the bundle setting does
+    named = subprocess.run([*CLI, "analyze", str(files[0]), "--json", "--bundle", "demo"],
+                           capture_output=True, text=True, timeout=600, check=True)
+    assert json.loads(named.stdout)[0]["score"] == pytest.approx(rows[0]["score"])
 
 
 def test_demo_command_end_to_end(tmp_path: Path) -> None:
