@@ -50,9 +50,12 @@ from sqlalchemy import (
     delete,
     event,
     func,
+    inspect,
     select,
+    text,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -196,7 +199,13 @@ class Outbound(Base):
 
 
 class StudyState(Base):
-    """The study-level summary's revision: bumped when what it states would change."""
+    """The study-level summary's revision: bumped when what it states would change.
+
+    ``report_due_at`` is set (with ``report_due_seq`` counted up) in the transaction that
+    records an image's result, and cleared by the study report that queued the study's
+    summary, or found it unchanged, after reading that result: while it is set the summary
+    is owed (:meth:`JobStore.owed_studies`).
+    """
 
     __tablename__ = "study_states"
     study_instance_uid: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -206,6 +215,27 @@ class StudyState(Base):
     document_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
     document_series_uid: Mapped[str | None] = mapped_column(String(128), nullable=True)
     updated_at: Mapped[float] = mapped_column(Float, default=0.0)
+    #: when the last result not yet reported was recorded (None: no report owed)
+    report_due_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
+    #: counted up with every recorded result (never reset): a report clears the mark only
+    #: when no result was recorded since it read the study
+    report_due_seq: Mapped[int] = mapped_column(Integer, default=0)
+
+
+#: Columns added to existing tables after their first release: (table, column, SQL type).
+_ADDED_COLUMNS = (
+    ("study_states", "report_due_at", "FLOAT"),
+    ("study_states", "report_due_seq", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+def _add_missing_columns(engine: Engine) -> None:
+    """Add :data:`_ADDED_COLUMNS` to a database created before them (SQLite, PostgreSQL)."""
+    with engine.begin() as conn:
+        tables = inspect(conn)
+        for table, column, sql_type in _ADDED_COLUMNS:
+            if column not in {c["name"] for c in tables.get_columns(table)}:
+                conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
 
 
 @dataclass(frozen=True)
@@ -226,6 +256,8 @@ class StudySnapshot:
     changed), or when ``revision`` was opened earlier but its document never queued; the
     caller then builds and queues the document for ``revision``. ``previous_document_uid``
     / ``previous_document_series_uid`` name the last document queued (its predecessor).
+    ``report_due_seq`` is the study's count of recorded results when read (passed back to
+    :meth:`JobStore.queue_study_document` to clear the owed report).
     """
 
     study_instance_uid: str
@@ -234,6 +266,22 @@ class StudySnapshot:
     images: tuple[StudyImage, ...]
     previous_document_uid: str | None
     previous_document_series_uid: str | None
+    report_due_seq: int = 0
+
+
+@dataclass(frozen=True)
+class OwedStudy:
+    """A study whose summary report is owed (:meth:`JobStore.owed_studies`).
+
+    ``spool_paths`` are its analysed images still in the spool (relative names); ``images``
+    its analysed images as stored, whose payloads name the result objects made for them
+    (``objects``, in the outbox unless expired): either gives the patient and study
+    attributes for the document.
+    """
+
+    study_instance_uid: str
+    spool_paths: tuple[str, ...]
+    images: tuple[StudyImage, ...]
 
 
 @dataclass(frozen=True)
@@ -508,6 +556,7 @@ class JobStore:
         """
         engine = make_engine(url, busy_timeout_s)
         retry_while_locked(lambda: Base.metadata.create_all(engine), None, "opening the queue")
+        retry_while_locked(lambda: _add_missing_columns(engine), None, "opening the queue")
         return cls(engine, clock)
 
     def close(self) -> None:
@@ -740,6 +789,10 @@ class JobStore:
     ) -> None:
         """Record the result and its outbound sends, and end the job, in one transaction.
 
+        The same transaction marks the study's summary report owed (``study_states``
+        ``report_due_at``, the row created when absent), so that a report that fails or
+        never runs after this commit is made later (:meth:`owed_studies`).
+
         Raises
         ------
         LeaseLost
@@ -774,6 +827,7 @@ class JobStore:
             job.lease_until = None
             job.last_error = outcome.reason if outcome.status is Status.NOT_PROCESSED else None
             job.updated_at = now
+            _mark_report_due(s, inst.study_instance_uid, now)
 
         self._run(complete_job)
 
@@ -1130,6 +1184,8 @@ class JobStore:
                 changed = True
             elif images and state.queued_revision < state.revision:
                 changed = True  # opened earlier, never queued (e.g. a crash in between)
+            if not changed:
+                state.report_due_at = None  # every recorded result is in the summary queued
             return StudySnapshot(
                 study_instance_uid,
                 state.revision,
@@ -1137,6 +1193,7 @@ class JobStore:
                 images,
                 state.document_uid,
                 state.document_series_uid,
+                state.report_due_seq,
             )
 
         try:
@@ -1151,14 +1208,22 @@ class JobStore:
         document_uid: str,
         document_series_uid: str,
         sends: Sequence[SendSpec],
+        report_due_seq: int | None = None,
     ) -> bool:
         """Queue the sends of a study summary revision unless a newer revision was opened.
+
+        Parameters
+        ----------
+        report_due_seq : int or None
+            ``StudySnapshot.report_due_seq`` of the snapshot the document was built from:
+            the owed report is cleared when no result was recorded since (None: left as is).
 
         Returns
         -------
         bool
             False when ``revision`` is no longer the study's current one (nothing queued:
-            the newer revision's document supersedes it).
+            the newer revision's document supersedes it) or was already queued by another
+            worker (each revision is queued once).
         """
         now = self.clock()
 
@@ -1166,14 +1231,80 @@ class JobStore:
             state = s.get(StudyState, study_instance_uid, with_for_update=True)
             if state is None or state.revision != revision:
                 return False
-            self._add_sends(s, None, sends, now)
-            state.queued_revision = revision
-            state.document_uid = document_uid
-            state.document_series_uid = document_series_uid
-            state.updated_at = now
-            return True
+            queued = state.queued_revision < revision
+            if queued:
+                self._add_sends(s, None, sends, now)
+                state.queued_revision = revision
+                state.document_uid = document_uid
+                state.document_series_uid = document_series_uid
+                state.updated_at = now
+            if report_due_seq is not None and state.report_due_seq == report_due_seq:
+                state.report_due_at = None
+            return queued
 
         return self._run(queue_study_document)
+
+    def owed_studies(self, older_than: float, limit: int) -> list[OwedStudy]:
+        """Studies whose summary report is owed since before ``older_than``, oldest first.
+
+        Parameters
+        ----------
+        older_than : float
+            Epoch seconds: studies with a result recorded after it are left to the report
+            of that result.
+        limit : int
+            At most this many studies.
+        """
+
+        def owed_studies(s: Session) -> list[OwedStudy]:
+            uids = s.scalars(
+                select(StudyState.study_instance_uid)
+                .where(StudyState.report_due_at.is_not(None))
+                .where(StudyState.report_due_at < older_than)
+                .order_by(StudyState.report_due_at)
+                .limit(limit)
+            ).all()
+            owed = []
+            for uid in uids:
+                rows = s.execute(
+                    select(
+                        Instance.sop_instance_uid,
+                        Instance.sop_class_uid,
+                        Instance.series_instance_uid,
+                        Instance.spool_path,
+                        Instance.spool_deleted_at,
+                        Result.payload,
+                    )
+                    .join(Result, Result.instance_id == Instance.id)
+                    .where(Result.study_instance_uid == uid)
+                    .order_by(Result.id)
+                ).all()
+                spool = tuple(row.spool_path for row in rows if row.spool_deleted_at is None)
+                images = tuple(
+                    StudyImage(
+                        row.sop_instance_uid,
+                        row.sop_class_uid,
+                        row.series_instance_uid,
+                        json.loads(row.payload),
+                    )
+                    for row in rows
+                )
+                owed.append(OwedStudy(uid, spool, images))
+            return owed
+
+        return self._run(owed_studies)
+
+    def clear_study_report(self, study_instance_uid: str) -> None:
+        """Give up an owed study report (the caller logs why): it is no longer owed."""
+
+        def clear_study_report(s: Session) -> None:
+            s.execute(
+                update(StudyState)
+                .where(StudyState.study_instance_uid == study_instance_uid)
+                .values(report_due_at=None)
+            )
+
+        self._run(clear_study_report)
 
     def study_results(self, study_instance_uid: str) -> list[tuple[str, dict[str, Any]]]:
         """All results of one study as ``(sop_instance_uid, payload)`` pairs."""
@@ -1290,6 +1421,34 @@ class JobStore:
 
 #: ``Job.last_error`` while every ended attempt ended with the worker dying.
 _DIED = "worker died during processing"
+
+
+def _mark_report_due(s: Session, study_instance_uid: str, now: float) -> None:
+    """Mark the study's summary report owed, creating its state row when absent.
+
+    An upsert (``INSERT ... ON CONFLICT DO UPDATE``, SQLite and PostgreSQL) so that workers
+    recording the first results of one study at once never collide on the row.
+    """
+    dialect = s.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    statement = insert(StudyState).values(
+        study_instance_uid=study_instance_uid,
+        revision=0,
+        state_key="",
+        queued_revision=0,
+        updated_at=now,
+        report_due_at=now,
+        report_due_seq=1,
+    )
+    s.execute(
+        statement.on_conflict_do_update(
+            index_elements=[StudyState.study_instance_uid],
+            set_={
+                "report_due_at": now,
+                "report_due_seq": StudyState.report_due_seq + 1,
+            },
+        )
+    )
 
 
 def _died_error(previous: str | None) -> str:

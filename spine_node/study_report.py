@@ -8,6 +8,11 @@ revision's SR (``results.study``, amending the previous revision) and the webhoo
 the same snapshot, writes them to the outbox and queues their sends, unless a newer revision
 was opened meanwhile (``JobStore.queue_study_document``). The worklist ranks studies with the
 same function (``results.priority.study_priority``) over the same stored results.
+
+The report holds by construction: recording an image's result marks the study's report owed
+in the same transaction (``JobStore.complete_job``); the report clears the mark in the
+transaction that queues the revision or finds nothing changed. A report that failed or never
+ran (the worker died) is made by an idle worker (``Worker.report_owed``).
 """
 
 from __future__ import annotations
@@ -113,6 +118,9 @@ class StudyReporter:
     def report(self, study_instance_uid: str, source: Dataset) -> StudySnapshot:
         """Send a new summary revision of the study when its state changed.
 
+        Clears the study's owed report (``study_states.report_due_at``) when it queued the
+        revision or found nothing changed, unless a result was recorded meanwhile.
+
         Parameters
         ----------
         study_instance_uid : str
@@ -163,13 +171,18 @@ class StudyReporter:
             hook_uid, hook_path = self._webhook_body(snapshot, uid)
             sends += [SendSpec(d.name, d.kind, hook_uid, hook_path) for d in hooks]
         queued = self.store.queue_study_document(
-            study_instance_uid, snapshot.revision, uid, str(sr.SeriesInstanceUID), sends
+            study_instance_uid,
+            snapshot.revision,
+            uid,
+            str(sr.SeriesInstanceUID),
+            sends,
+            snapshot.report_due_seq,
         )
         logger.info(
             "study summary revision %d (%s) %s",
             snapshot.revision,
             uid,
-            "queued" if queued else "superseded by a newer revision",
+            "queued" if queued else "not queued (superseded, or queued by another worker)",
         )
         return snapshot
 

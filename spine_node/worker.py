@@ -9,7 +9,9 @@ time (out-of-memory kill, a crash inside a model library) is handed back by
 reported "not processed" from its header alone, without running the cascade. Only when even
 that is impossible does the job end ``dead``. SIGTERM (``stop`` set) lets the current batch finish.
 While a batch is processed its leases are renewed every ``lease_s / 3`` (:mod:`spine_node.lease`),
-so a slow batch is never claimed by another worker.
+so a slow batch is never claimed by another worker. A worker with no job to claim makes the
+study summary reports still owed (:meth:`Worker.report_owed`): one that failed, or whose
+worker died after recording the image's result.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
 from pydicom.dataset import FileMetaDataset
+from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
 from spine_node.isolation import DecoderCrash
@@ -40,10 +43,16 @@ from spine_node.store import (
     JobStore,
     LeaseLost,
     Monitor,
+    OwedStudy,
     SendSpec,
 )
 
 logger = logging.getLogger(__name__)
+
+#: An owed study report is left this long to the worker that recorded the result (seconds).
+REPORT_OWED_AFTER_S = 5.0
+#: At most this many owed study reports are made per idle poll.
+REPORT_OWED_PER_POLL = 8
 
 
 class CascadeLike(Protocol):
@@ -95,7 +104,8 @@ class Worker:
     build_results : ResultBuilder
         Makes the SR / SC / GSPS datasets for one image.
     report_study : StudyReportFn or None
-        Called after each recorded result: keeps the study summary (priority) true.
+        Called after each recorded result, and for owed reports when idle
+        (:meth:`report_owed`): keeps the study summary (priority) true.
     spool_dir, outbox_dir : pathlib.Path
         Where received images are and where result objects are written.
     settings : WorkerSettings
@@ -139,7 +149,10 @@ class Worker:
         logger.info("worker %s stopped", self.settings.owner)
 
     def run_once(self) -> int:
-        """Claim one batch and process it; return how many jobs were claimed."""
+        """Claim one batch and process it; return how many jobs were claimed.
+
+        With no job to claim, make the owed study reports instead (:meth:`report_owed`).
+        """
         jobs = self.store.claim_jobs(
             self.settings.owner,
             self.settings.lease_s,
@@ -147,11 +160,69 @@ class Worker:
             self.settings.max_attempts,
         )
         if not jobs:
+            self.report_owed()
             return 0
         ids = [job.job_id for job in jobs]
         with LeaseRenewer(self.store, self.settings.owner, ids, self.settings.lease_s) as leases:
             self._process(jobs, leases)
         return len(jobs)
+
+    def report_owed(self) -> int:
+        """Make study summary reports owed for over :data:`REPORT_OWED_AFTER_S` seconds.
+
+        At most :data:`REPORT_OWED_PER_POLL` studies. The patient and study attributes come
+        from an image of the study still in the spool, else from a result object made for
+        one (outbox); a study with neither is given up with a warning (its mark cleared), so
+        that no report is tried forever. A report that raises stays owed.
+
+        Returns
+        -------
+        int
+            How many owed studies were reported.
+        """
+        if self.report_study is None:
+            return 0
+        older_than = self.store.clock() - REPORT_OWED_AFTER_S
+        done = 0
+        for study in self.store.owed_studies(older_than, REPORT_OWED_PER_POLL):
+            study_log = {"study_instance_uid": study.study_instance_uid}
+            source = self._study_source(study)
+            if source is None:
+                logger.warning(
+                    "owed study summary given up: no image of the study in the spool and no "
+                    "result object in the outbox to take the patient and study from",
+                    extra=study_log,
+                )
+                self.store.clear_study_report(study.study_instance_uid)
+                continue
+            try:
+                self.report_study(study.study_instance_uid, source)
+                done += 1
+            except Exception:
+                logger.exception("the owed study summary could not be updated", extra=study_log)
+        return done
+
+    def _study_source(self, study: OwedStudy) -> Dataset | None:
+        """A header of one of the study's images: from the spool, else rebuilt from a result
+        object made for it (outbox; its patient and study attributes, the image's UIDs)."""
+        for relative in study.spool_paths:
+            try:
+                return dcmread(self.spool_dir / relative, force=True, stop_before_pixels=True)
+            except (OSError, ValueError, InvalidDicomError):
+                continue
+        for image in study.images:
+            for uid in image.payload.get("objects", []):
+                try:
+                    header = dcmread(
+                        self.outbox_dir / relative_name(str(uid)), stop_before_pixels=True
+                    )
+                except (OSError, ValueError, InvalidDicomError):
+                    continue
+                header.SOPInstanceUID = image.sop_instance_uid
+                header.SOPClassUID = image.sop_class_uid
+                header.SeriesInstanceUID = image.series_instance_uid
+                return header
+        return None
 
     def _process(self, jobs: Sequence[ClaimedJob], leases: LeaseRenewer) -> None:
         """Process one claimed batch while ``leases`` keeps its leases alive."""

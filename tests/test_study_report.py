@@ -242,6 +242,140 @@ def test_a_revision_whose_document_was_never_queued_is_built_again(tmp_path: Pat
         node.store.close()
 
 
+def _study_documents(node: Study) -> list[int]:
+    """Revisions of the study summary written to the outbox and queued to the PACS."""
+    bundle = bundle_key(node.cascade.model_info)
+    return [
+        revision
+        for revision in range(1, 10)
+        if (node.settings.outbox_dir / relative_name(study_document_uid(STUDY, bundle, revision)))
+        .exists()
+    ]
+
+
+def _later(node: Study, seconds: float) -> None:
+    """Move the store's (and so the worker's) clock on: the owed report is due."""
+    now = node.store.clock
+
+    node.store.clock = lambda: now() + seconds  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("failure", ["report raises", "worker dies"])
+def test_an_owed_study_summary_is_made_by_an_idle_worker(tmp_path: Path, failure: str) -> None:
+    node = Study(tmp_path, {})
+    report = node.worker.report_study
+    assert report is not None
+    calls: list[str] = []
+
+    def failing(study: str, source: pydicom.Dataset) -> None:
+        calls.append(study)
+        raise RuntimeError("the outbox disk is full")
+
+    try:
+        only = node.receive("only", 3)
+        node.cascade.script[str(only.SOPInstanceUID)] = NEGATIVE
+        node.worker.report_study = failing if failure == "report raises" else None
+        assert node.worker.run_once() == 1
+        assert calls == ([STUDY] if failure == "report raises" else [])
+        assert _study_documents(node) == []  # the image's result is recorded, its summary not
+        assert [o.study_instance_uid for o in node.store.owed_studies(float("inf"), 10)] == [
+            STUDY
+        ]
+
+        node.worker.report_study = report  # a worker that lives on (or another one)
+        _later(node, 60.0)
+        assert node.worker.run_once() == 0  # idle: the owed summary is made
+        assert _study_documents(node) == [1]
+        outbound = node.store.status()["outbound"]
+        assert sum(outbound["pacs"].values()) == 2 + 1  # the image's SR + SC, one revision
+        assert sum(outbound["webhook"].values()) == 1
+        assert node.store.owed_studies(float("inf"), 10) == []
+
+        assert node.worker.run_once() == 0  # nothing owed any more: nothing built again
+        assert _study_documents(node) == [1]
+        assert node.store.status()["outbound"] == outbound
+    finally:
+        node.store.close()
+
+
+def test_nothing_is_reported_twice_when_no_report_is_owed(tmp_path: Path) -> None:
+    node = Study(tmp_path, {})
+    report = node.worker.report_study
+    assert report is not None
+    calls: list[str] = []
+
+    def counting(study: str, source: pydicom.Dataset) -> object:
+        calls.append(study)
+        return report(study, source)
+
+    node.worker.report_study = counting
+    try:
+        first = node.receive("first", 1)
+        node.cascade.script[str(first.SOPInstanceUID)] = NEGATIVE
+        assert node.worker.run_once() == 1
+        assert calls == [STUDY] and _study_documents(node) == [1]
+        assert node.store.owed_studies(float("inf"), 10) == []  # the report cleared its mark
+        outbound = node.store.status()["outbound"]
+        _later(node, 60.0)
+        for _ in range(3):
+            assert node.worker.run_once() == 0
+        assert calls == [STUDY]  # the idle worker made no report
+        assert _study_documents(node) == [1]
+        assert node.store.status()["outbound"] == outbound
+    finally:
+        node.store.close()
+
+
+def test_an_owed_summary_without_spooled_image_uses_the_outbox_or_is_given_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    node = Study(tmp_path, {})
+    report = node.worker.report_study
+    try:
+        only = node.receive("only", 3)
+        node.cascade.script[str(only.SOPInstanceUID)] = POSITIVE
+        node.worker.report_study = None  # the worker dies before the study summary
+        assert node.worker.run_once() == 1
+        node.worker.report_study = report
+        (owed,) = node.store.owed_studies(float("inf"), 10)
+        (spooled,) = owed.spool_paths
+        (node.settings.spool_dir / spooled).unlink()  # retention removed the image
+        _later(node, 60.0)
+        assert node.worker.run_once() == 0
+        assert _study_documents(node) == [1]  # patient and study from the image's SR
+        sr = pydicom.dcmread(
+            node.settings.outbox_dir
+            / relative_name(study_document_uid(STUDY, bundle_key(node.cascade.model_info), 1))
+        )
+        assert sr.PatientID == only.PatientID
+        assert sr.StudyInstanceUID == STUDY
+        evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        assert [s.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for s in evidence] == [
+            str(only.SOPInstanceUID)
+        ]
+
+        # a second image whose summary is owed, with neither its image nor any result
+        # object left: given up once, with a warning, and never tried again
+        second = node.receive("second", 4)
+        node.cascade.script[str(second.SOPInstanceUID)] = NEGATIVE
+        node.worker.report_study = None
+        assert node.worker.run_once() == 1
+        node.worker.report_study = report
+        for path in [*node.settings.spool_dir.rglob("*"), *node.settings.outbox_dir.rglob("*")]:
+            if path.is_file():
+                path.unlink()
+        _later(node, 60.0)
+        with caplog.at_level("WARNING", logger="spine_node.worker"):
+            assert node.worker.run_once() == 0
+            assert node.worker.run_once() == 0
+        given_up = [r for r in caplog.records if "owed study summary given up" in r.getMessage()]
+        assert len(given_up) == 1
+        assert node.store.owed_studies(float("inf"), 10) == []
+        assert _study_documents(node) == []  # nothing built from nothing (all files removed)
+    finally:
+        node.store.close()
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def bare_store(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
     from sqlalchemy import text
@@ -334,3 +468,29 @@ def test_the_state_key_fits_the_store_for_a_large_study() -> None:
     key = images_key(images)
     assert len(key) <= 128
     assert key != images_key(images[:-1])  # one image more is another state
+
+
+def test_the_owed_report_is_cleared_only_by_the_report_that_read_every_result(
+    bare_store,  # type: ignore[no-untyped-def]
+) -> None:
+    def owed() -> list[str]:
+        return [o.study_instance_uid for o in bare_store.owed_studies(float("inf"), 10)]
+
+    _finish(bare_store, "9.1", "negative", 0.1)
+    assert owed() == [STUDY]  # marked in the transaction that recorded the result
+    assert bare_store.owed_studies(0.0, 10) == []  # only reports owed for a while are due
+    first = bare_store.advance_study(STUDY, images_key)
+    _finish(bare_store, "9.2", "positive", 0.9)  # recorded while revision 1 is being built
+    assert bare_store.queue_study_document(STUDY, 1, "2.25.1", "2.25.9", [],
+                                           first.report_due_seq)
+    assert owed() == [STUDY]  # the result recorded meanwhile is not in revision 1
+    # another worker built revision 1 too: refused, it is queued once
+    assert not bare_store.queue_study_document(STUDY, 1, "2.25.3", "2.25.9", [],
+                                               first.report_due_seq)
+    second = bare_store.advance_study(STUDY, images_key)
+    assert (second.revision, second.changed, len(second.images)) == (2, True, 2)
+    assert bare_store.queue_study_document(STUDY, 2, "2.25.2", "2.25.9", [],
+                                           second.report_due_seq)
+    assert owed() == []
+    assert not bare_store.advance_study(STUDY, images_key).changed
+    assert owed() == []
