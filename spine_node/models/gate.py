@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from spine_node.sop_classes import RADIOGRAPH_CLASSES
+
 log = logging.getLogger(__name__)
 
 #: Modalities of projection radiographs (missing Modality is allowed: VinDr files lack it).
@@ -50,15 +52,9 @@ _MODALITY_WORDS: Mapping[str, str] = {
     "BMD": "bone densitometry image",
 }
 
-#: SOP classes whose pixel data can be a spine radiograph (missing SOP Class UID is allowed).
-ALLOWED_SOP_CLASSES: Mapping[str, str] = {
-    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
-    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture Image Storage",
-    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture Image Storage",
-}
+#: SOP classes whose pixel data can be a spine radiograph (missing SOP Class UID is allowed):
+#: the receiver's list, one definition.
+ALLOWED_SOP_CLASSES: Mapping[str, str] = RADIOGRAPH_CLASSES
 
 #: Body-part spellings (normalised: upper case, no spaces, hyphens, underscores, dots) for spine.
 SPINE_BODY_PARTS = frozenset(
