@@ -363,6 +363,8 @@ def _store(event: evt.Event, ctx: ReceiverContext, cmd_class: str, cmd_instance:
         # Out of resources: the queue could not be written; the sender must retry
         logger.error("C-STORE from %s refused: queue write failed: %s", calling_ae, exc)
         return _Stored(STATUS_OUT_OF_RESOURCES, "refused", "queue write failed", study_uid)
+    # structured fields on every outcome line (UIDs hashed by the formatter unless log_phi)
+    fields = {"study_instance_uid": study_uid, "sop_instance_uid": cmd_instance}
     if outcome == "new":
         logger.info(
             "job %s queued: stored file=%s bytes=%d from=%s%s",
@@ -371,24 +373,28 @@ def _store(event: evt.Event, ctx: ReceiverContext, cmd_class: str, cmd_instance:
             size,
             calling_ae,
             "" if kind.reason is None else f" ({kind.category.label}: {kind.reason})",
+            extra={**fields, "job_id": job_id},
         )
         return _Stored(STATUS_SUCCESS, "stored", f"queued as job {job_id}", study_uid)
     if outcome == "recorded":
         logger.info(
-            "C-STORE from %s: stored, no job (%s: %s)", calling_ae, kind.category.label, kind.reason
+            "C-STORE from %s: stored, no job (%s: %s)", calling_ae, kind.category.label,
+            kind.reason, extra=fields,
         )
         return _Stored(STATUS_SUCCESS, "stored", f"{kind.category.label}: {kind.reason}", study_uid)
     if outcome == "own":
         (ctx.spool_dir / relative).unlink(missing_ok=True)
-        logger.info("C-STORE from %s: our own result object, accepted, not queued", calling_ae)
+        logger.info("C-STORE from %s: our own result object, accepted, not queued", calling_ae,
+                    extra=fields)
         return _Stored(STATUS_SUCCESS, "own_object", "our own result object", study_uid)
     if outcome == "duplicate_removed":
         (ctx.spool_dir / relative).unlink(missing_ok=True)  # retention already removed it
     elif (again := resent_with_new_content(ctx.store, cmd_instance, ctx.spool_dir / relative)):
         logger.info("job %d queued again: instance re-sent by %s with different content", again,
-                    calling_ae, extra={"job_id": again, "study_instance_uid": study_uid})
+                    calling_ae, extra={**fields, "job_id": again})
         return _Stored(STATUS_SUCCESS, "stored", f"different content: job {again} again", study_uid)
-    logger.info("C-STORE from %s: instance already received, not queued again", calling_ae)
+    logger.info("C-STORE from %s: instance already received, not queued again", calling_ae,
+                extra=fields)
     return _Stored(STATUS_SUCCESS, "duplicate", "already received", study_uid)
 
 

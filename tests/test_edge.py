@@ -400,6 +400,29 @@ def test_audit_trail_records_every_object_received(
         assert json.loads(line)["time"].endswith("+00:00")
 
 
+def test_receiver_outcome_lines_carry_structured_fields(
+    receiver: tuple[Settings, RunningNode], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings, _ = receiver
+    caplog.set_level(logging.INFO, logger="spine_node.receiver")
+    image = make_image(tmp_path / "b.dcm")
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    out = storescu(settings.port, [tmp_path / "b.dcm", tmp_path / "b.dcm", ct])
+    assert out.returncode == 0, out.stdout + out.stderr
+    by_uid: dict[str, list[logging.LogRecord]] = {}
+    for record in caplog.records:
+        uid = getattr(record, "sop_instance_uid", None)
+        if uid is not None:
+            by_uid.setdefault(str(uid), []).append(record)
+    queued, duplicate = by_uid[str(image.SOPInstanceUID)]
+    assert "queued" in queued.getMessage() and isinstance(getattr(queued, "job_id", None), int)
+    assert getattr(queued, "study_instance_uid", None) == str(image.StudyInstanceUID)
+    assert "already received" in duplicate.getMessage()
+    (ignored,) = by_uid[str(pydicom.dcmread(ct).SOPInstanceUID)]
+    assert "no job" in ignored.getMessage()
+    assert getattr(ignored, "study_instance_uid", None) == str(pydicom.dcmread(ct).StudyInstanceUID)
+
+
 # ------------------------------------------------------------------------- transport
 
 
