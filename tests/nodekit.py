@@ -108,17 +108,19 @@ __all__ = ["CR_IMAGE_STORAGE", "DX_PRESENTATION", "CTImageStorage", "free_port",
 class StoreSCP:
     """DCMTK ``storescp`` playing the PACS on loopback; files land in ``out_dir``."""
 
-    def __init__(self, out_dir: Path, port: int | None = None, aet: str = "PACS") -> None:
+    def __init__(self, out_dir: Path, port: int | None = None, aet: str = "PACS",
+                 unique_names: bool = False) -> None:
         self.out_dir = out_dir
         self.port = port or free_port()
         self.aet = aet
+        self.unique_names = unique_names  # storescp +uf: a duplicate is a second file
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> StoreSCP:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             ["storescp", "-aet", self.aet, "-od", str(self.out_dir),
-             "+xa", str(self.port)],
+             *(["+uf"] if self.unique_names else []), "+xa", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         wait_for(self._listening, timeout=15)

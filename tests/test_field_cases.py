@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -44,7 +43,7 @@ from spine_node.results import codes
 from spine_node.results.priority import study_priority
 from spine_node.results.types import CascadeResult, Status
 from spine_node.store import JobStore
-from tests.nodekit import free_port, node_settings, wait_for, write_config
+from tests.nodekit import StoreSCP, node_settings, wait_for, write_config
 from tests.results_kit import dciodvfy_errors
 
 CASES = Path(__file__).resolve().parents[2] / "shared" / "field-cases"
@@ -62,31 +61,11 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 # --------------------------------------------------------------------------- peers
 
 
-class PacsSCP:
+class PacsSCP(StoreSCP):
     """DCMTK ``storescp`` as the PACS; unique file names so that a duplicate is seen."""
 
     def __init__(self, out_dir: Path) -> None:
-        self.out_dir = out_dir
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> PacsSCP:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            ["storescp", "-aet", "PACS", "-od", str(self.out_dir), "+uf", "+xa", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(self._listening, timeout=15)
-        return self
-
-    def _listening(self) -> bool:
-        with socket.socket() as s:
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
+        super().__init__(out_dir, unique_names=True)
 
     def objects(self) -> list[tuple[Path, Dataset]]:
         return [(p, dcmread(p)) for p in sorted(self.out_dir.iterdir())
