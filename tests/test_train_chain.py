@@ -56,6 +56,8 @@ def test_spine_train_chain_builds_a_bundle_the_node_runs(tmp_path: Path) -> None
     assert [m.name for m in manifest.members] == ["resnet", "densenet"]
     assert list(manifest.ensemble_weights) == fit["weights"]
     assert manifest.threshold == fit["threshold"]
+    reference = manifest.score_reference  # drift reference: the out-of-fold validation scores
+    assert reference is not None and reference.n == fit["n_images"]
     files = sorted(str(p) for p in (tmp_path / "data" / "test_images").glob("*.dicom"))
     rows = json.loads(_run(*NODE, "analyze", *files, "--bundle", "bundle", "--json",
                            cwd=tmp_path))

@@ -175,7 +175,7 @@ def build_demo_bundle(
     from training import vindr
     from training.detector_extras import DetectorExtras
     from training.ensemble import OofPredictions, fit_ensemble, youden_threshold
-    from training.export import build_bundle
+    from training.export import build_bundle, reference_from_validation
     from training.meyerding import evaluate_on_phantom, save_grader, train_from_phantom
     from training.phantom import write_phantom_dataset
     from training.train_classifier import train_fold
@@ -245,6 +245,11 @@ def build_demo_bundle(
     )
     fit = fit_ensemble(oof)
     logger.info("ensemble fit on %d validation images: %s", fit.n_images, fit)
+    reference = reference_from_validation(
+        np.clip(oof.scores @ np.asarray(fit.weights), 0.0, 1.0),
+        fit.threshold,
+        "phantom fold-0 validation split",
+    )
 
     # 4. detector ------------------------------------------------------------------------
     t = time.monotonic()
@@ -347,6 +352,7 @@ def build_demo_bundle(
         grader_file=grader_file,
         prep={k: v for k, v in asdict(params).items() if k != "max_pixels"},
         metrics={**metrics, "build_seconds": round(time.monotonic() - t_start, 1)},
+        score_reference=reference,
         onnx=True,
     )
     write_readme(Path(out_dir), manifest)
@@ -479,6 +485,7 @@ def bundle_add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def bundle_run(args: argparse.Namespace) -> int:
     """Run ``spine-train bundle``."""
+    from spine_node.drift import ScoreReference
     from spine_node.imaging import PrepParams
     from training.train_classifier import member_spec
 
@@ -531,6 +538,9 @@ def bundle_run(args: argparse.Namespace) -> int:
             **metrics,
             "ensemble_validation": {k: fit[k] for k in ("auroc", "n_images") if k in fit},
         },
+        score_reference=None
+        if fit.get("score_reference") is None
+        else ScoreReference.from_json(fit["score_reference"]),
         onnx=not args.no_onnx,
     )
     print(f"bundle written to {args.out}")

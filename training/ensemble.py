@@ -18,9 +18,12 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from spine_node.drift import score_reference
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +93,9 @@ class EnsembleFit:
     specificity: float
     n_images: int
     n_abnormal: int
+    #: The weighted score's distribution on these predictions (``ScoreReference.to_json``),
+    #: the bundle's drift reference (``spine-train bundle`` records it in the manifest).
+    score_reference: dict[str, Any] | None = None
 
 
 def weight_grid(n_members: int, step: float = 0.05) -> Iterator[tuple[float, ...]]:
@@ -219,6 +225,11 @@ def fit_ensemble(oof: OofPredictions, *, step: float = 0.05) -> EnsembleFit:
         specificity=spec,
         n_images=len(oof.image_ids),
         n_abnormal=int(oof.labels.sum()),
+        score_reference=score_reference(
+            np.clip(combined, 0.0, 1.0),
+            threshold=thr,
+            source=f"out-of-fold validation predictions ({len(oof.image_ids)} images)",
+        ).to_json(),
     )
 
 

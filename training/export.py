@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from spine_node.drift import ScoreReference, score_reference
 from spine_node.labels import LESION_LABELS
 from spine_node.models.bundle import (
     DetectorSpec,
@@ -27,6 +28,7 @@ from spine_node.models.bundle import (
     GraderSpec,
     Manifest,
     MemberSpec,
+    load_manifest,
     sha256_file,
     write_manifest,
 )
@@ -159,6 +161,7 @@ def build_bundle(
     grader_file: Path | None = None,
     prep: Mapping[str, Any] | None = None,
     metrics: Mapping[str, Any] | None = None,
+    score_reference: ScoreReference | None = None,
     onnx: bool = True,
     device: str = "cpu",
 ) -> Manifest:
@@ -195,6 +198,10 @@ def build_bundle(
         ``PrepParams`` fields.
     metrics : Mapping, optional
         Held-out figures to record.
+    score_reference : ScoreReference, optional
+        The ensemble score's distribution on the validation images
+        (:func:`reference_from_validation`), recorded as the manifest's ``score_reference``:
+        the node's drift reference. None: the bundle has none (drift reads "no reference").
     onnx : bool
         Also export every member and the detector to ONNX.
     device : str
@@ -290,10 +297,72 @@ def build_bundle(
         grader=grader,
         prep=prep,
         metrics={**dict(metrics or {}), "built": datetime.now(UTC).isoformat(timespec="seconds")},
+        score_reference=score_reference,
     )
     write_manifest(out_dir, manifest)
     log.info("bundle %s %s written to %s", name, version, out_dir)
     return manifest
+
+
+def reference_from_validation(
+    scores: np.ndarray | Sequence[float], threshold: float, source: str = "validation split"
+) -> ScoreReference:
+    """The drift reference of a bundle: its validation scores in decile bins.
+
+    Parameters
+    ----------
+    scores : array_like
+        ``(N,)`` ensemble scores of the validation images (never the test split).
+    threshold : float
+        The bundle's decision threshold (records the validation positive rate).
+    source : str
+        Which images these are (recorded in the manifest).
+
+    Returns
+    -------
+    ScoreReference
+        See :func:`spine_node.drift.score_reference`.
+    """
+    values = np.asarray(scores, dtype=np.float64).reshape(-1)
+    return score_reference(values, threshold=threshold, source=f"{source} ({values.size} images)")
+
+
+def add_score_reference(
+    bundle_dir: Path, scores: np.ndarray | Sequence[float], source: str = "validation split"
+) -> Manifest:
+    """Add (or replace) the drift reference of an already-built bundle.
+
+    The manifest is verified (every file's hash), given ``score_reference`` from ``scores``
+    and written again; the other files are untouched (the bundle's SHA-256, that of its
+    manifest, changes).
+
+    Parameters
+    ----------
+    bundle_dir : pathlib.Path
+        The bundle directory.
+    scores : array_like
+        ``(N,)`` ensemble scores of the bundle's validation images.
+    source : str
+        Which images these are.
+
+    Returns
+    -------
+    Manifest
+        The manifest written.
+
+    Raises
+    ------
+    spine_node.models.bundle.BundleError
+        When the bundle does not verify.
+    ValueError
+        Empty scores or scores outside [0, 1].
+    """
+    manifest = load_manifest(Path(bundle_dir))
+    reference = reference_from_validation(scores, manifest.threshold, source)
+    updated = replace(manifest, score_reference=reference)
+    write_manifest(Path(bundle_dir), updated)
+    log.info("score reference (%d validation images) written to %s", reference.n, bundle_dir)
+    return updated
 
 
 def _read_state(path: Path) -> Mapping[str, torch.Tensor]:

@@ -19,8 +19,14 @@ Manifest layout (``format`` 1)::
       "gate": {"stats", "sha256", "threshold"} | null,
       "grader": {"weights", "sha256", "crop_size"} | null,
       "prep": {PrepParams fields},
-      "metrics": {...}
+      "metrics": {...},
+      "score_reference": {"statistic", "bin_edges", "counts", "n", "source",
+                          "positive_rate"} | null
     }
+
+``score_reference`` is the ensemble score's distribution on the validation split
+(:class:`spine_node.drift.ScoreReference`), the reference of the node's drift monitoring;
+a bundle without it works, and drift then reads "no reference".
 
 Triage members take the prepared grey image repeated to three channels (``in_chans=3``), so
 ImageNet weights load unchanged; training and serving share this convention
@@ -39,6 +45,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from spine_node.drift import ScoreReference
 from spine_node.labels import LESION_LABELS
 
 log = logging.getLogger(__name__)
@@ -271,6 +278,9 @@ class Manifest:
     #: Minimum patient age of the intended use, in years (0: none). Manifests without the key
     #: get 18 (the VinDr-SpineXR method was developed on adults).
     min_patient_age_years: float = 18.0
+    #: Distribution of the ensemble score on the validation split, for drift monitoring
+    #: (``score_reference`` in manifest.json; None: the bundle has none).
+    score_reference: ScoreReference | None = None
 
     def __post_init__(self) -> None:
         for label in ("name", "version"):
@@ -285,6 +295,13 @@ class Manifest:
         if not 0 <= age <= 150:
             raise ValueError(f"min_patient_age_years must be in [0, 150], got {age!r}")
         object.__setattr__(self, "min_patient_age_years", float(age))
+        if self.score_reference is not None and not isinstance(
+            self.score_reference, ScoreReference
+        ):
+            raise TypeError(
+                "score_reference must be a ScoreReference or None, got "
+                f"{type(self.score_reference).__name__}"
+            )
         object.__setattr__(self, "members", tuple(self.members))
         if not self.members or not all(isinstance(m, MemberSpec) for m in self.members):
             raise ValueError("members must be a non-empty sequence of MemberSpec")
@@ -403,6 +420,9 @@ class Manifest:
             },
             "prep": _jsonable(self.prep),
             "metrics": _jsonable(self.metrics),
+            "score_reference": None
+            if self.score_reference is None
+            else self.score_reference.to_json(),
         }
 
 
@@ -519,6 +539,9 @@ def manifest_from_json(document: Mapping[str, Any]) -> Manifest:
         prep=document.get("prep") or {},
         metrics=document.get("metrics") or {},
         min_patient_age_years=document.get("min_patient_age_years", 18.0),
+        score_reference=None
+        if document.get("score_reference") is None
+        else ScoreReference.from_json(document["score_reference"]),
     )
 
 
