@@ -90,6 +90,7 @@ def status_report(settings: Settings) -> dict[str, Any]:
         live_age = 3 * settings.heartbeat_s
         workers = monitor.workers()
         report["oldest_pending_send_age_s"] = monitor.oldest_pending_send_age()
+        report["delivery"] = delivery_report(monitor.study_delivery())
     finally:
         store.close()
     for worker in workers:
@@ -122,6 +123,25 @@ def status_report(settings: Settings) -> dict[str, Any]:
     return report
 
 
+def delivery_report(per_study: dict[str, dict[str, str | None]]) -> dict[str, Any]:
+    """Per delivery kind (``ris``): studies counted by state, and the studies not done."""
+    from spine_node.store import DELIVERY_KINDS, DeliveryState
+
+    out: dict[str, Any] = {}
+    for kind in DELIVERY_KINDS:
+        counts = {state.value: 0 for state in DeliveryState}
+        open_studies = []
+        for uid, states in sorted(per_study.items()):
+            state = states.get(kind)
+            if state is None:
+                continue
+            counts[state] += 1
+            if state != DeliveryState.DONE.value:
+                open_studies.append({"study_instance_uid": uid, "state": state})
+        out[kind] = {"studies": counts, "not_done": open_studies[:50]}
+    return out
+
+
 def _ago(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.1f} s ago"
 
@@ -149,6 +169,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("  (none)")
     for dest, states in report["outbound"].items():
         print(f"  {dest}: " + ", ".join(f"{s} {n}" for s, n in states.items()))
+    for kind, entry in report["delivery"].items():
+        counts = entry["studies"]
+        if any(counts.values()):
+            print(f"delivery {kind} per study: " + ", ".join(f"{s} {n}" for s, n in counts.items()))
+            for item in entry["not_done"]:
+                print(f"  {item['state']:<8} {item['study_instance_uid']}")
     print("workers")
     if not report["workers"]:
         print("  (none)")
@@ -285,7 +311,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'rank':>4}  {'priority':<14} {'max score':>9}  {'images':>6}  {'ignored':>7}  "
-        f"{'arrived':<19}  study"
+        f"{'arrived':<19}  {'RIS':<7}  study"
     )
     for row in rows:
         score = "-" if row["max_score"] is None else f"{row['max_score']:.3f}"
@@ -293,7 +319,8 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         ignored = row["n_not_image"] + row["n_out_of_scope"]
         print(
             f"{row['rank']:>4}  {row['priority']:<14} {score:>9}  {row['n_images']:>6}  "
-            f"{ignored:>7}  {arrived:<19}  {row['study_instance_uid']}"
+            f"{ignored:>7}  {arrived:<19}  {row['delivery']['ris'] or '-':<7}  "
+            f"{row['study_instance_uid']}"
         )
     if any(row["n_not_image"] or row["n_out_of_scope"] for row in rows):
         print("ignored: objects that are not images, and images out of scope (not analysed)")

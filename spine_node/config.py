@@ -103,6 +103,27 @@ class WebhookDestination(_Strict):
     timeout_s: float = Field(default=30.0, gt=0)
 
 
+class Hl7Destination(_Strict):
+    """A RIS that receives one HL7 v2.5.1 ORU^R01 per study revision over MLLP (``kind = "hl7"``).
+
+    The application and facility names fill MSH-3 to MSH-6 (escaped per HL7, so any text
+    is safe); ``processing_id`` is MSH-11 (P production, T training, D debugging) and
+    ``message_profile``, when given, MSH-21 (the profile identifier the RIS expects).
+    """
+
+    kind: Literal["hl7"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = Field(default="SPINENODE", max_length=227)
+    sending_facility: str = Field(default="", max_length=227)
+    receiving_application: str = Field(default="", max_length=227)
+    receiving_facility: str = Field(default="", max_length=227)
+    processing_id: Literal["P", "T", "D"] = "P"
+    message_profile: str = Field(default="", max_length=427)
+    timeout_s: float = Field(default=30.0, gt=0)
+
+
 def _destination_kind(value: Any) -> str:
     """The tag of a destination: its ``kind`` (``"dicom"`` when not given)."""
     if isinstance(value, Mapping):
@@ -116,12 +137,14 @@ def _field(value: Any, name: str) -> Any:
 
 
 #: A configured destination; the dispatcher picks its sender by ``kind``, never by its name.
-#: Another kind (e.g. ``"hl7"``) is one more model with its own ``kind`` literal here.
+#: Another kind is one more model with its own ``kind`` literal here.
 Destination = Annotated[
-    Annotated[DicomDestination, Tag("dicom")] | Annotated[WebhookDestination, Tag("webhook")],
+    Annotated[DicomDestination, Tag("dicom")]
+    | Annotated[WebhookDestination, Tag("webhook")]
+    | Annotated[Hl7Destination, Tag("hl7")],
     Discriminator(_destination_kind),
 ]
-_DESTINATION_TAGS = ("dicom", "webhook")
+_DESTINATION_TAGS = ("dicom", "webhook", "hl7")
 #: Name of the webhook destination that the ``webhook_url`` shorthand stands for.
 WEBHOOK_SHORTHAND_NAME = "webhook"
 

@@ -3,7 +3,10 @@
 Each sweep claims due sends and hands each destination's batch to the sender registered for
 the send's :class:`~spine_node.store.DestinationKind` (DICOM: one association per destination
 for the batch, each stored Part 10 file sent by C-STORE as it is encoded, never decoded and
-re-encoded, every DIMSE status checked; webhook: one HTTP POST per stored JSON document). A failed send waits with exponential backoff
+re-encoded, every DIMSE status checked; webhook: one HTTP POST per stored JSON document, with
+the study's ``delivery`` state filled in when it is posted; HL7: one stored ORU^R01 per MLLP
+connection, delivered only on an accepting ACK, ``spine_node.mllp``). A failed send waits
+with exponential backoff
 and jitter; after the last attempt it is ``dead`` (visible in ``spine-node status``, requeued by
 ``spine-node replay``). A retried send reuses the stored object, so its SOP Instance UID never
 changes. APScheduler drives the periodic sweeps (sends, expired leases, spool retention).
@@ -11,6 +14,7 @@ changes. APScheduler drives the periodic sweeps (sends, expired leases, spool re
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -30,13 +34,20 @@ from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.audit import AuditLog, AuditRecord, Direction
-from spine_node.config import Destination, DicomDestination, Settings, WebhookDestination
+from spine_node.config import (
+    Destination,
+    DicomDestination,
+    Hl7Destination,
+    Settings,
+    WebhookDestination,
+)
+from spine_node.mllp import Hl7DeliveryError, send_message
 from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore, Monitor
 from spine_node.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
 
-D = TypeVar("D", DicomDestination, WebhookDestination)
+D = TypeVar("D", DicomDestination, WebhookDestination, Hl7Destination)
 
 #: DIMSE statuses that mean the peer stored the object (success and the storage warnings).
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
@@ -153,10 +164,11 @@ class Dispatcher:
         self.outbox_dir = outbox_dir
         self.settings = settings
         self.rng = rng
-        #: The sender of each destination kind (an ``hl7`` kind adds one entry here).
+        #: The sender of each destination kind.
         self.senders: Mapping[DestinationKind, Sender] = {
             DestinationKind.DICOM: self._send_dicom_batch,
             DestinationKind.WEBHOOK: self._post_webhooks,
+            DestinationKind.HL7: self._send_hl7_batch,
         }
         send_files_as_encoded()
         self._context: dict[int, tuple[int | None, str | None]] = {}
@@ -198,6 +210,34 @@ class Dispatcher:
         if dest is not None:
             for send in batch:
                 self._post_webhook(dest, send)
+
+    def _send_hl7_batch(self, name: str, batch: list[ClaimedSend]) -> None:
+        dest = self._configured(name, Hl7Destination, batch)
+        if dest is not None:
+            for send in batch:  # oldest first: a study's revisions reach the RIS in order
+                self._send_hl7(dest, send)
+
+    def _send_hl7(self, dest: Hl7Destination, send: ClaimedSend) -> None:
+        """Send one stored HL7 message; delivered only on an accepting ACK for its control ID."""
+        try:
+            message = (self.outbox_dir / send.path).read_text(encoding="ascii")
+            ack = send_message(dest.host, dest.port, message, dest.timeout_s)
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            self._failed(send, f"HL7 message unreadable: {exc}")
+            return
+        except Hl7DeliveryError as exc:
+            self._failed(send, f"HL7 to {dest.host}:{dest.port}: {exc}")
+            return
+        self.store.mark_sent(send.send_id)
+        logger.info(
+            "send %d%s delivered to HL7 destination %s (ACK %s, control ID %s)",
+            send.send_id,
+            self._of_job(send),
+            dest.name,
+            ack.code,
+            ack.control_id,
+            extra=self._fields(send),
+        )
 
     def _failed(self, send: ClaimedSend, error: str) -> None:
         state = self.store.mark_send_failed(
@@ -313,7 +353,7 @@ class Dispatcher:
 
     def _post_webhook(self, dest: WebhookDestination, send: ClaimedSend) -> None:
         try:
-            body = (self.outbox_dir / send.path).read_bytes()
+            body = self._with_delivery((self.outbox_dir / send.path).read_bytes())
             request = urllib.request.Request(
                 dest.url, data=body, method="POST", headers={"Content-Type": "application/json"}
             )
@@ -334,6 +374,20 @@ class Dispatcher:
             )
         else:
             self._failed(send, f"webhook answered HTTP {code}")
+
+
+    def _with_delivery(self, body: bytes) -> bytes:
+        """A study webhook body with the study's ``delivery`` state as it is now.
+
+        The stored body is the revision's state; where each delivery of the study stands
+        (``Monitor.study_delivery``: e.g. ``ris`` done / pending / dead) is read when posting.
+        """
+        document = json.loads(body)
+        study = document.get("study_instance_uid") if isinstance(document, dict) else None
+        if not isinstance(study, str):
+            return body
+        delivery = Monitor(self.store).study_delivery([study])[study]
+        return json.dumps({**document, "delivery": delivery}, sort_keys=True).encode()
 
 
 def retention_sweep(store: JobStore, spool_dir: Path, retention_s: float, now: float) -> int:

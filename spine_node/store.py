@@ -32,7 +32,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -98,6 +98,42 @@ class DestinationKind(str, enum.Enum):
 
     DICOM = "dicom"  # C-STORE of a stored Part 10 file to a configured DICOM peer
     WEBHOOK = "webhook"  # HTTP POST of a stored JSON document to the destination's ``url``
+    HL7 = "hl7"  # a stored HL7 v2 message over MLLP; delivered only on an accepting ACK
+
+
+class DeliveryState(str, enum.Enum):
+    """Where a study's delivery of one kind stands (``status``, worklist, webhook ``delivery``)."""
+
+    DONE = "done"  # the newest message reached every destination (e.g. HL7: ACK AA)
+    PENDING = "pending"  # queued, being sent, or waiting to retry
+    DEAD = "dead"  # retries exhausted for a destination: an operator replays it
+
+
+def delivery_state(states: Sequence[str]) -> DeliveryState | None:
+    """Combine the send states of a study's newest message per destination into one.
+
+    Parameters
+    ----------
+    states : sequence of str
+        :class:`SendState` values, one per destination.
+
+    Returns
+    -------
+    DeliveryState or None
+        ``dead`` when any is dead, else ``pending`` when any is not sent yet, else ``done``;
+        None when there are none (nothing of this kind is configured or queued).
+    """
+    if not states:
+        return None
+    if SendState.DEAD.value in states:
+        return DeliveryState.DEAD
+    if any(state != SendState.SENT.value for state in states):
+        return DeliveryState.PENDING
+    return DeliveryState.DONE
+
+
+#: The per-study delivery fields: ``ris`` (HL7 to the RIS); each kind adds its field here.
+DELIVERY_KINDS: Mapping[str, DestinationKind] = {"ris": DestinationKind.HL7}
 
 
 @dataclass(frozen=True)
@@ -196,6 +232,8 @@ class Outbound(Base):
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: the study a study-level send (summary SR, webhook, HL7) belongs to (None: a result's)
+    study_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
 
 
 class StudyState(Base):
@@ -226,6 +264,7 @@ class StudyState(Base):
 _ADDED_COLUMNS = (
     ("study_states", "report_due_at", "FLOAT"),
     ("study_states", "report_due_seq", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbound", "study_instance_uid", "VARCHAR(128)"),
 )
 
 
@@ -370,12 +409,16 @@ class SendSpec:
         destination, so the same object is never queued twice.
     path : str
         The stored object, relative to the outbox.
+    study_instance_uid : str or None
+        The study of a study-level send (as received); None for a result's objects (their
+        study is the result's).
     """
 
     destination: str
     kind: DestinationKind
     object_uid: str
     path: str
+    study_instance_uid: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, DestinationKind):
@@ -850,6 +893,7 @@ class JobStore:
                     kind=spec.kind.value,
                     object_uid=spec.object_uid,
                     path=spec.path,
+                    study_instance_uid=spec.study_instance_uid,
                     state=SendState.PENDING.value,
                     attempts=0,
                     next_attempt_at=now,
@@ -1322,9 +1366,10 @@ class JobStore:
 
     def studies(self) -> list[dict[str, Any]]:
         """Every study with results: first arrival time, its results (for the worklist), how
-        many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``) and its
+        many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``), its
         last queued study summary (``summary``: ``revision``, ``sop_instance_uid``; absent
-        before the first)."""
+        before the first) and where its deliveries stand (``delivery``:
+        :meth:`Monitor.study_delivery`)."""
 
         def rows(s: Session) -> list[Any]:
             return list(
@@ -1382,6 +1427,9 @@ class JobStore:
                     "revision": int(revision),
                     "sop_instance_uid": document_uid,
                 }
+        delivery = Monitor(self).study_delivery(list(studies))
+        for study_uid, entry in studies.items():
+            entry["delivery"] = delivery[study_uid]
         return list(studies.values())
 
     def deliverable_spool(self, older_than: float) -> list[tuple[int, str]]:
@@ -1658,17 +1706,69 @@ class Monitor:
         return self.store._run(states_of)
 
     def send_context(self, send_ids: Sequence[int]) -> dict[int, tuple[int | None, str | None]]:
-        """``send_id -> (job_id, study_instance_uid)`` for log lines (None for study webhooks)."""
+        """``send_id -> (job_id, study_instance_uid)`` for log lines (no job for study sends)."""
 
         def send_context(s: Session) -> dict[int, tuple[int | None, str | None]]:
             rows = s.execute(
-                select(Outbound.id, Result.job_id, Result.study_instance_uid)
+                select(
+                    Outbound.id,
+                    Result.job_id,
+                    func.coalesce(Result.study_instance_uid, Outbound.study_instance_uid),
+                )
                 .outerjoin(Result, Result.id == Outbound.result_id)
                 .where(Outbound.id.in_(list(send_ids)))
             ).all()
             return {int(i): (None if j is None else int(j), study) for i, j, study in rows}
 
         return self.store._run(send_context)
+
+    def study_delivery(
+        self, study_instance_uids: Sequence[str] | None = None
+    ) -> dict[str, dict[str, str | None]]:
+        """Per study, where each delivery kind stands: ``{uid: {"ris": "done"|...|None}}``.
+
+        For each destination only the study's newest send counts (a newer revision's message
+        supersedes an older one); see :func:`delivery_state`.
+
+        Parameters
+        ----------
+        study_instance_uids : sequence of str, optional
+            Only these studies (default: every study with a study-level send).
+
+        Returns
+        -------
+        dict
+            Every listed study (or every study with study-level sends) with one key per
+            :data:`DELIVERY_KINDS` entry (None: nothing of that kind for the study).
+        """
+        kinds = {kind.value: field for field, kind in DELIVERY_KINDS.items()}
+
+        def study_delivery(s: Session) -> list[Any]:
+            newest = (
+                select(func.max(Outbound.id))
+                .where(Outbound.study_instance_uid.is_not(None))
+                .where(Outbound.kind.in_(list(kinds)))
+                .group_by(Outbound.study_instance_uid, Outbound.destination)
+            )
+            query = select(Outbound.study_instance_uid, Outbound.kind, Outbound.state).where(
+                Outbound.id.in_(newest)
+            )
+            if study_instance_uids is not None:
+                query = query.where(Outbound.study_instance_uid.in_(list(study_instance_uids)))
+            return list(s.execute(query).all())
+
+        found: dict[str, dict[str, list[str]]] = {}
+        for study, kind, state in self.store._run(study_delivery):
+            found.setdefault(study, {}).setdefault(kinds[kind], []).append(state)
+        uids = list(found) if study_instance_uids is None else list(study_instance_uids)
+        out: dict[str, dict[str, str | None]] = {}
+        for uid in uids:
+            per_kind = found.get(uid, {})
+            out[uid] = {}
+            for field in DELIVERY_KINDS:
+                state = delivery_state(per_kind.get(field, []))
+                out[uid][field] = None if state is None else state.value
+        return out
 
     def expired_outbox(self, older_than: float, limit: int = 1000) -> list[str]:
         """Outbox files delivered to every destination, the last delivery before ``older_than``.

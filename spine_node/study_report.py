@@ -1,11 +1,14 @@
-"""Keep a study's priority true: the study summary SR and the webhook, from one study state.
+"""Keep a study's priority true: the study summary SR, the HL7 ORU and the webhook, from one
+study state.
 
 After each finished image the worker calls :meth:`StudyReporter.report`. In one transaction
 the store reads every analysed image of the study and opens a new summary revision when the
 study's analysed images or their outcomes changed (``JobStore.advance_study`` with ``images_key``);
 the reporter then builds that
-revision's SR (``results.study``, amending the previous revision) and the webhook body from
-the same snapshot, writes them to the outbox and queues their sends, unless a newer revision
+revision's SR (``results.study``, amending the previous revision), one HL7 ORU^R01 per HL7
+destination (``oru``) and the webhook body from the same snapshot, writes them to the outbox
+and queues their sends (HL7 before webhooks, so that a webhook posted in the same sweep sees
+the RIS answer), unless a newer revision
 was opened meanwhile (``JobStore.queue_study_document``). The worklist ranks studies with the
 same function (``results.priority.study_priority``) over the same stored results.
 
@@ -20,13 +23,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
 
+from spine_node.oru import Hl7Header, StudyIdentity, build_oru, control_id
 from spine_node.results.options import ResultOptions
 from spine_node.results.priority import study_priority
 from spine_node.results.reference import reference_dataset
@@ -58,11 +63,15 @@ class StudyReportSettings:
     Attributes
     ----------
     destinations : tuple of DestinationRef
-        Every configured destination: DICOM peers get the study summary SR, webhooks the
-        study state as JSON (one document, one send per destination).
+        Every configured destination: DICOM peers get the study summary SR, HL7
+        destinations an ORU^R01, webhooks the study state as JSON (one document, one send
+        per destination).
+    hl7_headers : Mapping of str to Hl7Header
+        The MSH values of each HL7 destination, by name.
     """
 
     destinations: tuple[DestinationRef, ...]
+    hl7_headers: Mapping[str, Hl7Header] = field(default_factory=dict)
 
 
 def images_key(images: Sequence[StudyImage]) -> str:
@@ -150,8 +159,9 @@ class StudyReporter:
             if snapshot.previous_document_uid and snapshot.previous_document_series_uid
             else None
         )
+        reference = reference_dataset(source)
         sr = build_study_sr(
-            reference_dataset(source),
+            reference,
             images,
             self.model,
             self.options,
@@ -161,15 +171,20 @@ class StudyReporter:
         uid = str(sr.SOPInstanceUID)
         relative = relative_name(uid)
         write_durable(self.outbox_dir, relative, encode_dataset(sr))
+        study = snapshot.study_instance_uid
         sends = [
-            SendSpec(d.name, d.kind, uid, relative)
+            SendSpec(d.name, d.kind, uid, relative, study)
             for d in self.settings.destinations
             if d.kind is DestinationKind.DICOM
         ]
+        for dest in self.settings.destinations:
+            if dest.kind is DestinationKind.HL7:
+                key, path = self._hl7_message(snapshot, reference, uid, dest.name)
+                sends.append(SendSpec(dest.name, dest.kind, key, path, study))
         hooks = [d for d in self.settings.destinations if d.kind is DestinationKind.WEBHOOK]
         if hooks:
             hook_uid, hook_path = self._webhook_body(snapshot, uid)
-            sends += [SendSpec(d.name, d.kind, hook_uid, hook_path) for d in hooks]
+            sends += [SendSpec(d.name, d.kind, hook_uid, hook_path, study) for d in hooks]
         queued = self.store.queue_study_document(
             study_instance_uid,
             snapshot.revision,
@@ -185,6 +200,35 @@ class StudyReporter:
             "queued" if queued else "not queued (superseded, or queued by another worker)",
         )
         return snapshot
+
+    def _hl7_message(
+        self, snapshot: StudySnapshot, reference: Dataset, document_uid: str, destination: str
+    ) -> tuple[str, str]:
+        """Write this revision's ORU^R01 for one HL7 destination; return its key and path."""
+        header = self.settings.hl7_headers.get(destination)
+        if header is None:
+            raise ValueError(f"HL7 destination {destination!r} has no MSH values configured")
+        results = [CascadeResult.from_json(i.payload) for i in snapshot.images]
+        priority = study_priority(
+            [(i.sop_instance_uid, r) for i, r in zip(snapshot.images, results, strict=True)]
+        )
+        message = build_oru(
+            header,
+            StudyIdentity.of(snapshot.study_instance_uid, reference),
+            priority,
+            results,
+            self.model,
+            revision=snapshot.revision,
+            message_control_id=control_id(destination, document_uid),
+            now=datetime.now().astimezone(),
+        )
+        key = f"hl7:{snapshot.study_instance_uid}:{snapshot.revision}"
+        if len(key) > 128:  # the store's column; a received "UID" may be anything
+            digest = hashlib.sha256(snapshot.study_instance_uid.encode()).hexdigest()
+            key = f"hl7:sha256:{digest}:{snapshot.revision}"
+        relative = relative_name(f"{destination}\0{key}", ".hl7")
+        write_durable(self.outbox_dir, relative, message.encode("ascii"))
+        return key, relative
 
     def _webhook_body(self, snapshot: StudySnapshot, document_uid: str) -> tuple[str, str]:
         """Write the webhook body of this revision; return its key and outbox path."""

@@ -1,0 +1,150 @@
+"""Send one stored HL7 v2 message over MLLP and judge the peer's acknowledgment.
+
+The python-hl7 library frames the message (``hl7.mllp.open_hl7_connection``: start block
+0x0B, end block 0x1C 0x0D) and parses the answer; one connection per message, each step
+bounded by the destination's ``timeout_s``. Only an ACK whose MSA-1 is ``AA`` (application
+accept; or ``CA``, commit accept, from an engine in enhanced mode that took the message
+over) and whose MSA-2 echoes our Message Control ID counts as delivered; ``AE`` / ``AR`` /
+``CE`` / ``CR``, another control ID, an unreadable answer, a refused connection and a
+timeout are failures the dispatcher retries with backoff, then makes dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+import hl7  # type: ignore[import-untyped]
+from hl7.mllp import open_hl7_connection  # type: ignore[import-untyped]
+
+#: MSA-1 codes that count as delivered (HL7 table 0008).
+ACCEPTED = frozenset({"AA", "CA"})
+
+
+class Hl7DeliveryError(RuntimeError):
+    """A message was not accepted: no connection, no answer in time, or a negative ACK."""
+
+
+@dataclass(frozen=True)
+class Acknowledgment:
+    """The MSA of a peer's ACK.
+
+    Attributes
+    ----------
+    code : str
+        MSA-1 (``AA``, ``AE``, ``AR``, ``CA``, ``CE``, ``CR``).
+    control_id : str
+        MSA-2, the Message Control ID acknowledged.
+    text : str
+        MSA-3 and ERR-8 (user message) when the peer gave them, else empty.
+    """
+
+    code: str
+    control_id: str
+    text: str = ""
+
+
+def message_control_id(message: str) -> str:
+    """MSH-10 of an ER7 message (parsed with python-hl7).
+
+    Raises
+    ------
+    ValueError
+        When the text is not an HL7 message with an MSH segment.
+    """
+    try:
+        return str(hl7.parse(message).segment("MSH")(10))
+    except Exception as exc:
+        raise ValueError(f"not an HL7 message with an MSH segment: {exc}") from None
+
+
+def read_acknowledgment(answer: hl7.Message) -> Acknowledgment:
+    """The MSA of a parsed answer.
+
+    Raises
+    ------
+    Hl7DeliveryError
+        When the answer has no MSA segment.
+    """
+    try:
+        msa = answer.segment("MSA")
+    except KeyError:
+        raise Hl7DeliveryError("the answer has no MSA segment (not an acknowledgment)") from None
+    text = [str(msa(3)) if len(msa) > 3 else ""]
+    try:
+        err = answer.segment("ERR")
+        text.append(str(err(8)) if len(err) > 8 else "")
+    except KeyError:
+        pass
+    return Acknowledgment(
+        code=str(msa(1)),
+        control_id=str(msa(2)) if len(msa) > 2 else "",
+        text="; ".join(t for t in text if t),
+    )
+
+
+async def _exchange(host: str, port: int, message: str, timeout_s: float) -> hl7.Message:
+    try:
+        reader, writer = await asyncio.wait_for(
+            open_hl7_connection(host, port, encoding="utf-8", encoding_errors="replace"),
+            timeout_s,
+        )
+    except TimeoutError:
+        raise Hl7DeliveryError(f"no MLLP connection to {host}:{port} within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise Hl7DeliveryError(f"no MLLP connection to {host}:{port}: {exc}") from None
+    try:
+        writer.writemessage(message)
+        await asyncio.wait_for(writer.drain(), timeout_s)
+        return await asyncio.wait_for(reader.readmessage(), timeout_s)
+    except TimeoutError:
+        raise Hl7DeliveryError(f"no acknowledgment from {host}:{port} within {timeout_s:g} s") from None
+    except asyncio.IncompleteReadError:
+        raise Hl7DeliveryError(f"{host}:{port} closed the connection without an acknowledgment") from None
+    except (OSError, ValueError) as exc:  # reset, or an answer that is no MLLP block / HL7
+        raise Hl7DeliveryError(f"no readable acknowledgment from {host}:{port}: {exc}") from None
+    finally:
+        writer.close()
+        try:
+            await asyncio.wait_for(writer.wait_closed(), timeout_s)
+        except (OSError, TimeoutError):
+            pass
+
+
+def send_message(host: str, port: int, message: str, timeout_s: float) -> Acknowledgment:
+    """Send ``message`` over MLLP and return the peer's accepting acknowledgment.
+
+    Parameters
+    ----------
+    host, port : str, int
+        The peer's MLLP listener.
+    message : str
+        An ER7 message (segments separated by carriage returns).
+    timeout_s : float
+        Bound on connecting, sending and waiting for the ACK (each).
+
+    Returns
+    -------
+    Acknowledgment
+        Its code is ``AA`` or ``CA`` and it acknowledges this message's control ID.
+
+    Raises
+    ------
+    Hl7DeliveryError
+        No connection, no (readable) ACK in time, a negative ACK or another control ID.
+    ValueError
+        When ``message`` has no MSH segment.
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+    expected = message_control_id(message)
+    answer = asyncio.run(_exchange(host, port, message, timeout_s))
+    ack = read_acknowledgment(answer)
+    if ack.code not in ACCEPTED:
+        detail = f": {ack.text}" if ack.text else ""
+        raise Hl7DeliveryError(f"ACK {ack.code or '(empty MSA-1)'}{detail}")
+    if ack.control_id != expected:
+        raise Hl7DeliveryError(
+            f"ACK {ack.code} acknowledges control ID {ack.control_id!r}, not {expected!r}"
+        )
+    return ack
