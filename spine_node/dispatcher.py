@@ -220,7 +220,9 @@ class Dispatcher:
     def _send_hl7(self, dest: Hl7Destination, send: ClaimedSend) -> None:
         """Send one stored HL7 message; delivered only on an accepting ACK for its control ID."""
         try:
-            message = (self.outbox_dir / send.path).read_text(encoding="ascii")
+            # bytes, not read_text: universal newlines would turn the segment separators (CR)
+            # into line feeds
+            message = (self.outbox_dir / send.path).read_bytes().decode("ascii")
             ack = send_message(dest.host, dest.port, message, dest.timeout_s)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             self._failed(send, f"HL7 message unreadable: {exc}")
