@@ -30,6 +30,7 @@ from spine_node.config import (
     load_settings,
 )
 from spine_node.logs import JsonFormatter, configure_logging
+from spine_node.sdnotify import Notifier
 
 __all__ = ["JsonFormatter", "build_parser", "configure_logging", "main"]
 
@@ -61,13 +62,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
+    notifier = Notifier.from_environment()
     node = start_node(settings, roles)  # StartupError: one line, exit 2 (main)
+    # every role is ready now: the receiver's port is bound, the worker's models are loaded
+    notifier.ready(ready_status(settings, roles, node))
+    pause = min(1.0, notifier.watchdog_interval_s or 1.0)
+    dead_logged = False
     try:
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(pause):
+            if node.alive():
+                notifier.watchdog()
+            elif not dead_logged:  # no more pings: systemd's watchdog restarts the service
+                logging.getLogger(__name__).error("a role's thread stopped; watchdog not pinged")
+                notifier.status("a role's thread stopped")
+                dead_logged = True
     finally:
+        notifier.stopping()
         node.stop()
     return 0
+
+
+def ready_status(settings: Settings, roles: Sequence[str], node: Any) -> str:
+    """The STATUS= line sent with READY=1: what each started role does."""
+    parts = []
+    if "receiver" in roles:
+        parts.append(f"receiver {settings.ae_title} on {settings.bind_address}:{settings.port}")
+    if "worker" in roles:
+        info = getattr(node.cascade, "model_info", None)
+        model = "" if info is None else f" ({info.name} {info.version})"
+        parts.append(f"worker{model}")
+    if "dispatcher" in roles:
+        parts.append(f"dispatcher ({len(settings.destinations)} destinations)")
+    return "ready: " + "; ".join(parts)
 
 
 #: ``spine-node status`` exit codes; several problems add up (dead + no worker = 12).

@@ -165,6 +165,16 @@ class ResultsSettings(_Strict):
     institution_name: str = ""
 
 
+class MonitoringSettings(_Strict):
+    """Monitoring of the model in use: score drift against the bundle's validation scores."""
+
+    window_days: float = Field(default=7.0, gt=0, le=366)
+    drift_threshold: float = Field(default=0.25, gt=0)
+    min_window_images: int = Field(default=50, ge=1)
+    check_interval_s: float = Field(default=3600.0, gt=0)
+    history_days: int = Field(default=30, ge=1, le=366)
+
+
 class Settings(_Strict):
     """All settings of one node. See ``config/spine-node.toml`` for each key's meaning."""
 
@@ -215,6 +225,7 @@ class Settings(_Strict):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     results: ResultsSettings = ResultsSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
     destinations: tuple[Destination, ...] = ()
 
     @model_validator(mode="before")

@@ -347,6 +347,18 @@ class RunningNode:
     stop_event: threading.Event | None = None
     cascade: Any = None
 
+    def alive(self) -> bool:
+        """True while the started roles' threads run (the systemd watchdog is pinged only then).
+
+        The worker and heartbeat threads must be alive and the sweep scheduler running; a
+        role whose thread died leaves the process up but useless, and the missing watchdog
+        pings let systemd restart it.
+        """
+        for thread in (self.worker_thread, self.heartbeat_thread):
+            if thread is not None and not thread.is_alive():
+                return False
+        return self.scheduler is None or bool(self.scheduler.running)
+
     def stop(self) -> None:
         """Stop accepting, let the worker finish its batch, stop the sweeps, close the queue."""
         if self.server is not None:

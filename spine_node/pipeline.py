@@ -37,6 +37,7 @@ from spine_node.models.triage import (
     load_member,
 )
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
+from spine_node.timing import Stage, timed
 
 log = logging.getLogger(__name__)
 
@@ -303,32 +304,37 @@ class Cascade:
         """
         results: list[CascadeResult | None] = [None] * len(datasets)
         pending: list[_Pending] = []
+        times: list[dict[str, float]] = [{} for _ in datasets]
         for i, ds in enumerate(datasets):
             uid = _uid(ds)
-            try:
-                decision = check_tags(
-                    ds,
-                    min_age_years=self.manifest.min_patient_age_years,
-                    intended_modalities=self.intended_modalities,
-                )
-            except Exception as exc:  # a malformed header value must not stop the batch
-                decision = GateDecision(False, f"image header could not be read: {exc}")
+            with timed(times[i], Stage.GATE):
+                try:
+                    decision = check_tags(
+                        ds,
+                        min_age_years=self.manifest.min_patient_age_years,
+                        intended_modalities=self.intended_modalities,
+                    )
+                except Exception as exc:  # a malformed header value must not stop the batch
+                    decision = GateDecision(False, f"image header could not be read: {exc}")
             if not decision.accepted:
-                results[i] = self._refused(uid, str(decision.reason))
+                results[i] = self._refused(uid, str(decision.reason), times[i])
                 continue
             for note in decision.notes:
                 log.info("image %s: %s", uid, note)
             try:
-                prepared = self.preparer(ds, self.prep)
+                with timed(times[i], Stage.DECODE):
+                    prepared = self.preparer(ds, self.prep)
             except DecoderCrash as exc:
                 raise DecoderCrash(str(exc), uid) from exc
             except ImageError as exc:
-                results[i] = self._refused(uid, f"image could not be decoded: {exc.reason}")
+                results[i] = self._refused(
+                    uid, f"image could not be decoded: {exc.reason}", times[i]
+                )
                 continue
             except Exception as exc:  # decoders raise anything; one bad image never stops the batch
                 log.warning("image %s could not be decoded", uid, exc_info=True)
                 results[i] = self._refused(
-                    uid, f"image could not be decoded: {type(exc).__name__}: {exc}"
+                    uid, f"image could not be decoded: {type(exc).__name__}: {exc}", times[i]
                 )
                 continue
             for note in prepared.source.notes:
@@ -339,7 +345,11 @@ class Cascade:
             self.analyze_prepared([p.uid for p in pending], [p.image for p in pending]),
             strict=True,
         ):
-            results[item.index] = replace(result, notes=item.notes) if item.notes else result
+            spent = dict(times[item.index])
+            for stage, seconds in result.stage_seconds.items():
+                spent[stage] = spent.get(stage, 0.0) + seconds
+            results[item.index] = replace(result, notes=item.notes or result.notes,
+                                          stage_seconds=spent)
         return [r for r in results if r is not None]
 
     def analyze_prepared(
@@ -366,14 +376,19 @@ class Cascade:
         for img in images:
             if img.triage.shape != (size, size):
                 raise ValueError(f"triage image must be {size} x {size}, got {img.triage.shape}")
-        out = self.triage(np.stack([img.triage for img in images]).astype(np.float32))
+        batch: dict[str, float] = {}  # stage -> seconds for the whole batch
+        with timed(batch, Stage.TRIAGE):
+            out = self.triage(np.stack([img.triage for img in images]).astype(np.float32))
         threshold = self.manifest.threshold
         refused: dict[int, str] = {}
-        if self.content_gate is not None:
-            for j, dist in enumerate(self.content_gate.distances(out.embeddings)):
-                decision = self.content_gate.decide(float(dist))
-                if not decision.accepted:
-                    refused[j] = str(decision.reason)
+        with timed(batch, Stage.GATE):
+            if self.content_gate is not None:
+                for j, dist in enumerate(self.content_gate.distances(out.embeddings)):
+                    decision = self.content_gate.decide(float(dist))
+                    if not decision.accepted:
+                        refused[j] = str(decision.reason)
+        shared = {stage: seconds / len(images) for stage, seconds in batch.items()}
+        spent: list[dict[str, float]] = [dict(shared) for _ in images]
         positive = [
             j not in refused and float(out.scores[j]) >= threshold for j in range(len(images))
         ]
@@ -381,21 +396,28 @@ class Cascade:
         to_detect = [j for j in range(len(images)) if j not in refused and (positive[j] or soft)]
         detections: dict[int, Detections] = {}
         if to_detect:
-            found = self.detector(np.stack([images[j].detect for j in to_detect]))
+            detect_time: dict[str, float] = {}
+            with timed(detect_time, Stage.DETECTOR):
+                found = self.detector(np.stack([images[j].detect for j in to_detect]))
             if len(found) != len(to_detect):
                 raise RuntimeError(
                     f"detector returned {len(found)} results for {len(to_detect)} images"
                 )
             detections = dict(zip(to_detect, found, strict=True))
+            for j in to_detect:
+                spent[j][Stage.DETECTOR.value] = detect_time[Stage.DETECTOR.value] / len(to_detect)
         results = []
         for j, (uid, img) in enumerate(zip(uids, images, strict=True)):
             if j in refused:
-                results.append(replace(self._refused(uid, refused[j]), display=img.source))
+                results.append(
+                    replace(self._refused(uid, refused[j], spent[j]), display=img.source)
+                )
                 continue
             findings: tuple[Finding, ...] = ()
             if j in detections:
                 min_score = None if positive[j] else self.manifest.detector.soft_gate_min_score
-                findings = self._findings(detections[j], img, min_score)
+                with timed(spent[j], Stage.DETECTOR):  # boxes mapped back, Meyerding grades
+                    findings = self._findings(detections[j], img, min_score)
             heatmap = None
             if self.heatmaps:
                 from spine_node.models.explain import ensemble_gradcam
@@ -418,6 +440,7 @@ class Cascade:
                     },
                     heatmap=heatmap,
                     display=img.source,
+                    stage_seconds=spent[j],
                 )
             )
         return results
@@ -428,12 +451,15 @@ class Cascade:
 
     # ------------------------------------------------------------------ helpers
 
-    def _refused(self, uid: str, reason: str) -> CascadeResult:
+    def _refused(
+        self, uid: str, reason: str, stage_seconds: Mapping[str, float] | None = None
+    ) -> CascadeResult:
         return CascadeResult(
             sop_instance_uid=uid,
             status=Status.NOT_PROCESSED,
             reason=reason,
             threshold=self.manifest.threshold,
+            stage_seconds=dict(stage_seconds or {}),
         )
 
     def _findings(

@@ -60,6 +60,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from spine_node.results.types import Status
+from spine_node.timing import check_stage_seconds
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ class Job(Base):
     not_before: Mapped[float] = mapped_column(Float, default=0.0)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    #: times the isolated decoder crashed or hung on this job's image (never reset)
+    decoder_crashes: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Result(Base):
@@ -234,6 +237,36 @@ class Outbound(Base):
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: the study a study-level send (summary SR, webhook, HL7) belongs to (None: a result's)
     study_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    #: failed delivery attempts (never reset, not even by replay: a counter for metrics)
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DriftAlarm(Base):
+    """The last drift check of one monitored statistic (one row; ``name`` "score")."""
+
+    __tablename__ = "drift_alarms"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    #: spine_node.drift.DriftState value of the last check
+    state: Mapped[str] = mapped_column(String(16))
+    psi: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_window: Mapped[int] = mapped_column(Integer, default=0)
+    #: 1 while the statistic is above its threshold (a crossing is logged once)
+    alerting: Mapped[int] = mapped_column(Integer, default=0)
+    checked_at: Mapped[float] = mapped_column(Float)
+    #: when ``alerting`` last changed
+    changed_at: Mapped[float] = mapped_column(Float)
+
+
+class JobStageTime(Base):
+    """Seconds one job's image spent in one inference stage (:class:`spine_node.timing.Stage`),
+    written with its result; a batch stage's time is shared among the batch's images."""
+
+    __tablename__ = "job_stage_times"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(16), index=True)
+    seconds: Mapped[float] = mapped_column(Float)
+    recorded_at: Mapped[float] = mapped_column(Float)
 
 
 class StudyState(Base):
@@ -265,6 +298,8 @@ _ADDED_COLUMNS = (
     ("study_states", "report_due_at", "FLOAT"),
     ("study_states", "report_due_seq", "INTEGER NOT NULL DEFAULT 0"),
     ("outbound", "study_instance_uid", "VARCHAR(128)"),
+    ("jobs", "decoder_crashes", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbound", "failures", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -828,20 +863,34 @@ class JobStore:
         self._run(renew_lease)
 
     def complete_job(
-        self, job_id: int, owner: str, outcome: JobOutcome, sends: Sequence[SendSpec]
+        self,
+        job_id: int,
+        owner: str,
+        outcome: JobOutcome,
+        sends: Sequence[SendSpec],
+        stage_seconds: Mapping[str, float] | None = None,
     ) -> None:
         """Record the result and its outbound sends, and end the job, in one transaction.
 
         The same transaction marks the study's summary report owed (``study_states``
         ``report_due_at``, the row created when absent), so that a report that fails or
-        never runs after this commit is made later (:meth:`owed_studies`).
+        never runs after this commit is made later (:meth:`owed_studies`), and records the
+        seconds the image spent in each inference stage (``job_stage_times``).
+
+        Parameters
+        ----------
+        stage_seconds : Mapping[str, float], optional
+            :class:`spine_node.timing.Stage` value -> seconds (for the metrics).
 
         Raises
         ------
         LeaseLost
             When the lease was lost (another worker may have processed it): nothing is written.
+        ValueError
+            An unknown stage or a negative duration in ``stage_seconds``.
         """
         now = self.clock()
+        timings = check_stage_seconds(stage_seconds or {})
 
         def complete_job(s: Session) -> None:
             job = s.get(Job, job_id, with_for_update=True)
@@ -871,8 +920,22 @@ class JobStore:
             job.last_error = outcome.reason if outcome.status is Status.NOT_PROCESSED else None
             job.updated_at = now
             _mark_report_due(s, inst.study_instance_uid, now)
+            for stage, seconds in timings.items():
+                s.add(JobStageTime(job_id=job.id, stage=stage, seconds=seconds, recorded_at=now))
 
         self._run(complete_job)
+
+    def record_decoder_crash(self, job_id: int) -> None:
+        """Count one crash (or hang) of the isolated decoder on job ``job_id``'s image."""
+
+        def record_decoder_crash(s: Session) -> None:
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(decoder_crashes=Job.decoder_crashes + 1)
+            )
+
+        self._run(record_decoder_crash)
 
     def _add_sends(
         self, s: Session, result_id: int | None, sends: Sequence[SendSpec], now: float
@@ -1056,6 +1119,7 @@ class JobStore:
 
         def mark_send_failed(s: Session) -> SendState:
             row = s.get_one(Outbound, send_id)
+            row.failures = (row.failures or 0) + 1
             if row.attempts >= max_attempts:
                 row.state = SendState.DEAD.value
             else:

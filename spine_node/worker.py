@@ -46,6 +46,7 @@ from spine_node.store import (
     OwedStudy,
     SendSpec,
 )
+from spine_node.timing import Stage, timed
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,7 @@ class Worker:
                 if not crashed:
                     crashed = readable[:1]
                 for job, ds in crashed:
+                    self._count_decoder_crash(job)
                     self._fail(job, _without_pixels(ds), str(exc))
                     leases.release(job.job_id)
                 crashed_ids = {job.job_id for job, _ in crashed}
@@ -305,29 +307,39 @@ class Worker:
             logger.warning("job %d: analysed-content hash not recorded: %s", job.job_id, exc,
                            extra=_fields(job))
 
+    def _count_decoder_crash(self, job: ClaimedJob) -> None:
+        """Count the crash for the metrics; a failure to count never changes the job's fate."""
+        try:
+            self.store.record_decoder_crash(job.job_id)
+        except Exception as exc:
+            logger.warning("job %d: decoder crash not counted: %s", job.job_id, exc,
+                           extra=_fields(job))
+
     def _finish(self, job: ClaimedJob, ds: Dataset, result: CascadeResult) -> None:
         model = self.cascade.model_info
         revision = Monitor(self.store).analysis_revision(job.job_id)
         if revision != 1:  # re-sent with other content: new objects, new UIDs
             model = dataclasses.replace(model, analysis_revision=revision)
-        objects = self.build_results(ds, result, model)
-        self._amend_previous(job, objects)
-        sends: list[SendSpec] = []
-        for obj in objects:
-            uid = str(obj.SOPInstanceUID)
-            relative = relative_name(uid)
-            write_durable(self.outbox_dir, relative, encode_dataset(obj))
-            sends.extend(
-                SendSpec(dest.name, dest.kind, uid, relative)
-                for dest in self.settings.destinations
-                if dest.kind is DestinationKind.DICOM  # image objects go to DICOM peers only
-            )
+        spent = dict(result.stage_seconds)
+        with timed(spent, Stage.RESULTS):
+            objects = self.build_results(ds, result, model)
+            self._amend_previous(job, objects)
+            sends: list[SendSpec] = []
+            for obj in objects:
+                uid = str(obj.SOPInstanceUID)
+                relative = relative_name(uid)
+                write_durable(self.outbox_dir, relative, encode_dataset(obj))
+                sends.extend(
+                    SendSpec(dest.name, dest.kind, uid, relative)
+                    for dest in self.settings.destinations
+                    if dest.kind is DestinationKind.DICOM  # image objects go to DICOM peers only
+                )
         record = ResultRecord(
             job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)
         )
         payload = record.to_json()
         outcome = JobOutcome(result.status, result.score, result.reason, payload)
-        self.store.complete_job(job.job_id, self.settings.owner, outcome, sends)
+        self.store.complete_job(job.job_id, self.settings.owner, outcome, sends, spent)
         try:
             Monitor(self.store).worker_job_done(self.settings.owner, job.job_id)
         except Exception as exc:  # the heartbeat is for status only; the job is recorded

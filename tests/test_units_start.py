@@ -14,8 +14,11 @@ import json
 import os
 import shlex
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -83,6 +86,38 @@ def test_units_name_the_config_file_through_the_documented_variable() -> None:
         assert cmd[0] == "/v/bin/spine-node" and cmd[1] == "serve", unit.name
 
 
+class NotifySocket:
+    """The service manager's end of sd_notify: an AF_UNIX datagram socket with an abstract
+    name, receiving each sender's pid with its message (SO_PASSCRED), as systemd does."""
+
+    def __init__(self) -> None:
+        self.name = f"@spine-node-test-{os.getpid()}-{time.monotonic_ns()}"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind("\0" + self.name[1:])
+        self.sock.setblocking(False)
+        self.messages: list[tuple[int, dict[str, str]]] = []
+
+    def drain(self) -> list[tuple[int, dict[str, str]]]:
+        """Every (pid, {KEY: VALUE}) received so far."""
+        creds = struct.calcsize("3i")
+        while True:
+            try:
+                data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
+            except BlockingIOError:
+                return self.messages
+            pid = next(struct.unpack("3i", d[:creds])[0] for level, kind, d in ancillary
+                       if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
+            fields = dict(line.split("=", 1) for line in data.decode().splitlines())
+            self.messages.append((pid, fields))
+
+    def of(self, pid: int, key: str) -> list[str]:
+        return [fields[key] for p, fields in self.drain() if p == pid and key in fields]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @pytest.mark.parametrize("worker_unit", ["spine-node-worker.service", "spine-node-worker@.service"])
 def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: StoreSCP,
                                       worker_unit: str) -> None:
@@ -97,9 +132,15 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
     assert (venv / "bin" / "spine-node").is_file(), "the test's venv has no spine-node script"
     procs: dict[str, subprocess.Popen[bytes]] = {}
     logs: dict[str, Path] = {}
+    notify = NotifySocket()
     try:
         for name in ("spine-node-receiver.service", worker_unit, "spine-node-dispatcher.service"):
             cmd, env = unit_invocation(SYSTEMD / name, "0", venv=venv, config=config, state=state)
+            keys = parse_unit(SYSTEMD / name)
+            assert keys["Service.Type"] == ["notify"] and keys["Service.NotifyAccess"] == ["main"]
+            assert keys["Service.WatchdogSec"]
+            # what systemd adds for Type=notify with WatchdogSec= (a short watchdog here)
+            env |= {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "2000000"}
             logs[name] = tmp_path / f"{name}.log"
             with open(logs[name], "wb") as log:  # the child keeps its own descriptor
                 procs[name] = subprocess.Popen(cmd, env={**_base_env(), **env},
@@ -116,6 +157,17 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
             return out.returncode == 0
 
         wait_for(echo_ok, timeout=90, interval=0.3)  # receiver ready
+        # each role said READY=1 once (with a STATUS= line naming it), then pings the watchdog
+        for name, role in (("spine-node-receiver.service", "receiver"), (worker_unit, "worker"),
+                           ("spine-node-dispatcher.service", "dispatcher")):
+            pid = procs[name].pid
+            wait_for(lambda pid=pid: len(notify.of(pid, "WATCHDOG")) >= 2 or alive(),
+                     timeout=120, interval=0.3)
+            assert notify.of(pid, "READY") == ["1"], (name, notify.drain())
+            assert any(role in status for status in notify.of(pid, "STATUS")), name
+            assert set(notify.of(pid, "WATCHDOG")) == {"1"}
+            first = [i for i, (p, f) in enumerate(notify.drain()) if p == pid]
+            assert "READY" in notify.drain()[first[0]][1]  # no ping before READY=1
         image = tmp_path / "image.dcm"
         make_image(image, rows=320, cols=256)
         assert storescu(settings.port, [image]).returncode == 0
@@ -139,6 +191,7 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
         for name, proc in procs.items():
             proc.send_signal(signal.SIGTERM)  # the units' KillSignal
             assert proc.wait(timeout=120) == 0, f"{name}: {logs[name].read_text()}"
+            assert notify.of(proc.pid, "STOPPING") == ["1"], name
         # JSON log lines name the job and the (hashed) study as fields, in both roles
         study = uid_hash(str(dcmread(image).StudyInstanceUID))
         worker_lines = _json_lines(logs[worker_unit])
@@ -154,6 +207,7 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
         assert all(e["job_id"] == outcome["job_id"] and e["study_instance_uid"] == study
                    and f"of job {outcome['job_id']}" in e["message"] for e in per_image)
     finally:
+        notify.close()
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()

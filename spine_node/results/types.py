@@ -127,6 +127,10 @@ class CascadeResult:
         What the gate noticed about the input but allowed, for the report (e.g. "patient age
         unknown (the intended use is patients aged 18 years or older)", a FOR PROCESSING
         image, a body part not recognised as spine).
+    stage_seconds : Mapping[str, float]
+        Seconds this image spent in each inference stage (:class:`spine_node.timing.Stage`
+        values; a batch stage's time shared among the batch's images), for the metrics. Not
+        part of ``to_json`` and not compared.
     """
 
     sop_instance_uid: str
@@ -139,6 +143,9 @@ class CascadeResult:
     display: SourceImage | None = field(default=None, compare=False, repr=False)
     notes: tuple[str, ...] = ()
     threshold: float | None = field(kw_only=True)
+    stage_seconds: Mapping[str, float] = field(
+        default_factory=dict, compare=False, repr=False, kw_only=True
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.status, Status):

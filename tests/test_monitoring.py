@@ -1,0 +1,106 @@
+"""Model monitoring over the durable queue: the window's PSI against a reference with a known
+value, the WARNING logged once per crossing (even with several checkers), daily rates and
+not-processed reasons by kind."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import pytest
+
+from spine_node.config import MonitoringSettings
+from spine_node.drift import DriftState, ScoreReference
+from spine_node.monitoring import (
+    daily_outcomes,
+    drift_check_job,
+    reason_counts,
+    reason_kind,
+    score_window,
+)
+from spine_node.store import InstanceRecord, JobOutcome, JobStore
+
+DAY = 86400.0
+T0 = 1_790_000_000.0  # a fixed UTC instant: 2026-09-21
+HALVES = ScoreReference(bin_edges=(0.0, 0.5, 1.0), counts=(50, 50), source="synthetic")
+SETTINGS = MonitoringSettings(window_days=7, drift_threshold=0.25, min_window_images=20)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _record(store: JobStore, n: int, status: str, score: float | None = None,
+            reason: str | None = None) -> None:
+    """Receive ``n`` images and finish their jobs with this outcome (the worker's calls)."""
+    for _ in range(n):
+        i = store.status()["instances"]
+        uid = f"1.2.3.{i + 1}"
+        store.record_instance(InstanceRecord(uid, "1.2.840.10008.5.1.4.1.1.1", "1.2.3", "1.2.3.0",
+                                             "1.2.840.10008.1.2.1", "MOD", f"{uid}.dcm", 10))
+        (job,) = store.claim_jobs("w", 60.0, 1, 3)
+        store.complete_job(job.job_id, "w", JobOutcome(status, score, reason, {}), [],
+                           {"triage": 0.2, "results": 0.05})
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore.open(f"sqlite:///{tmp_path / 'q.db'}", clock=Clock(T0))
+
+
+def test_drift_warns_once_per_crossing(store: JobStore, caplog: pytest.LogCaptureFixture) -> None:
+    clock = store.clock
+    assert isinstance(clock, Clock)
+    _record(store, 5, "negative", 0.1)
+    check = drift_check_job(store, HALVES, SETTINGS, 0.5)
+    assert check.state is DriftState.TOO_FEW_IMAGES
+    _record(store, 20, "negative", 0.1)
+    _record(store, 75, "positive", 0.9)  # window 25 % / 75 % against 50 % / 50 %
+    with caplog.at_level(logging.INFO, logger="spine_node.monitoring"):
+        first = drift_check_job(store, HALVES, SETTINGS, 0.5)
+        again = drift_check_job(store, HALVES, SETTINGS, 0.5)  # another worker, same window
+    assert first.psi == pytest.approx(0.25 * math.log(2) + 0.25 * math.log(1.5))
+    assert first.state is DriftState.DRIFT and again.state is DriftState.DRIFT
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "PSI 0.275 over 100 images" in warnings[0].getMessage()
+    window = score_window(store, HALVES, SETTINGS, 0.5)
+    assert window.window_counts == (25, 75) and window.positive_rate == pytest.approx(0.75)
+    # eight days later the old scores left the window; new ones match the reference
+    clock.now = T0 + 8 * DAY
+    _record(store, 30, "negative", 0.2)
+    _record(store, 30, "positive", 0.8)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="spine_node.monitoring"):
+        back = drift_check_job(store, HALVES, SETTINGS, 0.5)
+    assert back.state is DriftState.OK and back.psi == pytest.approx(0.0)
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # "score drift over"
+    assert drift_check_job(store, None, SETTINGS, 0.5).state is DriftState.NO_REFERENCE
+
+
+def test_daily_rates_and_reasons(store: JobStore) -> None:
+    clock = store.clock
+    assert isinstance(clock, Clock)
+    _record(store, 3, "positive", 0.9)
+    _record(store, 1, "negative", 0.1)
+    _record(store, 2, "not_processed", reason="outside the intended use (age 12 years; ...)")
+    clock.now = T0 + DAY
+    _record(store, 1, "not_processed", reason="image could not be decoded: truncated")
+    _record(store, 1, "not_processed", reason="worker died during processing 3 times")
+    days = daily_outcomes(store, 3)
+    assert [d.total for d in days] == [0, 6, 2]
+    assert days[1].positive_rate == pytest.approx(0.75)
+    assert days[1].not_processed_rate == pytest.approx(2 / 6)
+    assert days[0].positive_rate is None and days[2].positive_rate is None
+    assert days[1].not_processed_by_reason == {"outside_intended_use": 2}
+    counts = reason_counts(days)
+    assert counts["decode_failed"] == 1 and counts["processing_failed"] == 1
+    assert counts["other"] == 0
+    assert reason_kind("CT image, not a radiograph") == "not_spine_radiograph"
+    assert reason_kind("image content does not look like a spine radiograph (...)") == (
+        "content_gate")
+    assert reason_kind("something new") == "other"
