@@ -23,9 +23,28 @@ def _run(*args: str, cwd: Path) -> str:
     return out.stdout
 
 
+def _chmod_tree(root: Path, writable: bool) -> None:
+    for p in [root, *root.rglob("*")]:
+        mode = p.stat().st_mode
+        p.chmod(mode | 0o200 if writable else mode & ~0o222)
+
+
 def test_spine_train_chain_builds_a_bundle_the_node_runs(tmp_path: Path) -> None:
     _run(*TRAIN, "phantom", "--out", "data", "--images", "24", "--seed", "3", "--balanced",
          "--size", "320x256", cwd=tmp_path)
+    data = tmp_path / "data"
+    before = {str(p): p.stat().st_mtime_ns for p in data.rglob("*")}
+    _chmod_tree(data, writable=False)  # the data root may be read-only (issue 11)
+    try:
+        _chain(tmp_path)
+    finally:
+        _chmod_tree(data, writable=True)
+    # nothing written there (checked by content too: root ignores the missing write bits)
+    assert {str(p): p.stat().st_mtime_ns for p in data.rglob("*")} == before
+    assert any((tmp_path / "prepared-cache").glob("*_triage.npy"))  # beside the outputs
+
+
+def _chain(tmp_path: Path) -> None:
     members = {
         "resnet": ("resnet50", {"layers": [1, 1, 1, 1], "channels": [8, 16, 32, 64],
                                 "stem_width": 8}),
@@ -34,7 +53,8 @@ def test_spine_train_chain_builds_a_bundle_the_node_runs(tmp_path: Path) -> None
     for name, (arch, kwargs) in members.items():
         _run(*TRAIN, "classifier", "--arch", arch, "--name", name, "--data", "data", "--out",
              f"m_{name}", "--fold", "0", "--folds", "3", "--epochs", "1", "--batch-size", "4",
-             "--input-size", "64", "--model-kwargs", json.dumps(kwargs), cwd=tmp_path)
+             "--input-size", "64", "--model-kwargs", json.dumps(kwargs), "--from-scratch",
+             "--workers", "2", cwd=tmp_path)
         assert (tmp_path / f"m_{name}" / "fold0" / "best.pt").is_file()
     _run(*TRAIN, "ensemble", "--oof", "resnet=m_resnet", "densenet=m_densenet", "--data", "data",
          "--out", "ens.json", cwd=tmp_path)
@@ -45,7 +65,7 @@ def test_spine_train_chain_builds_a_bundle_the_node_runs(tmp_path: Path) -> None
 
     tiny_model_yaml(yaml, depth=0.33, width=0.125, max_channels=128)
     _run(*TRAIN, "detector", "--data", "data", "--out", "det", "--model", str(yaml), "--imgsz",
-         "128", "--epochs", "1", "--batch", "4", "--workers", "0", cwd=tmp_path)
+         "128", "--epochs", "1", "--batch", "4", "--workers", "0", "--from-scratch", cwd=tmp_path)
     _run(*TRAIN, "bundle", "--out", "bundle", "--name", "chain", "--version", "0.1",
          "--intended-use", "test", "--member", "m_resnet", "m_densenet", "--ensemble",
          "ens.json", "--detector", "det/detector.pt", "--data", "data", "--gate-images", "12",

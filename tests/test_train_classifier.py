@@ -12,10 +12,13 @@ from spine_node.imaging import PrepParams
 from training import vindr
 from training.phantom import write_phantom_dataset
 from training.train_classifier import (
+    AugmentedDataset,
     AugmentParams,
     ClassifierConfig,
     augment_batch,
+    augment_batch_device,
     fold_datasets,
+    require_pretrained,
     train_fold,
 )
 
@@ -67,7 +70,7 @@ def test_one_epoch_then_resume_continues_at_epoch_two(phantom: Path, tmp_path: P
     assert {r.study_id for r in train_set.records}.isdisjoint({r.study_id for r in val_set.records})
 
     out = tmp_path / "fold0"
-    first = train_fold(_config(1), train_set, val_set, out, fold=0)
+    first = train_fold(_config(1), train_set, val_set, out, fold=0, from_scratch=True)
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=False)
     assert ckpt["epoch"] == 1
     assert {"model", "optimizer", "scheduler", "rng", "best_auroc", "bad_epochs"} <= set(ckpt)
@@ -84,7 +87,7 @@ def test_one_epoch_then_resume_continues_at_epoch_two(phantom: Path, tmp_path: P
 
     # resuming gives the same weights as two epochs in one go (model, optimiser and RNG restored)
     straight = tmp_path / "straight"
-    train_fold(_config(2), train_set, val_set, straight, fold=0)
+    train_fold(_config(2), train_set, val_set, straight, fold=0, from_scratch=True)
     a = torch.load(out / "last.pt", weights_only=False)["model"]
     b = torch.load(straight / "last.pt", weights_only=False)["model"]
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
@@ -115,3 +118,60 @@ def test_prepared_arrays_come_from_the_shared_preparation(phantom: Path, tmp_pat
     image, label = train_set[0]
     assert torch.allclose(image[0], torch.from_numpy(expected))
     assert float(label) == record.label
+
+
+def test_random_weights_are_refused_unless_asked_for(
+    phantom: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ./pretrained folder here
+    train_set, val_set = fold_datasets(phantom, fold=0, folds=3, input_size=64, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"pretrained/densenet121\.ra_in1k\.safetensors"):
+        train_fold(_config(1), train_set, val_set, tmp_path / "f", fold=0)
+    assert not (tmp_path / "f" / "last.pt").exists()
+    for arch, name in (
+        ("tf_efficientnetv2_s", "tf_efficientnetv2_s.in21k_ft_in1k.safetensors"),
+        ("resnet50", "resnet50.a1_in1k.safetensors"),
+    ):
+        with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+            require_pretrained(arch, None, pretrained_dir=tmp_path / "w")
+        assert require_pretrained(arch, None, pretrained_dir=tmp_path / "w", from_scratch=True) is None
+    (tmp_path / "w").mkdir()
+    local = tmp_path / "w" / "resnet50.a1_in1k.safetensors"
+    local.write_bytes(b"")
+    assert require_pretrained("resnet50", None, pretrained_dir=tmp_path / "w") == local
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        require_pretrained("resnet50", tmp_path / "nope.pt")
+
+
+def test_augmentation_in_workers_does_not_depend_on_worker_count() -> None:
+    base = [(torch.rand(1, 24, 24), float(i % 2), f"i{i}") for i in range(6)]
+    data = AugmentedDataset(base, AugmentParams(blur_p=1.0), seed=7)
+    data.set_epoch(3)
+
+    def batches(workers: int) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(data, batch_size=3, num_workers=workers)
+        return torch.cat([x for x, _, _ in loader])
+
+    serial = batches(0)
+    assert torch.equal(serial, batches(2))
+    assert not torch.equal(serial, torch.cat([b[0] for b in base]))  # augmented
+    data.set_epoch(4)
+    assert not torch.equal(serial, batches(0))  # a new draw each epoch
+
+
+def test_batched_device_augmentation_matches_the_per_image_transforms() -> None:
+    from torchvision.transforms.v2 import functional as tvf
+
+    x = torch.rand(4, 1, 32, 32)
+    off = {"hflip": 0.0, "rotation_deg": 0.0, "brightness": 0.0, "contrast": 0.0, "blur_p": 0.0}
+    g = torch.Generator
+    assert torch.allclose(augment_batch_device(x, AugmentParams(**off), g()), x, atol=1e-6)
+    flip = AugmentParams(**{**off, "hflip": 1.0})
+    assert torch.allclose(augment_batch_device(x, flip, g()), x.flip(-1), atol=1e-6)
+    blur = AugmentParams(**{**off, "blur_p": 1.0, "blur_sigma": (1.0, 1.0)})
+    expected = tvf.gaussian_blur(x, [7, 7], [1.0, 1.0])
+    assert torch.allclose(augment_batch_device(x, blur, g()), expected, atol=1e-5)
+    a = augment_batch_device(x, AugmentParams(), g().manual_seed(1))
+    assert torch.equal(a, augment_batch_device(x, AugmentParams(), g().manual_seed(1)))
+    assert a.shape == x.shape and float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+    assert not torch.allclose(a, x)

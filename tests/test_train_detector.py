@@ -201,7 +201,7 @@ def test_detector_trains_one_epoch_offline_with_every_extra(tmp_path: Path) -> N
         workers=0,
         extras=DetectorExtras(balanced_sampling=True, copy_paste=0.5, focal=True),
     )
-    result = train_detector(config, data_yaml, tmp_path / "out")
+    result = train_detector(config, data_yaml, tmp_path / "out", from_scratch=True)
     assert result.best.is_file() and result.last.is_file()
     assert "metrics/mAP50(B)" in result.metrics
     # sampler weights of the training images: 1/sqrt(box count of the rarest class of the image);
@@ -231,7 +231,13 @@ def test_detector_cli_trains_on_a_tiny_phantom_offline(tmp_path: Path) -> None:
     argv += ["--imgsz", "96", "--epochs", "1", "--batch", "4", "--nbs", "4", "--folds", "3"]
     argv += ["--close-mosaic", "0", "--scale-range", "64,128", "--workers", "0"]
     argv += ["--balanced-sampling", "--copy-paste", "0.2", "--focal"]
-    assert cli.main(argv) == 0
+    with pytest.raises(FileNotFoundError, match=r"pretrained/tiny-det\.pt"):  # no random start
+        cli.main([*argv, "--pretrained-dir", str(tmp_path / "pretrained")])
+    image = next((out / "dataset" / "images" / "train").glob("*.png"))
+    exported = image.stat().st_mtime_ns
+    assert cli.main([*argv, "--from-scratch"]) == 0
+    assert image.stat().st_mtime_ns == exported  # the export was reused, not redone
+    assert any((tmp_path / "prepared-cache").glob("*_detect.png"))  # beside --out
     assert (out / "detector.pt").is_file()
     labels = list((out / "dataset" / "labels" / "train").glob("*.txt"))
     assert labels and (out / "dataset" / "labels" / "val").is_dir()

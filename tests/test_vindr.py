@@ -216,3 +216,40 @@ def test_to_ultralytics_fold(data: tuple[Path, ph.PhantomSummary], tmp_path: Pat
     assert test == {r.image_id for r in vindr.load_records(root, "test")}
     with pytest.raises(ValueError, match="fold"):
         vindr.to_ultralytics(root, tmp_path / "g", fold=2, folds=2)
+
+
+def test_read_only_root_cache_beside_and_export_reused(
+    data: tuple[Path, ph.PhantomSummary], tmp_path: Path
+) -> None:
+    import dataclasses
+    import shutil
+
+    root = tmp_path / "ro"
+    shutil.copytree(data[0], root)
+    before = {str(p): p.stat().st_mtime_ns for p in root.rglob("*")}
+    for p in [root, *root.rglob("*")]:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        records = vindr.load_records(root, "train")
+        cache = tmp_path / "cache"
+        assert vindr.warm_cache(records, SMALL, cache, workers=2) == len(records)  # in parallel
+        assert vindr.warm_cache(records, SMALL, cache, workers=2) == 0
+        ds = vindr.TriageDataset(records, SMALL, cache)
+        expected = prepare(read_dataset(records[0].path), SMALL).triage
+        np.testing.assert_allclose(ds[0][0][0].numpy(), expected, atol=1e-6)
+        out = vindr.export_yolo({"train": records}, tmp_path / "y", params=SMALL, cache_dir=cache)
+        k = next(i for i, r in enumerate(records) if r.boxes)
+        label = tmp_path / "y" / "labels" / "train" / f"{records[k].image_id}.txt"
+        stamp = label.stat().st_mtime_ns
+        again = vindr.export_yolo({"train": records}, tmp_path / "y", params=SMALL, cache_dir=cache)
+        assert again == out and label.stat().st_mtime_ns == stamp  # reused as it was
+        moved = [dataclasses.replace(r, boxes=()) if i == k else r for i, r in enumerate(records)]
+        redo = vindr.export_yolo({"train": moved}, tmp_path / "y", params=SMALL, cache_dir=cache)
+        assert label.read_text() == "" and redo.boxes["train"] < out.boxes["train"]
+    finally:
+        for p in [root, *root.rglob("*")]:
+            p.chmod(p.stat().st_mode | 0o200)
+    assert {str(p): p.stat().st_mtime_ns for p in root.rglob("*")} == before
+    # the key holds the preparation code's version
+    assert vindr.params_key(SMALL, "v1-a") != vindr.params_key(SMALL, "v1-b")
+    assert vindr.params_key(SMALL) == vindr.params_key(SMALL, vindr.prep_code_version())

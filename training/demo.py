@@ -205,8 +205,7 @@ def build_demo_bundle(
     val_set = vindr.TriageDataset(fold_val, params, cache)
     test_set = vindr.TriageDataset(test_recs, params, cache)
     t = time.monotonic()
-    for d in (train_set, val_set, test_set):
-        d.warm_cache()
+    vindr.warm_cache([*train_recs, *test_recs], params, cache, workers=None)  # parallel, once
     timings["prepare_s"] = time.monotonic() - t
 
     # 2. triage members (fold 0), OOF predictions -------------------------------------
@@ -217,7 +216,13 @@ def build_demo_bundle(
         # resume=True: a re-run with the same settings reuses finished members
         member_results.append(
             train_fold(
-                cfg, train_set, val_set, work_dir / "members" / name / "fold0", fold=0, resume=True
+                cfg,
+                train_set,
+                val_set,
+                work_dir / "members" / name / "fold0",
+                fold=0,
+                from_scratch=True,  # the shrunk demo members have no pretrained weights
+                resume=True,
             )
         )
     timings["members_s"] = time.monotonic() - t
@@ -254,7 +259,10 @@ def build_demo_bundle(
     # 4. detector ------------------------------------------------------------------------
     t = time.monotonic()
     yolo = vindr.export_yolo(
-        {"train": fold_train, "val": fold_val, "test": test_recs}, work_dir / "yolo", params=params
+        {"train": fold_train, "val": fold_val, "test": test_recs},
+        work_dir / "yolo",
+        params=params,
+        cache_dir=cache,  # the images decoded for the members; reused when up to date
     )
     depth, width, max_ch = s.detector_scale
     det_cfg = DetectorConfig(
@@ -277,7 +285,7 @@ def build_demo_bundle(
         workers=2,
         extras=DetectorExtras(),
     )
-    det = train_detector(det_cfg, yolo.data_yaml, work_dir / "detector")
+    det = train_detector(det_cfg, yolo.data_yaml, work_dir / "detector", from_scratch=True)
     timings["detector_s"] = time.monotonic() - t
 
     # 5. grader -------------------------------------------------------------------------
@@ -480,6 +488,11 @@ def bundle_add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", type=int, default=5)
     parser.add_argument("--detect-size", type=int, default=640)
     parser.add_argument("--metrics", type=Path, help="JSON of held-out figures to record")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="prepared-image cache for the gate images (default: prepared-cache/ beside --out)",
+    )
     parser.add_argument("--no-onnx", action="store_true")
 
 
@@ -515,7 +528,8 @@ def bundle_run(args: argparse.Namespace) -> int:
         from training import vindr
 
         records = vindr.load_records(Path(args.data), "train")[: args.gate_images]
-        ds = vindr.TriageDataset(records, params, Path(args.data) / ".cache" / "prepared")
+        cache = args.cache_dir or Path(args.out).resolve().parent / "prepared-cache"
+        ds = vindr.TriageDataset(records, params, cache)
         gate_images = np.stack([ds.array(i) for i in range(len(ds))])
     metrics = json.loads(Path(args.metrics).read_text()) if args.metrics else {}
     from training.export import build_bundle

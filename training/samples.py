@@ -158,8 +158,9 @@ def write_demo_samples(
     written: list[SampleImage] = []
     with tempfile.TemporaryDirectory() as tmp:
         phantom = Path(tmp)
-        write_phantom_dataset(phantom, 4 * (abnormal + normal), seed, balanced=True,
-                              size=SAMPLE_SIZE, workers=1)
+        write_phantom_dataset(
+            phantom, 4 * (abnormal + normal), seed, balanced=True, size=SAMPLE_SIZE, workers=1
+        )
         labels = _labels(phantom)
         files = sorted(phantom.glob("*_images/*.dicom"))
         wanted = {"a": abnormal, "n": normal}
@@ -172,13 +173,21 @@ def write_demo_samples(
             study, patient, age = plan[kind]
             index = (abnormal if kind == "a" else normal) - wanted[kind] + 1
             wanted[kind] -= 1
-            ds = standard_sample(dcmread(path), study=study, index=index, patient=patient,
-                                 age_years=age)
+            ds = standard_sample(
+                dcmread(path), study=study, index=index, patient=patient, age_years=age
+            )
             name = f"{study}-{index}.dcm"
             ds.save_as(out_dir / name, enforce_file_format=True)
-            written.append(SampleImage(name, study, str(ds.SOPInstanceUID),
-                                       str(ds.StudyInstanceUID), bool(lesions),
-                                       tuple(sorted(lesions))))
+            written.append(
+                SampleImage(
+                    name,
+                    study,
+                    str(ds.SOPInstanceUID),
+                    str(ds.StudyInstanceUID),
+                    bool(lesions),
+                    tuple(sorted(lesions)),
+                )
+            )
         if any(wanted.values()):
             raise RuntimeError(f"the phantom (seed {seed}) had too few images of a kind: {wanted}")
     entries = [s.__dict__ | {"lesions": list(s.lesions)} for s in written]

@@ -8,6 +8,15 @@ brightness/contrast 0.2, Gaussian blur. Members are built by
 member's own normalisation inside) so training and serving run the same graph; images come from
 ``spine_node.imaging.prepare`` through ``training.vindr``'s cached dataset.
 
+Efficiency (issue 11): a torch ``DataLoader`` with parallel workers (default
+``min(8, CPUs)``) reads the prepared-image cache and augments each image in the worker (its
+random stream seeded by ``(seed, epoch, index)``, so results do not depend on the number of
+workers); mixed precision on CUDA (bf16 where supported, else fp16 with a ``GradScaler``);
+channels_last; the loss is accumulated on the device and synchronised once per epoch.
+
+Training from random weights is refused unless asked for (``from_scratch``): the expected
+local ImageNet file of each architecture is named by :func:`pretrained_filename`.
+
 Per fold, the output directory holds ``last.pt`` (model, optimiser, scheduler, epoch, early-stop
 state, RNG states: ``--resume`` continues from it), ``best.pt`` (state_dict of the best epoch),
 ``history.json`` and ``oof_fold{K}.csv`` (image_id, score, label, fold) with the best model's
@@ -23,6 +32,7 @@ import logging
 import math
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -38,21 +48,37 @@ from tqdm import tqdm
 
 from spine_node.models.bundle import MemberSpec
 from spine_node.models.triage import TriageMember, create_member
+from training.vindr import default_workers
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "AMP_MODES",
     "ARCH_DEFAULTS",
+    "AUGMENT_ON",
     "AugmentParams",
+    "AugmentedDataset",
     "ClassifierConfig",
     "FoldResult",
     "add_arguments",
     "augment_batch",
+    "augment_batch_device",
+    "augment_image",
     "member_spec",
     "predict",
+    "pretrained_filename",
+    "require_pretrained",
     "run",
     "train_fold",
 ]
+
+#: Mixed-precision modes: ``auto`` is bf16 on CUDA where supported, else fp16; off on CPU.
+AMP_MODES: tuple[str, ...] = ("auto", "off", "bf16", "fp16")
+#: Where augmentation runs: ``loader`` (per image in the loader workers), ``device`` (batched on
+#: the training device, :func:`augment_batch_device`), ``auto`` (device on CUDA, else loader).
+AUGMENT_ON: tuple[str, ...] = ("auto", "loader", "device")
+#: Default folder of local pretrained weights files (see :func:`pretrained_filename`).
+DEFAULT_PRETRAINED_DIR = Path("pretrained")
 
 #: Member name and batch size per architecture (spec.md: 32 / 24 / 32).
 ARCH_DEFAULTS: Mapping[str, tuple[str, int]] = {
@@ -94,7 +120,13 @@ class ClassifierConfig:
     seed : int
         Seed of every random generator.
     num_workers : int
-        DataLoader workers.
+        DataLoader workers (default ``min(8, CPUs)``; 0 loads in the main process).
+    amp : str
+        Mixed precision, one of :data:`AMP_MODES`.
+    channels_last : bool
+        Model and inputs in channels_last memory format.
+    augment_on : str
+        Where augmentation runs, one of :data:`AUGMENT_ON`.
     augment : AugmentParams
         Augmentation settings.
     """
@@ -110,7 +142,10 @@ class ClassifierConfig:
     t_max: int = 60
     patience: int = 10
     seed: int = 0
-    num_workers: int = 0
+    num_workers: int = field(default_factory=default_workers)
+    amp: str = "auto"
+    channels_last: bool = True
+    augment_on: str = "auto"
     augment: AugmentParams = field(default_factory=AugmentParams)
 
     def __post_init__(self) -> None:
@@ -122,6 +157,13 @@ class ClassifierConfig:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        n = self.num_workers
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"num_workers must be an int >= 0, got {n!r}")
+        if self.amp not in AMP_MODES:
+            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
+        if self.augment_on not in AUGMENT_ON:
+            raise ValueError(f"augment_on must be one of {AUGMENT_ON}, got {self.augment_on!r}")
 
 
 @dataclass(frozen=True)
@@ -156,7 +198,97 @@ def member_spec(config: ClassifierConfig, *, weights: str = "pending.pt") -> Mem
     )
 
 
+def pretrained_filename(arch: str) -> str:
+    """File name under which the local ImageNet weights of ``arch`` are expected.
+
+    timm's default pretrained tag of the architecture as ``<arch>.<tag>.safetensors``, e.g.
+    ``densenet121.ra_in1k.safetensors``: the ``model.safetensors`` of the Hugging Face
+    repository ``timm/<arch>.<tag>`` saved under that name (nothing is downloaded at run time).
+    """
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    stem = str(hub_id).rsplit("/", 1)[-1] if hub_id else arch
+    return f"{stem}.safetensors"
+
+
+def require_pretrained(
+    arch: str,
+    pretrained_file: Path | None,
+    *,
+    pretrained_dir: Path = DEFAULT_PRETRAINED_DIR,
+    from_scratch: bool = False,
+) -> Path | None:
+    """The local pretrained weights to start ``arch`` from, or None when training from scratch.
+
+    Parameters
+    ----------
+    arch : str
+        timm architecture.
+    pretrained_file : pathlib.Path or None
+        Explicit weights file; must exist.
+    pretrained_dir : pathlib.Path
+        Folder searched for :func:`pretrained_filename` when no file is given.
+    from_scratch : bool
+        Allow random initial weights when no file is found.
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``pretrained_file`` does not exist, or when no weights are found and
+        ``from_scratch`` is false (the message names the file expected).
+    """
+    if pretrained_file is not None:
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist")
+        return Path(pretrained_file)
+    expected = Path(pretrained_dir) / pretrained_filename(arch)
+    if expected.is_file():
+        return expected
+    if from_scratch:
+        logger.warning("%s: training from random weights (from_scratch)", arch)
+        return None
+    repo = expected.name.removesuffix(".safetensors")
+    raise FileNotFoundError(
+        f"no pretrained weights for {arch}: expected the local file {expected} (model.safetensors "
+        f"of https://huggingface.co/timm/{urllib.parse.quote(repo)}); give --pretrained-file, "
+        "or --from-scratch to train from random weights"
+    )
+
+
 # --------------------------------------------------------------------------- augmentation
+
+
+def augment_image(
+    img: torch.Tensor, params: AugmentParams, generator: torch.Generator
+) -> torch.Tensor:
+    """Augment one grey image ``(1, H, W)`` in [0, 1]; returns a new tensor.
+
+    Horizontal flip, rotation, brightness/contrast jitter and Gaussian blur, drawn from
+    ``generator``.
+    """
+    if img.ndim != 3 or img.shape[0] != 1:
+        raise ValueError(f"img must be (1, H, W), got {tuple(img.shape)}")
+
+    def u(lo: float, hi: float) -> float:
+        return float(lo + (hi - lo) * torch.rand((), generator=generator))
+
+    if u(0, 1) < params.hflip:
+        img = tvf.horizontal_flip(img)
+    if params.rotation_deg > 0:
+        angle = u(-params.rotation_deg, params.rotation_deg)
+        img = tvf.rotate(img, angle, interpolation=tvf.InterpolationMode.BILINEAR, fill=0.0)
+    if params.brightness > 0:
+        img = img * u(1 - params.brightness, 1 + params.brightness)
+    if params.contrast > 0:
+        mean = img.mean()
+        img = (img - mean) * u(1 - params.contrast, 1 + params.contrast) + mean
+    if params.blur_p > 0 and u(0, 1) < params.blur_p:
+        sigma = u(*params.blur_sigma)
+        k = max(3, 2 * math.ceil(3 * sigma) + 1)
+        img = tvf.gaussian_blur(img, [k, k], [sigma, sigma])
+    return img.clamp(0.0, 1.0)
 
 
 def augment_batch(
@@ -164,33 +296,112 @@ def augment_batch(
 ) -> torch.Tensor:
     """Augment a batch of grey images ``(N, 1, H, W)`` in [0, 1]; returns a new tensor.
 
-    Horizontal flip, rotation, brightness/contrast jitter and Gaussian blur, drawn per image
-    from ``generator`` (so a seeded run is reproducible).
+    :func:`augment_image` on each image in turn, all drawn from ``generator``.
     """
     if x.ndim != 4 or x.shape[1] != 1:
         raise ValueError(f"x must be (N, 1, H, W), got {tuple(x.shape)}")
-    out = []
+    return torch.stack([augment_image(img, params, generator) for img in x])
 
-    def u(lo: float, hi: float) -> float:
-        return float(lo + (hi - lo) * torch.rand((), generator=generator))
 
-    for img in x:
-        if u(0, 1) < params.hflip:
-            img = tvf.horizontal_flip(img)
-        if params.rotation_deg > 0:
-            angle = u(-params.rotation_deg, params.rotation_deg)
-            img = tvf.rotate(img, angle, interpolation=tvf.InterpolationMode.BILINEAR, fill=0.0)
-        if params.brightness > 0:
-            img = img * u(1 - params.brightness, 1 + params.brightness)
-        if params.contrast > 0:
-            mean = img.mean()
-            img = (img - mean) * u(1 - params.contrast, 1 + params.contrast) + mean
-        if params.blur_p > 0 and u(0, 1) < params.blur_p:
-            sigma = u(*params.blur_sigma)
-            k = max(3, 2 * math.ceil(3 * sigma) + 1)
-            img = tvf.gaussian_blur(img, [k, k], [sigma, sigma])
-        out.append(img.clamp(0.0, 1.0))
-    return torch.stack(out)
+def augment_batch_device(
+    x: torch.Tensor, params: AugmentParams, generator: torch.Generator
+) -> torch.Tensor:
+    """Augment a batch ``(N, 1, H, W)`` in [0, 1] with batched tensor operations (on the GPU).
+
+    The transforms and ranges of :func:`augment_image` (horizontal flip, rotation, brightness,
+    contrast, Gaussian blur with reflected borders), computed for the whole batch at once on
+    ``x``'s device: flip and rotation as one ``affine_grid``/``grid_sample`` (bilinear, zero
+    fill), blur as a separable grouped convolution with per-image kernels. The random draws
+    come from ``generator`` (a CPU generator) so a seeded run is reproducible on any device.
+    """
+    from torch.nn import functional as fn
+
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise ValueError(f"x must be (N, 1, H, W), got {tuple(x.shape)}")
+    n, dev = x.shape[0], x.device
+    r = torch.rand(n, 6, generator=generator, dtype=torch.float64)
+    flip = torch.where(r[:, 0] < params.hflip, -1.0, 1.0)
+    angle = torch.deg2rad((2 * r[:, 1] - 1) * params.rotation_deg)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    zero = torch.zeros_like(cos)
+    theta = torch.stack(
+        [torch.stack([cos * flip, -sin, zero], 1), torch.stack([sin * flip, cos, zero], 1)], 1
+    )
+    x = x.float()
+    grid = fn.affine_grid(theta.to(dev, torch.float32), list(x.shape), align_corners=False)
+    out = fn.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    shape = (n, 1, 1, 1)
+    bright = 1 + (2 * r[:, 2] - 1) * params.brightness
+    out = out * bright.to(dev, torch.float32).view(shape)
+    contrast = (1 + (2 * r[:, 3] - 1) * params.contrast).to(dev, torch.float32).view(shape)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = (out - mean) * contrast + mean
+    blur = r[:, 4] < params.blur_p
+    if params.blur_p > 0 and bool(blur.any()):
+        lo, hi = params.blur_sigma
+        sigma = lo + (hi - lo) * r[:, 5]
+        half = max(1, math.ceil(3 * hi))
+        t = torch.arange(-half, half + 1, dtype=torch.float64)
+        kernel = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+        kernel = kernel * (t[None, :].abs() <= torch.ceil(3 * sigma)[:, None])  # tvf's support
+        kernel = kernel / kernel.sum(1, keepdim=True)
+        delta = (t == 0).to(torch.float64).expand(n, -1)
+        kernel = torch.where(blur[:, None], kernel, delta).to(dev, torch.float32)
+        y = out.transpose(0, 1)  # (1, N, H, W): one group per image
+        y = fn.conv2d(
+            fn.pad(y, (half, half, 0, 0), mode="reflect"), kernel[:, None, None, :], groups=n
+        )
+        y = fn.conv2d(
+            fn.pad(y, (0, 0, half, half), mode="reflect"), kernel[:, None, :, None], groups=n
+        )
+        out = y.transpose(0, 1)
+    return out.clamp(0.0, 1.0)
+
+
+def _item_seed(seed: int, epoch: int, index: int) -> int:
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class AugmentedDataset(Dataset[tuple[Any, ...]]):
+    """A dataset whose images are augmented where they are loaded (in the loader workers).
+
+    Item ``index`` of epoch ``epoch`` is augmented with a generator seeded by
+    ``(seed, epoch, index)``: reproducible, independent of the number of workers and of the
+    order the workers run in, and a resumed run draws what an uninterrupted one would.
+
+    Parameters
+    ----------
+    base : torch.utils.data.Dataset
+        Items ``(image (1, H, W) or (H, W) float32 [0, 1], label[, image_id])``.
+    params : AugmentParams
+        Augmentation settings.
+    seed : int
+        Run seed.
+    """
+
+    def __init__(self, base: Dataset[Any], params: AugmentParams, seed: int) -> None:
+        if not isinstance(params, AugmentParams):
+            raise TypeError(f"params must be AugmentParams, got {type(params).__name__}")
+        self.base = base
+        self.params = params
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation the next iterator draws."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(cast(Sized, self.base))
+
+    def __getitem__(self, index: int) -> tuple[Any, ...]:
+        item = self.base[index]
+        image = torch.as_tensor(np.asarray(item[0], dtype=np.float32))
+        if image.ndim == 2:
+            image = image[None]
+        generator = torch.Generator().manual_seed(_item_seed(self.seed, self.epoch, index))
+        return (augment_image(image, self.params, generator), *item[1:])
 
 
 # --------------------------------------------------------------------------- loop
@@ -210,6 +421,17 @@ def _collate(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[str
     return torch.stack(images), torch.tensor(labels, dtype=torch.float32), ids
 
 
+def _amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an :data:`AMP_MODES` mode on ``device`` (None: full precision)."""
+    if mode == "off" or device.type != "cuda":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
+
+
 def predict(
     member: nn.Module,
     dataset: Dataset[Any],
@@ -217,27 +439,43 @@ def predict(
     batch_size: int,
     device: torch.device,
     desc: str = "predict",
+    num_workers: int = 0,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Return ``(image_ids, probabilities, labels)`` of ``member`` over ``dataset``.
 
     Image ids come from the items' third element or, for ``training.vindr.TriageDataset``,
-    from its ``records``.
+    from its ``records``. Probabilities stay on the device until the end (one sync).
     """
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     ids: list[str] = []
-    probs: list[np.ndarray] = []
-    labels: list[np.ndarray] = []
+    probs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     member.eval()
-    with torch.inference_mode():
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+    ):
         for x, y, batch_ids in tqdm(loader, desc=desc, leave=False, disable=None):
-            logit, _ = member(x.to(device))
-            probs.append(torch.sigmoid(logit.float()).cpu().numpy())
-            labels.append(y.numpy())
+            logit, _ = member(x.to(device, non_blocking=True, memory_format=fmt))
+            probs.append(torch.sigmoid(logit.float()))
+            labels.append(y)
             ids.extend(batch_ids)
     records = getattr(dataset, "records", None)
     if records is not None and not any(ids):
         ids = [str(r.image_id) for r in records]
-    return ids, np.concatenate(probs), np.concatenate(labels)
+    if not probs:
+        return ids, np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return ids, torch.cat(probs).cpu().numpy(), torch.cat(labels).numpy()
 
 
 def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -246,21 +484,19 @@ def _auroc(labels: np.ndarray, probs: np.ndarray) -> float:
     return float(roc_auc_score(labels, probs))
 
 
-def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+def _rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "numpy": np.random.get_state(),
         "python": random.getstate(),
-        "augment": generator.get_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
 
 
-def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+def _set_rng_state(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    generator.set_state(state["augment"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -274,6 +510,7 @@ def train_fold(
     fold: int = 0,
     device: str = "cpu",
     pretrained_file: Path | None = None,
+    from_scratch: bool = False,
     resume: bool = False,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> FoldResult:
@@ -293,7 +530,10 @@ def train_fold(
     device : str
         ``"cpu"`` or ``"cuda"``.
     pretrained_file : pathlib.Path, optional
-        Local ImageNet weights for the backbone.
+        Local ImageNet weights for the backbone (default: :func:`pretrained_filename` in
+        ``pretrained/`` when it exists).
+    from_scratch : bool
+        Start from random weights when no pretrained file is found (else FileNotFoundError).
     resume : bool
         Continue from ``out_dir/last.pt`` when it exists.
     on_epoch : callable, optional
@@ -302,6 +542,11 @@ def train_fold(
     Returns
     -------
     FoldResult
+
+    Raises
+    ------
+    FileNotFoundError
+        When no pretrained weights are found and ``from_scratch`` is false.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,12 +556,23 @@ def train_fold(
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     loader_gen = torch.Generator().manual_seed(config.seed + 1)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    resuming = resume and last_path.is_file()
+    start_file = (
+        None
+        if resuming
+        else require_pretrained(config.arch, pretrained_file, from_scratch=from_scratch)
+    )
 
     spec = member_spec(config)
-    model = create_member(spec, pretrained_file=None if resume else pretrained_file)
-    member = TriageMember(model, spec.mean, spec.std).to(dev)
+    model = create_member(spec, pretrained_file=start_file)
+    amp_dtype = _amp_dtype(config.amp, dev)
+    fmt = torch.channels_last if config.channels_last else torch.contiguous_format
+    member = TriageMember(model, spec.mean, spec.std).to(dev).to(memory_format=fmt)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     optimizer = torch.optim.AdamW(
         member.parameters(), lr=config.lr, weight_decay=config.weight_decay
     )
@@ -325,8 +581,7 @@ def train_fold(
 
     start_epoch, best_auroc, best_epoch, bad_epochs = 1, -math.inf, 0, 0
     history: list[dict[str, float]] = []
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    if resume and last_path.is_file():
+    if resuming:
         ckpt = torch.load(last_path, map_location=dev, weights_only=False)
         if _resumable(ckpt.get("config")) != _resumable(_config_json(config)):
             raise ValueError(f"{last_path} was written with different settings; not resuming")
@@ -340,19 +595,25 @@ def train_fold(
             ckpt["bad_epochs"],
         )
         history = list(ckpt.get("history", []))
-        _set_rng_state(ckpt["rng"], generator)
+        _set_rng_state(ckpt["rng"])
         loader_gen.set_state(ckpt["loader_rng"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
         logger.info("fold %d: resuming %s at epoch %d", fold, config.name, start_epoch)
 
+    on_device = config.augment_on == "device" or (
+        config.augment_on == "auto" and dev.type == "cuda"
+    )
+    augmented = AugmentedDataset(train_set, config.augment, config.seed)
     train_loader = DataLoader(
-        train_set,
+        train_set if on_device else augmented,
         batch_size=config.batch_size,
         shuffle=True,
         generator=loader_gen,
         num_workers=config.num_workers,
         collate_fn=_collate,
-        drop_last=len(cast(Sized, train_set))
-        > config.batch_size,  # BatchNorm needs > 1 image per batch
+        pin_memory=dev.type == "cuda",
+        drop_last=len(augmented) > config.batch_size,  # BatchNorm needs > 1 image per batch
     )
     stopped = bad_epochs >= config.patience
     epoch = start_epoch - 1
@@ -360,28 +621,48 @@ def train_fold(
         if stopped:
             break
         member.train()
+        augmented.set_epoch(epoch)  # read by the workers this epoch's iterator starts
+        device_gen = torch.Generator().manual_seed(_item_seed(config.seed, epoch, 2**32))
         t0 = time.monotonic()
-        losses = []
+        loss_sum = torch.zeros((), device=dev)
+        seen = 0
         for x, y, _ in tqdm(
             train_loader, desc=f"{config.name} fold {fold} epoch {epoch}", leave=False, disable=None
         ):
-            x = augment_batch(x, config.augment, generator).to(dev)
-            logit, _ = member(x)
-            loss = criterion(logit, y.to(dev))
+            x = x.to(dev, non_blocking=True)
+            if on_device:
+                x = augment_batch_device(x, config.augment, device_gen)
+            x = x.contiguous(memory_format=fmt)
+            y = y.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logit, _ = member(x)
+            loss = criterion(logit.float(), y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * x.shape[0]  # stays on the device: no per-step sync
+            seen += int(x.shape[0])
+        train_s = time.monotonic() - t0
         scheduler.step()
         _, probs, labels = predict(
-            member, val_set, batch_size=config.batch_size, device=dev, desc="validate"
+            member,
+            val_set,
+            batch_size=config.batch_size,
+            device=dev,
+            desc="validate",
+            num_workers=config.num_workers,
+            amp_dtype=amp_dtype,
+            channels_last=config.channels_last,
         )
         auc = _auroc(labels, probs)
         history.append(
             {
                 "epoch": epoch,
-                "loss": float(np.mean(losses)) if losses else float("nan"),
+                "loss": float(loss_sum) / seen if seen else float("nan"),  # one sync per epoch
                 "val_auroc": auc,
+                "train_s": round(train_s, 3),
+                "train_images_per_s": round(seen / train_s, 3) if train_s > 0 else float("nan"),
             }
         )
         improved = not math.isnan(auc) and auc > best_auroc
@@ -414,8 +695,9 @@ def train_fold(
                 "best_epoch": best_epoch,
                 "bad_epochs": bad_epochs,
                 "history": history,
-                "rng": _rng_state(generator),
+                "rng": _rng_state(),
                 "loader_rng": loader_gen.get_state(),
+                "scaler": scaler.state_dict(),
             },
             last_path,
         )
@@ -427,7 +709,14 @@ def train_fold(
 
     member.model.load_state_dict(torch.load(best_path, map_location=dev, weights_only=True))
     ids, probs, labels = predict(
-        member, val_set, batch_size=config.batch_size, device=dev, desc="oof"
+        member,
+        val_set,
+        batch_size=config.batch_size,
+        device=dev,
+        desc="oof",
+        num_workers=config.num_workers,
+        amp_dtype=amp_dtype,
+        channels_last=config.channels_last,
     )
     oof_csv = out_dir / f"oof_fold{fold}.csv"
     with oof_csv.open("w", newline="") as fh:
@@ -451,9 +740,14 @@ def _config_json(config: ClassifierConfig) -> dict[str, Any]:
     return dict(json.loads(json.dumps(asdict(config), default=list)))
 
 
+#: Settings that may change between a run and its resumption (they do not change what is learnt,
+#: or, for ``epochs``, only ask for more of it).
+_RUNTIME_KEYS = frozenset({"epochs", "num_workers", "amp", "channels_last", "augment_on"})
+
+
 def _resumable(config: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Settings that must match to resume (more epochs may be asked for)."""
-    return {k: v for k, v in (config or {}).items() if k != "epochs"}
+    """Settings that must match to resume."""
+    return {k: v for k, v in (config or {}).items() if k not in _RUNTIME_KEYS}
 
 
 # --------------------------------------------------------------------------- data + CLI
@@ -468,7 +762,10 @@ def fold_datasets(
     seed: int,
     cache_dir: Path | None = None,
 ) -> tuple[Dataset[Any], Dataset[Any]]:
-    """Training and validation datasets of one study-level stratified fold of ``train.csv``."""
+    """Training and validation datasets of one study-level stratified fold of ``train.csv``.
+
+    Prepared images are cached in ``cache_dir`` (None: no cache); the data root is only read.
+    """
     from spine_node.imaging import PrepParams
     from training import vindr
 
@@ -476,10 +773,9 @@ def fold_datasets(
     train_ids, val_ids = vindr.study_stratified_kfold(records, folds, seed)[fold]
     by_id = {r.image_id: r for r in records}
     params = PrepParams(triage_size=input_size)
-    cache = cache_dir or Path(data_dir) / ".cache" / "prepared"
     return (
-        vindr.TriageDataset([by_id[i] for i in train_ids], params, cache),
-        vindr.TriageDataset([by_id[i] for i in val_ids], params, cache),
+        vindr.TriageDataset([by_id[i] for i in train_ids], params, cache_dir),
+        vindr.TriageDataset([by_id[i] for i in val_ids], params, cache_dir),
     )
 
 
@@ -516,8 +812,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrained-file", type=Path, help="local ImageNet weights (no hub access)"
     )
+    parser.add_argument(
+        "--pretrained-dir",
+        type=Path,
+        default=DEFAULT_PRETRAINED_DIR,
+        help="folder searched for <arch>.<timm tag>.safetensors when no --pretrained-file "
+        "(default ./pretrained)",
+    )
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="allow random initial weights when no pretrained file is found",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="prepared-image cache (default: prepared-cache/ beside --out; the data root may "
+        "be read-only)",
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="loader and preparation processes (default min(8, CPUs))",
+    )
+    parser.add_argument("--amp", default="auto", choices=AMP_MODES, help="mixed precision")
+    parser.add_argument(
+        "--no-channels-last", action="store_true", help="keep the contiguous memory format"
+    )
+    parser.add_argument(
+        "--augment-on",
+        default="auto",
+        choices=AUGMENT_ON,
+        help="augmentation in the loader workers or batched on the device (auto: device on CUDA)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue each fold from its last.pt")
 
@@ -538,7 +867,15 @@ def config_from_args(args: argparse.Namespace) -> ClassifierConfig:
         patience=args.patience,
         seed=args.seed,
         num_workers=args.workers,
+        amp=args.amp,
+        channels_last=not args.no_channels_last,
+        augment_on=args.augment_on,
     )
+
+
+def default_cache_dir(out: Path) -> Path:
+    """The prepared-image cache beside an output directory: ``<out>/../prepared-cache``."""
+    return Path(out).resolve().parent / "prepared-cache"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -548,10 +885,39 @@ def run(args: argparse.Namespace) -> int:
     bad = [k for k in folds if not 0 <= k < args.folds]
     if bad:
         raise SystemExit(f"spine-train classifier: --fold must be in [0, {args.folds}), got {bad}")
+    all_resumed = args.resume and all(
+        (Path(args.out) / f"fold{k}" / "last.pt").is_file() for k in folds
+    )
+    pretrained = (
+        None
+        if all_resumed
+        else require_pretrained(
+            config.arch,
+            args.pretrained_file,
+            pretrained_dir=args.pretrained_dir,
+            from_scratch=args.from_scratch,
+        )
+    )
+    cache_dir = args.cache_dir or default_cache_dir(args.out)
+    from spine_node.imaging import PrepParams
+    from training import vindr
+
+    # every training image decoded once, in parallel, before the first fold
+    vindr.warm_cache(
+        vindr.load_records(Path(args.data), "train"),
+        PrepParams(triage_size=config.input_size),
+        cache_dir,
+        workers=args.workers,
+    )
     summary = []
     for k in folds:
         train_set, val_set = fold_datasets(
-            args.data, fold=k, folds=args.folds, input_size=config.input_size, seed=args.seed
+            args.data,
+            fold=k,
+            folds=args.folds,
+            input_size=config.input_size,
+            seed=args.seed,
+            cache_dir=cache_dir,
         )
         result = train_fold(
             replace(config, seed=args.seed + k),
@@ -560,7 +926,8 @@ def run(args: argparse.Namespace) -> int:
             Path(args.out) / f"fold{k}",
             fold=k,
             device=args.device,
-            pretrained_file=args.pretrained_file,
+            pretrained_file=pretrained,
+            from_scratch=args.from_scratch,
             resume=args.resume,
         )
         # the ensemble reads every fold's OOF file from one directory

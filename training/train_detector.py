@@ -10,7 +10,13 @@ box 7.5 / cls 0.5 / dfl 1.5, mixup 0.1, HSV (0.015, 0.7, 0.4), fliplr 0.5 and mu
 
 Offline: ``YOLO_OFFLINE`` is set, settings sync is off, ``plots=False`` (no font download),
 Ultralytics' dataset font check is skipped, AMP is off unless asked for on CUDA (its check
-downloads a model), and weights only come from a local ``--pretrained-file``.
+downloads a model), and weights only come from a local file: ``--pretrained-file`` or
+``<model stem>.pt`` in ``--pretrained-dir`` (``pretrained/yolo11l.pt`` for ``yolo11l.yaml``).
+Training from random weights is refused unless ``--from-scratch`` is given.
+
+The YOLO data set is exported from the shared prepared-image cache (``--cache-dir``, default
+``prepared-cache/`` beside ``--out``; each DICOM file decoded once, in parallel) and reused
+when it is already complete (a resumed run does not export again).
 """
 
 from __future__ import annotations
@@ -37,14 +43,25 @@ from training.detector_extras import DetectorExtras, SpineDetectionTrainer  # no
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DEFAULT_PRETRAINED_DIR",
     "DetectorConfig",
     "DetectorResult",
     "add_arguments",
+    "expected_pretrained_file",
     "offline_ultralytics",
     "run",
     "tiny_model_yaml",
     "train_detector",
 ]
+
+#: Default folder of local pretrained weights files.
+DEFAULT_PRETRAINED_DIR = Path("pretrained")
+
+
+def _default_workers() -> int:
+    from training.vindr import default_workers
+
+    return default_workers()
 
 
 @dataclass(frozen=True)
@@ -79,7 +96,7 @@ class DetectorConfig:
     scale_range: tuple[int, int] | None = (480, 768)
     patience: int = 100
     seed: int = 0
-    workers: int = 2
+    workers: int = field(default_factory=_default_workers)
     amp: bool = False
     extras: DetectorExtras = field(default_factory=DetectorExtras)
 
@@ -90,6 +107,40 @@ class DetectorConfig:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
         if self.close_mosaic < 0:
             raise ValueError(f"close_mosaic must be >= 0, got {self.close_mosaic!r}")
+
+
+def expected_pretrained_file(model: str, pretrained_dir: Path = DEFAULT_PRETRAINED_DIR) -> Path:
+    """The local checkpoint expected for a model YAML: ``<pretrained_dir>/<stem>.pt``.
+
+    ``yolo11l.yaml`` expects ``pretrained/yolo11l.pt`` (Ultralytics' COCO-pretrained YOLO11-L).
+    """
+    return Path(pretrained_dir) / f"{Path(model).stem}.pt"
+
+
+def _start_weights(
+    config: DetectorConfig,
+    pretrained_file: Path | None,
+    pretrained_dir: Path,
+    from_scratch: bool,
+) -> Path | None:
+    """The checkpoint to start from, None for random weights (only with ``from_scratch``)."""
+    if pretrained_file is not None:
+        if not Path(pretrained_file).is_file():
+            raise FileNotFoundError(f"pretrained_file {pretrained_file} does not exist")
+        return Path(pretrained_file)
+    if Path(config.model).suffix == ".pt":  # the model file is itself a trained checkpoint
+        return None
+    expected = expected_pretrained_file(config.model, pretrained_dir)
+    if expected.is_file():
+        return expected
+    if from_scratch:
+        logger.warning("%s: training from random weights (from_scratch)", config.model)
+        return None
+    raise FileNotFoundError(
+        f"no pretrained weights for {config.model}: expected the local file {expected} "
+        "(Ultralytics' release checkpoint of that name); give --pretrained-file, or "
+        "--from-scratch to train from random weights"
+    )
 
 
 @dataclass(frozen=True)
@@ -200,6 +251,8 @@ def train_detector(
     *,
     device: str = "cpu",
     pretrained_file: Path | None = None,
+    pretrained_dir: Path = DEFAULT_PRETRAINED_DIR,
+    from_scratch: bool = False,
     resume: bool = False,
 ) -> DetectorResult:
     """Train the detector on an Ultralytics dataset and return the weights it wrote.
@@ -216,19 +269,32 @@ def train_detector(
         ``"cpu"``, ``"cuda"`` or a CUDA index.
     pretrained_file : pathlib.Path, optional
         Local ``.pt`` checkpoint to start from (no download).
+    pretrained_dir : pathlib.Path
+        Searched for :func:`expected_pretrained_file` when no file is given.
+    from_scratch : bool
+        Allow random initial weights when no checkpoint is found.
     resume : bool
         Continue from ``out_dir/train/weights/last.pt``.
 
     Returns
     -------
     DetectorResult
+
+    Raises
+    ------
+    FileNotFoundError
+        When no pretrained checkpoint is found and ``from_scratch`` is false (the message
+        names the file expected), or when resuming without ``last.pt``.
     """
     out_dir = Path(out_dir).resolve()
     extras = config.extras
     if config.scale_range is not None and extras.scale_range != config.scale_range:
         extras = DetectorExtras(**{**asdict(extras), "scale_range": config.scale_range})
-    overrides = _overrides(config, Path(data_yaml).resolve(), out_dir, device, pretrained_file)
     last = out_dir / "train" / "weights" / "last.pt"
+    start = (
+        None if resume else _start_weights(config, pretrained_file, pretrained_dir, from_scratch)
+    )
+    overrides = _overrides(config, Path(data_yaml).resolve(), out_dir, device, start)
     if resume:
         if not last.is_file():
             raise FileNotFoundError(f"cannot resume: {last} does not exist")
@@ -310,11 +376,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pretrained-file", type=Path, help="local .pt to start from (no download)"
     )
+    parser.add_argument(
+        "--pretrained-dir",
+        type=Path,
+        default=DEFAULT_PRETRAINED_DIR,
+        help="folder searched for <model stem>.pt, e.g. yolo11l.pt (default ./pretrained)",
+    )
+    parser.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="allow random initial weights when no pretrained checkpoint is found",
+    )
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="prepared-image cache (default: prepared-cache/ beside --out)",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda or a CUDA index")
     parser.add_argument(
         "--amp", action="store_true", help="mixed precision on CUDA (its check needs a model file)"
     )
-    parser.add_argument("--workers", type=int, default=d.workers)
+    parser.add_argument(
+        "--workers", type=int, default=d.workers, help="loader and preparation processes"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
 
@@ -358,12 +442,22 @@ def config_from_args(args: argparse.Namespace) -> DetectorConfig:
 
 
 def build_yolo_dataset(
-    data_dir: Path, out_dir: Path, *, fold: int, folds: int, imgsz: int, seed: int
+    data_dir: Path,
+    out_dir: Path,
+    *,
+    fold: int,
+    folds: int,
+    imgsz: int,
+    seed: int,
+    cache_dir: Path | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Convert one study-level fold of ``train.csv`` to Ultralytics' layout; returns its YAML.
 
     Images go through ``spine_node.imaging.prepare`` (letterboxed to ``imgsz``), the fold's
-    validation studies become the ``val`` split. The test split is not written.
+    validation studies become the ``val`` split. The test split is not written. With
+    ``cache_dir`` the images come from the prepared-image cache (filled by ``workers``
+    processes); an export that is already complete is reused.
     """
     from spine_node.imaging import PrepParams
     from training import vindr
@@ -377,6 +471,8 @@ def build_yolo_dataset(
         {"train": [by_id[i] for i in train_ids], "val": [by_id[i] for i in val_ids]},
         Path(out_dir),
         params=PrepParams(detect_size=imgsz),
+        cache_dir=cache_dir,
+        workers=workers,
     )
     return Path(export.data_yaml)
 
@@ -391,6 +487,8 @@ def run(args: argparse.Namespace) -> int:
         folds=args.folds,
         imgsz=args.imgsz,
         seed=args.seed,
+        cache_dir=args.cache_dir or Path(args.out).resolve().parent / "prepared-cache",
+        workers=args.workers,
     )
     result = train_detector(
         config,
@@ -398,6 +496,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out),
         device=args.device,
         pretrained_file=args.pretrained_file,
+        pretrained_dir=args.pretrained_dir,
+        from_scratch=args.from_scratch,
         resume=args.resume,
     )
     shutil.copy2(result.best, Path(args.out) / "detector.pt")

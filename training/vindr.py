@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import logging
 import math
 import os
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from spine_node.imaging import PreparedImage, PrepParams, prepare, read_dataset
+from spine_node.imaging import Letterbox, PreparedImage, PrepParams, prepare, read_dataset
 from spine_node.labels import LESION_LABELS, NO_FINDING
 from training.phantom import CSV_COLUMNS
 
@@ -243,11 +244,33 @@ def study_stratified_kfold(
 # --------------------------------------------------------------------------------------------
 
 
-def params_key(params: PrepParams) -> str:
-    """Short hash of the preparation parameters (part of every cache file name)."""
+#: Version of this module's cache layout and of how it calls the preparation; bump it when
+#: either changes. The key also holds a digest of ``spine_node/imaging.py`` (the preparation
+#: code itself), so a changed ``prepare`` never serves stale images.
+PREP_VERSION = 2
+
+
+def prep_code_version() -> str:
+    """``PREP_VERSION`` plus a digest of the preparation code (``spine_node.imaging``'s source)."""
+    import spine_node.imaging as imaging
+
+    digest = hashlib.sha256(Path(imaging.__file__).read_bytes()).hexdigest()[:12]
+    return f"v{PREP_VERSION}-{digest}"
+
+
+def params_key(params: PrepParams, version: str | None = None) -> str:
+    """Short hash of the preparation parameters and code version (part of every cache name).
+
+    Parameters
+    ----------
+    params : PrepParams
+        Preparation parameters.
+    version : str, optional
+        Preparation code version (default :func:`prep_code_version`).
+    """
     text = (
         f"t{params.triage_size}-d{params.detect_size}-c{params.clip_limit!r}-g{params.tiles}"
-        f"-m{params.max_pixels}"
+        f"-m{params.max_pixels}-{prep_code_version() if version is None else version}"
     )
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -258,10 +281,65 @@ def _atomic_save(path: Path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def prepare_record(record: ImageRecord, params: PrepParams) -> PreparedImage:
     """Read a record's DICOM file and run the shared preparation on it."""
     ds = read_dataset(record.path, max_pixels=params.max_pixels)
     return prepare(ds, params)
+
+
+@dataclass(frozen=True)
+class CachePaths:
+    """The files one record's preparation is cached in (one decode fills all three)."""
+
+    triage: Path  # float32 (S, S) .npy
+    detect: Path  # 8-bit letterboxed detection square, .png (as the YOLO export writes it)
+    letterbox: Path  # .json of the Letterbox geometry
+
+
+def cache_paths(record: ImageRecord, key: str, cache_dir: str | os.PathLike[str]) -> CachePaths:
+    """Where ``record`` is cached under ``cache_dir`` for the key of :func:`params_key`."""
+    stem = Path(cache_dir) / f"{record.image_id}_{key}"
+    return CachePaths(
+        triage=Path(f"{stem}_triage.npy"),
+        detect=Path(f"{stem}_detect.png"),
+        letterbox=Path(f"{stem}_letterbox.json"),
+    )
+
+
+def cache_record(
+    record: ImageRecord, params: PrepParams, cache_dir: str | os.PathLike[str], key: str
+) -> np.ndarray:
+    """Decode and prepare ``record`` once and write its triage, detection and geometry files.
+
+    Returns the triage image (float32, square, [0, 1]). The data root is only read.
+    """
+    folder = Path(cache_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = cache_paths(record, key, folder)
+    prep = prepare_record(record, params)
+    triage = prep.triage.astype(np.float32, copy=False)
+    _save_png(paths.detect, prep.detect)
+    lb = prep.letterbox
+    _atomic_text(
+        paths.letterbox,
+        json.dumps(
+            {
+                "scale": lb.scale,
+                "pad_x": lb.pad_x,
+                "pad_y": lb.pad_y,
+                "size": lb.size,
+                "source_shape": list(lb.source_shape),
+            }
+        ),
+    )
+    _atomic_save(paths.triage, triage)  # last: its presence means the record is complete
+    return triage
 
 
 def cached_triage_array(
@@ -274,9 +352,10 @@ def cached_triage_array(
     record : ImageRecord
         Image to prepare.
     params : PrepParams
-        Preparation parameters (part of the cache key).
+        Preparation parameters (part of the cache key, with the preparation code's version).
     cache_dir : path or None
-        Cache folder; None disables the cache.
+        Cache folder (created when missing; never inside a read-only data root unless asked);
+        None disables the cache.
 
     Returns
     -------
@@ -285,17 +364,98 @@ def cached_triage_array(
     """
     if cache_dir is None:
         return prepare_record(record, params).triage.astype(np.float32, copy=False)
-    folder = Path(cache_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / f"{record.image_id}_{params_key(params)}_triage.npy"
+    key = params_key(params)
+    target = cache_paths(record, key, cache_dir).triage
     if target.exists():
         try:
             return np.load(target)
         except (OSError, ValueError):
             logger.warning("cache file %s unreadable, rebuilding", target.name)
-    array = prepare_record(record, params).triage.astype(np.float32, copy=False)
-    _atomic_save(target, array)
-    return array
+    return cache_record(record, params, cache_dir, key)
+
+
+def cached_detect(
+    record: ImageRecord, params: PrepParams, cache_dir: str | os.PathLike[str]
+) -> tuple[Path, Letterbox]:
+    """The cached detection PNG of ``record`` and its letterbox geometry (prepared if missing)."""
+    key = params_key(params)
+    paths = cache_paths(record, key, cache_dir)
+    if not (paths.triage.exists() and paths.detect.exists() and paths.letterbox.exists()):
+        cache_record(record, params, cache_dir, key)
+    doc = json.loads(paths.letterbox.read_text(encoding="utf-8"))
+    doc["source_shape"] = tuple(doc["source_shape"])
+    return paths.detect, Letterbox(**doc)
+
+
+def _warm_one(args: tuple[ImageRecord, PrepParams, str, str]) -> str:
+    record, params, cache_dir, key = args
+    cache_record(record, params, cache_dir, key)
+    return record.image_id
+
+
+def _warm_init() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def default_workers() -> int:
+    """Default number of loader / preparation workers: ``min(8, CPUs available)``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(8, cpus))
+
+
+def warm_cache(
+    records: Sequence[ImageRecord],
+    params: PrepParams,
+    cache_dir: str | os.PathLike[str],
+    *,
+    workers: int | None = None,
+) -> int:
+    """Prepare every record not yet cached, each file decoded once, in a process pool.
+
+    Parameters
+    ----------
+    records : sequence of ImageRecord
+        Images to prepare.
+    params : PrepParams
+        Preparation parameters.
+    cache_dir : path
+        Cache folder.
+    workers : int, optional
+        Processes (default :func:`default_workers`; 0 or 1 prepares in this process).
+
+    Returns
+    -------
+    int
+        The number of records prepared now.
+    """
+    import concurrent.futures
+    import multiprocessing
+
+    key = params_key(params)
+    todo = [r for r in records if not cache_paths(r, key, cache_dir).triage.exists()]
+    if not todo:
+        return 0
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    n = default_workers() if workers is None else workers
+    jobs = [(r, params, str(cache_dir), key) for r in todo]
+    if n <= 1 or len(todo) == 1:
+        for job in jobs:
+            _warm_one(job)
+        return len(todo)
+    ctx = multiprocessing.get_context("spawn")  # no forked torch/OpenMP state in the workers
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=min(n, len(todo)), mp_context=ctx, initializer=_warm_init
+    ) as pool:
+        for _ in pool.map(_warm_one, jobs, chunksize=max(1, len(jobs) // (8 * n))):
+            pass
+    logger.info("prepared %d image(s) into %s with %d worker(s)", len(todo), cache_dir, n)
+    return len(todo)
 
 
 class TriageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -360,17 +520,14 @@ class TriageDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         label = torch.tensor(float(self.records[index].label), dtype=torch.float32)
         return tensor, label
 
-    def warm_cache(self) -> int:
-        """Prepare every image not yet cached; returns the number prepared now."""
+    def warm_cache(self, workers: int | None = 0) -> int:
+        """Prepare every image not yet cached; returns the number prepared now.
+
+        ``workers``: processes for :func:`warm_cache` (None: :func:`default_workers`).
+        """
         if self.cache_dir is None:
             return 0
-        key = params_key(self.params)
-        made = 0
-        for index, r in enumerate(self.records):
-            if not (self.cache_dir / f"{r.image_id}_{key}_triage.npy").exists():
-                self.array(index)
-                made += 1
-        return made
+        return warm_cache(self.records, self.params, self.cache_dir, workers=workers)
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,6 +576,29 @@ def _save_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+def _export_fingerprint(
+    splits: Mapping[str, Sequence[ImageRecord]], params: PrepParams, image_kind: str
+) -> str:
+    """Digest of everything an export's files depend on (records, boxes, preparation)."""
+    h = hashlib.sha256(f"{image_kind}|{params_key(params)}|{sorted(LESION_LABELS)}".encode())
+    for split, records in splits.items():
+        h.update(f"|split {split}".encode())
+        for r in records:
+            h.update(f"|{r.image_id}:{[(b.label, b.xyxy) for b in r.boxes]}".encode())
+    return h.hexdigest()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    tmp = dst.with_name(f".{dst.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        os.link(src, tmp)
+    except OSError:  # other file system, or links not allowed
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
 def export_yolo(
     splits: Mapping[str, Sequence[ImageRecord]],
     out_dir: str | os.PathLike[str],
@@ -426,8 +606,14 @@ def export_yolo(
     params: PrepParams | None = None,
     image_kind: str = "detect",
     prepared: Callable[[ImageRecord], PreparedImage] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    workers: int | None = 0,
 ) -> YoloExport:
     """Write records in the Ultralytics YOLO layout (PNG images, txt labels, data.yaml).
+
+    An export whose ``export.json`` fingerprint (records, boxes, preparation parameters and
+    code version, image kind) matches and whose files all exist is reused as it is (a resumed
+    run does not export again).
 
     Parameters
     ----------
@@ -443,6 +629,11 @@ def export_yolo(
         full-resolution image (Ultralytics then resizes it itself).
     prepared : callable, optional
         Returns the PreparedImage of a record (default: read and prepare its DICOM file).
+    cache_dir : path, optional
+        Prepared-image cache (``"detect"`` only): images come from it (linked, not re-encoded),
+        so each DICOM file is decoded once for the classifier and the detector together.
+    workers : int, optional
+        Processes that fill the cache first (see :func:`warm_cache`).
 
     Returns
     -------
@@ -456,13 +647,40 @@ def export_yolo(
     if not splits:
         raise ValueError("splits must name at least one split")
     params = params or PrepParams()
-    get = prepared or (lambda r: prepare_record(r, params))
     root = Path(out_dir).resolve()
+    for split in splits:
+        if not split or "/" in split or split.startswith("."):
+            raise ValueError(f"split names must be plain folder names, got {split!r}")
+    fingerprint = _export_fingerprint(splits, params, image_kind)
+    stamp = root / "export.json"
+    data_yaml = root / "data.yaml"
+    if stamp.is_file() and data_yaml.is_file() and prepared is None:
+        try:
+            done = json.loads(stamp.read_text(encoding="utf-8"))
+        except ValueError:
+            done = {}
+        complete = done.get("fingerprint") == fingerprint and all(
+            (root / "images" / split / f"{r.image_id}.png").is_file()
+            and (root / "labels" / split / f"{r.image_id}.txt").is_file()
+            for split, records in splits.items()
+            for r in records
+        )
+        if complete:
+            logger.info("YOLO data set in %s is up to date; reused", root)
+            return YoloExport(data_yaml=data_yaml, counts=done["counts"], boxes=done["boxes"])
+    stamp.unlink(missing_ok=True)
+    use_cache = cache_dir is not None and prepared is None and image_kind == "detect"
+    if use_cache:
+        warm_cache(
+            [r for records in splits.values() for r in records],
+            params,
+            _required_path(cache_dir),
+            workers=workers,
+        )
+    get = prepared or (lambda r: prepare_record(r, params))
     counts: dict[str, int] = {}
     n_boxes: dict[str, int] = {}
     for split, records in splits.items():
-        if not split or "/" in split or split.startswith("."):
-            raise ValueError(f"split names must be plain folder names, got {split!r}")
         img_dir = root / "images" / split
         lab_dir = root / "labels" / split
         img_dir.mkdir(parents=True, exist_ok=True)
@@ -470,16 +688,25 @@ def export_yolo(
         counts[split] = 0
         n_boxes[split] = 0
         for record in records:
-            prep = get(record)
-            if image_kind == "detect":
-                image = prep.detect
+            if use_cache:
+                png, letterbox = cached_detect(record, params, _required_path(cache_dir))
                 lines = yolo_label_lines(
-                    record.boxes, image.shape[1], image.shape[0], prep.letterbox.to_letterbox
+                    record.boxes, letterbox.size, letterbox.size, letterbox.to_letterbox
                 )
+                _link_or_copy(png, img_dir / f"{record.image_id}.png")
             else:
-                image = prep.enhanced
-                lines = yolo_label_lines(record.boxes, image.shape[1], image.shape[0], lambda b: b)
-            _save_png(img_dir / f"{record.image_id}.png", image)
+                prep = get(record)
+                if image_kind == "detect":
+                    image = prep.detect
+                    lines = yolo_label_lines(
+                        record.boxes, image.shape[1], image.shape[0], prep.letterbox.to_letterbox
+                    )
+                else:
+                    image = prep.enhanced
+                    lines = yolo_label_lines(
+                        record.boxes, image.shape[1], image.shape[0], lambda b: b
+                    )
+                _save_png(img_dir / f"{record.image_id}.png", image)
             (lab_dir / f"{record.image_id}.txt").write_text(
                 "".join(line + "\n" for line in lines), encoding="utf-8"
             )
@@ -491,10 +718,20 @@ def export_yolo(
         data[split] = f"images/{split}"
     if "val" not in data and "train" in data:
         data["val"] = data["train"]
-    data_yaml = root / "data.yaml"
     data_yaml.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    if prepared is None:
+        _atomic_text(
+            stamp, json.dumps({"fingerprint": fingerprint, "counts": counts, "boxes": n_boxes})
+        )
     logger.info("YOLO data set: %s images, %s boxes in %s", counts, n_boxes, root)
     return YoloExport(data_yaml=data_yaml, counts=counts, boxes=n_boxes)
+
+
+def _required_path(value: str | os.PathLike[str] | None) -> Path:
+    """``Path(value)``; TypeError when ``value`` is None."""
+    if value is None:
+        raise TypeError("a path is required, got None")
+    return Path(value)
 
 
 def to_ultralytics(
