@@ -218,7 +218,22 @@ class Dispatcher:
                 self._send_hl7(dest, send)
 
     def _send_hl7(self, dest: Hl7Destination, send: ClaimedSend) -> None:
-        """Send one stored HL7 message; delivered only on an accepting ACK for its control ID."""
+        """Send one stored HL7 message; delivered only on an accepting ACK for its control ID.
+
+        A message for which a newer one of the same study is queued to the same destination
+        is not sent (``superseded``): the newer one states the study as it is now.
+        """
+        newer = self.store.supersede_if_newer(send.send_id)
+        if newer is not None:
+            logger.info(
+                "send %d%s to HL7 destination %s superseded by send %d: not sent",
+                send.send_id,
+                self._of_job(send),
+                dest.name,
+                newer,
+                extra=self._fields(send),
+            )
+            return
         try:
             # bytes, not read_text: universal newlines would turn the segment separators (CR)
             # into line feeds
@@ -228,7 +243,7 @@ class Dispatcher:
             self._failed(send, f"HL7 message unreadable: {exc}")
             return
         except Hl7DeliveryError as exc:
-            self._failed(send, f"HL7 to {dest.host}:{dest.port}: {exc}")
+            self._failed(send, f"HL7 to {dest.host}:{dest.port}: {exc}", exc.detail)
             return
         self.store.mark_sent(send.send_id)
         logger.info(
@@ -241,9 +256,11 @@ class Dispatcher:
             extra=self._fields(send),
         )
 
-    def _failed(self, send: ClaimedSend, error: str) -> None:
+    def _failed(self, send: ClaimedSend, error: str, detail: str = "") -> None:
+        """Record and log a failed attempt; ``detail`` (the peer's words) is stored, not logged."""
+        stored = f"{error} ({detail})" if detail else error
         state = self.store.mark_send_failed(
-            send.send_id, error, self.settings.max_attempts, self.settings.backoff, self.rng
+            send.send_id, stored, self.settings.max_attempts, self.settings.backoff, self.rng
         )
         log = logger.error if state.value == "dead" else logger.warning
         log(

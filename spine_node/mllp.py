@@ -22,7 +22,15 @@ ACCEPTED = frozenset({"AA", "CA"})
 
 
 class Hl7DeliveryError(RuntimeError):
-    """A message was not accepted: no connection, no answer in time, or a negative ACK."""
+    """A message was not accepted: no connection, no answer in time, or a negative ACK.
+
+    The message names what happened (never text from the peer); ``detail`` holds the peer's
+    own words (MSA-3, ERR-8), which may name the patient: stored for the operator, not logged.
+    """
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
 
 
 @dataclass(frozen=True)
@@ -141,8 +149,7 @@ def send_message(host: str, port: int, message: str, timeout_s: float) -> Acknow
     answer = asyncio.run(_exchange(host, port, message, timeout_s))
     ack = read_acknowledgment(answer)
     if ack.code not in ACCEPTED:
-        detail = f": {ack.text}" if ack.text else ""
-        raise Hl7DeliveryError(f"ACK {ack.code or '(empty MSA-1)'}{detail}")
+        raise Hl7DeliveryError(f"ACK {ack.code or '(empty MSA-1)'}", ack.text)
     if ack.control_id != expected:
         raise Hl7DeliveryError(
             f"ACK {ack.code} acknowledges control ID {ack.control_id!r}, not {expected!r}"

@@ -92,6 +92,13 @@ class SendState(str, enum.Enum):
     SENDING = "sending"
     SENT = "sent"
     DEAD = "dead"
+    #: never sent, and never will be: a newer message of the same study to the same
+    #: destination states the study's whole current state (HL7 ORU revisions)
+    SUPERSEDED = "superseded"
+
+
+#: Send states after which nothing more happens to a send (its outbox file may expire).
+FINISHED_SEND_STATES = (SendState.SENT.value, SendState.SUPERSEDED.value)
 
 
 class DestinationKind(str, enum.Enum):
@@ -128,7 +135,7 @@ def delivery_state(states: Sequence[str]) -> DeliveryState | None:
         return None
     if SendState.DEAD.value in states:
         return DeliveryState.DEAD
-    if any(state != SendState.SENT.value for state in states):
+    if any(state not in FINISHED_SEND_STATES for state in states):
         return DeliveryState.PENDING
     return DeliveryState.DONE
 
@@ -234,6 +241,7 @@ class Outbound(Base):
     lease_until: Mapped[float | None] = mapped_column(Float, nullable=True)
     last_error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+    #: when it was delivered (or superseded: finished without being sent)
     sent_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     #: the study a study-level send (summary SR, webhook, HL7) belongs to (None: a result's)
     study_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
@@ -1111,6 +1119,42 @@ class JobStore:
 
         self._run(mark_sent)
 
+    def supersede_if_newer(self, send_id: int) -> int | None:
+        """Finish a study-level send without sending it when a newer one replaces it.
+
+        A newer send is one queued later (higher id) of the same kind, study and destination:
+        it carries the study's whole current state, so the older one must never arrive after
+        it (an HL7 ORU of revision 1 after revision 2 would set the RIS back).
+
+        Returns
+        -------
+        int or None
+            The newer send's id (this send is now ``superseded``), or None (send it).
+        """
+        now = self.clock()
+
+        def supersede_if_newer(s: Session) -> int | None:
+            row = s.get_one(Outbound, send_id)
+            if row.study_instance_uid is None:
+                return None
+            newer = s.scalar(
+                select(func.max(Outbound.id)).where(
+                    (Outbound.destination == row.destination)
+                    & (Outbound.kind == row.kind)
+                    & (Outbound.study_instance_uid == row.study_instance_uid)
+                    & (Outbound.id > row.id)
+                )
+            )
+            if newer is None:
+                return None
+            row.state = SendState.SUPERSEDED.value
+            row.sent_at = now
+            row.lease_until = None
+            row.last_error = f"superseded by send {newer} (not sent)"
+            return int(newer)
+
+        return self._run(supersede_if_newer)
+
     def mark_send_failed(
         self, send_id: int, error: str, max_attempts: int, backoff: Backoff, rng: random.Random
     ) -> SendState:
@@ -1838,10 +1882,13 @@ class Monitor:
         """Outbox files delivered to every destination, the last delivery before ``older_than``.
 
         Dead, pending or sending objects are never listed: their files stay for ``replay``.
+        Superseded sends count as finished.
         """
 
         def expired_outbox(s: Session) -> list[str]:
-            undelivered = func.sum(case((Outbound.state != SendState.SENT.value, 1), else_=0))
+            undelivered = func.sum(
+                case((Outbound.state.not_in(FINISHED_SEND_STATES), 1), else_=0)
+            )
             rows = s.execute(
                 select(Outbound.path)
                 .where(Outbound.path.not_in(select(OutboxRemoved.path)))

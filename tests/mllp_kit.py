@@ -2,7 +2,8 @@
 
 Each message received is kept as text; the answer is the next scripted one: ``AA``, ``AE``,
 ``AR``, ``CA``, ``silence`` (no answer; the connection stays open until the sender gives up)
-or ``wrong-id`` (AA for another control ID). Once the script is used up it answers ``AA``.
+or ``wrong-id`` (AA for another control ID); ``CODE:text`` adds MSA-3 text to the ACK. Once the
+script is used up it answers ``AA``.
 The ACKs are made by the library (``hl7.Message.create_ack``).
 """
 
@@ -74,7 +75,10 @@ class MllpListener:
                     ack = hl7.parse(str(message.create_ack("AA", message_id="ACK1")).replace(
                         f"MSA|AA|{message.segment('MSH')(10)}", "MSA|AA|NOT-THIS-ONE"))
                 else:
-                    ack = message.create_ack(answer, message_id="ACK1")
+                    code, _, text = answer.partition(":")
+                    ack = message.create_ack(code, message_id="ACK1")
+                    if text:  # MSA is the ACK's last segment: its third field
+                        ack = hl7.parse(str(ack).rstrip("\r") + "|" + text + "\r")
                 writer.writemessage(ack)
                 await writer.drain()
         finally:

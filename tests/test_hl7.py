@@ -3,8 +3,11 @@ library's own MLLP server answering AA, AE, AR, silence, a wrong control ID and 
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import hl7  # type: ignore[import-untyped]
 import pytest
@@ -138,7 +141,7 @@ def test_oru_rejects_bad_arguments() -> None:
 
 @pytest.fixture
 def listener() -> Iterator[MllpListener]:
-    server = MllpListener(["AA", "AE", "AR", "silence", "wrong-id", "CA"]).start()
+    server = MllpListener(["AA", "AE:unknown patient", "AR", "silence", "wrong-id", "CA"]).start()
     yield server
     server.stop()
 
@@ -150,7 +153,10 @@ def test_send_message_judges_acknowledgments(listener: MllpListener) -> None:
                         ModelInfo("m", "1"), revision=1, message_control_id="CTRL7", now=NOW)
     ack = send_message("127.0.0.1", listener.port, message, timeout_s=5)
     assert (ack.code, ack.control_id) == ("AA", "CTRL7")
-    for expected in ("ACK AE", "ACK AR", "no acknowledgment", "acknowledges control ID"):
+    with pytest.raises(Hl7DeliveryError, match="ACK AE") as refused:
+        send_message("127.0.0.1", listener.port, message, timeout_s=5)
+    assert refused.value.detail == "unknown patient" and "unknown" not in str(refused.value)
+    for expected in ("ACK AR", "no acknowledgment", "acknowledges control ID"):
         with pytest.raises(Hl7DeliveryError, match=expected):
             send_message("127.0.0.1", listener.port, message,
                          timeout_s=1 if expected == "no acknowledgment" else 5)
@@ -158,3 +164,69 @@ def test_send_message_judges_acknowledgments(listener: MllpListener) -> None:
     assert listener.messages() == [message] * 6  # each one arrived whole, as built
     with pytest.raises(Hl7DeliveryError, match="no MLLP connection"):
         send_message("127.0.0.1", free_port(), message, timeout_s=5)
+
+
+def test_an_older_revision_never_reaches_the_ris_after_a_newer_one(
+    tmp_path: Path, listener: MllpListener
+) -> None:
+    """Revision 1 dies (AE, AR), revision 2 is accepted; a replayed revision 1 is not sent; in
+    one sweep holding both revisions of another study only the newer one is sent."""
+    from spine_node.dispatcher import Dispatcher, dispatch_settings
+    from spine_node.node import open_store, prepare_data_dir
+    from spine_node.spool import relative_name, write_durable
+    from spine_node.store import DestinationKind, Monitor, SendSpec
+    from tests.nodekit import node_settings
+
+    listener.script[:] = ["AE", "AR"]
+    settings = node_settings(tmp_path, send_max_attempts=2, send_backoff_base_s=0.01,
+                             send_backoff_max_s=0.01, send_backoff_jitter=0.0, destinations=[
+                                 {"kind": "hl7", "name": "ris", "host": "127.0.0.1",
+                                  "port": listener.port, "timeout_s": 5}])
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    result = _positive()
+    priority = study_priority([(result.sop_instance_uid, result)])
+
+    def queue(study: str, revision: int) -> str:
+        message = build_oru(Hl7Header("A", "", "", ""), StudyIdentity(study), priority, [result],
+                            ModelInfo("m", "1"), revision=revision,
+                            message_control_id=f"C{study[-1]}{revision}", now=NOW)
+        rel = relative_name(f"{study}:{revision}", ".hl7")
+        write_durable(settings.outbox_dir, rel, message.encode("ascii"))
+        store.add_sends([SendSpec("ris", DestinationKind.HL7, f"hl7:{study}:{revision}", rel,
+                                  study)])
+        return message
+
+    try:
+        dispatcher = Dispatcher(store, settings.destinations, settings.outbox_dir,
+                                dispatch_settings(settings), random.Random(0))
+        first = queue("1.2.3.1", 1)
+        monitor = Monitor(store)
+
+        def drain() -> None:
+            for _ in range(100):
+                if not dispatcher.run_once() and not store.status()["outbound"]["ris"]["pending"]:
+                    return
+                time.sleep(0.02)
+
+        drain()
+        assert store.status()["outbound"]["ris"]["dead"] == 1
+        assert monitor.study_delivery(["1.2.3.1"]) == {"1.2.3.1": {"ris": "dead"}}
+        second = queue("1.2.3.1", 2)
+        drain()
+        assert listener.messages() == [first, first, second]
+        assert monitor.study_delivery(["1.2.3.1"]) == {"1.2.3.1": {"ris": "done"}}
+        assert store.replay("sends") == 1
+        drain()
+        assert listener.messages() == [first, first, second]  # revision 1 was not sent again
+        counts = store.status()["outbound"]["ris"]
+        assert (counts["sent"], counts["superseded"], counts["dead"]) == (1, 1, 0)
+        assert store.dead_letters()["sends"] == []
+
+        queue("1.2.3.2", 1)
+        newest = queue("1.2.3.2", 2)
+        drain()  # both due in one sweep: only revision 2 goes
+        assert listener.messages()[3:] == [newest]
+        assert store.status()["outbound"]["ris"]["superseded"] == 2
+    finally:
+        store.close()

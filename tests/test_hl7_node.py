@@ -146,7 +146,7 @@ def _check_message(text: str, node: Node, row: dict[str, Any], status: str) -> h
 
 def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_path: Path) -> None:
     # revision 1: AE, AR, then silence -> three attempts, dead
-    node.ris.add("AE", "AR", "silence")
+    node.ris.add("AE:no order for Jo Brien", "AR", "silence")
     assert storescu(node.settings.port, [_image(node, "study-normal-1.dcm",
                                                 tmp_path / "1.dcm")]).returncode == 0
     wait_for(lambda: node.status()["delivery"]["ris"]["studies"]["dead"] == 1, timeout=300)
@@ -157,7 +157,7 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     assert dead["kind"] == "hl7" and dead["attempts"] == 3
     assert "no acknowledgment" in dead["error"]
     assert status["exit_code"] & 4  # dead sends wait for an operator
-    assert node.ris.answers == ["AE", "AR", "silence"]
+    assert node.ris.answers == ["AE:no order for Jo Brien", "AR", "silence"]
     first = node.ris.messages()
     assert len(first) == 3 and len(set(first)) == 1  # the same stored message each time
     row = node.worklist_row()
@@ -166,6 +166,7 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     log = node.log.read_text()
     assert "ACK AE" in log and "ACK AR" in log  # each attempt logged ...
     assert node.study not in log and PATIENT_ID not in log  # ... without the study UID or ID
+    assert "Jo Brien" not in log  # nor the RIS's own words (they may name the patient)
     wait_for(lambda: node.hooks.received(), timeout=60)
     assert node.hooks.received()[0].json()["delivery"] == {"ris": "pending"}  # posted meanwhile
 

@@ -188,8 +188,8 @@ def test_complete_records_result_and_sends_once(store: tuple[JobStore, Clock]) -
     # a re-run producing the same UIDs queues nothing new
     s.add_sends([SendSpec("pacs", DestinationKind.DICOM, "9.9.1", "a/b.dcm")])
     status = s.status()
-    assert status["outbound"] == {"pacs": {"pending": 1, "sending": 0, "sent": 0, "dead": 0},
-                                  "pacs2": {"pending": 1, "sending": 0, "sent": 0, "dead": 0}}
+    idle = {"sending": 0, "sent": 0, "dead": 0, "superseded": 0}
+    assert status["outbound"] == {"pacs": {"pending": 1, **idle}, "pacs2": {"pending": 1, **idle}}
     assert status["results"] == {"positive": 1}
     assert s.study_results("1.2.3")[0][1] == {"k": 1}
 
