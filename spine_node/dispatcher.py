@@ -42,7 +42,15 @@ from spine_node.config import (
     WebhookDestination,
 )
 from spine_node.mllp import Hl7DeliveryError, send_message
-from spine_node.store import Backoff, ClaimedSend, DestinationKind, JobStore, Monitor
+from spine_node.store import (
+    Backoff,
+    ClaimedSend,
+    DeliveryState,
+    DestinationKind,
+    JobStore,
+    Monitor,
+    SendState,
+)
 from spine_node.tls import client_ssl_context
 
 logger = logging.getLogger(__name__)
@@ -255,6 +263,28 @@ class Dispatcher:
             ack.control_id,
             extra=self._fields(send),
         )
+        self._delivery_changed(send, "ris")
+
+    def _delivery_changed(self, send: ClaimedSend, field: str) -> None:
+        """Post the study's webhook again when its ``delivery[field]`` became done or dead.
+
+        A webhook already posted said what stood then (e.g. the RIS message pending); the
+        webhook shows the outcome too (``JobStore.queue_webhook_update``).
+        """
+        study = self._context.get(send.send_id, (None, None))[1]
+        if study is None:
+            return
+        state = Monitor(self.store).study_delivery([study])[study].get(field)
+        if state in (DeliveryState.DONE.value, DeliveryState.DEAD.value):
+            queued = self.store.queue_webhook_update(study, f"{field}-{state}")
+            if queued:
+                logger.info(
+                    "send %d: %s delivery of the study is %s: its webhook is posted again",
+                    send.send_id,
+                    field,
+                    state,
+                    extra=self._fields(send),
+                )
 
     def _failed(self, send: ClaimedSend, error: str, detail: str = "") -> None:
         """Record and log a failed attempt; ``detail`` (the peer's words) is stored, not logged."""
@@ -273,6 +303,8 @@ class Dispatcher:
             state.value,
             extra=self._fields(send),
         )
+        if state is SendState.DEAD and send.kind is DestinationKind.HL7:
+            self._delivery_changed(send, "ris")
 
     def _of_job(self, send: ClaimedSend) -> str:
         job_id = self._context.get(send.send_id, (None, None))[0]

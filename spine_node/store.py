@@ -980,6 +980,49 @@ class JobStore:
 
         self._run(add_sends)
 
+    def queue_webhook_update(self, study_instance_uid: str, change: str) -> int:
+        """Post a study's webhook again because where its delivery stands changed.
+
+        For each webhook destination whose newest send of the study was already posted, queue
+        that same stored body once more (the dispatcher fills in ``delivery`` when posting);
+        a webhook not yet posted will carry the new state anyway. Each ``change`` (e.g.
+        ``"ris-done"``) is queued at most once per posted body and destination.
+
+        Returns
+        -------
+        int
+            How many webhook sends were queued.
+        """
+        now = self.clock()
+
+        def queue_webhook_update(s: Session) -> int:
+            newest = (
+                select(func.max(Outbound.id))
+                .where(Outbound.study_instance_uid == study_instance_uid)
+                .where(Outbound.kind == DestinationKind.WEBHOOK.value)
+                .group_by(Outbound.destination)
+            )
+            rows = s.scalars(select(Outbound).where(Outbound.id.in_(newest))).all()
+            specs = []
+            for row in rows:
+                if row.state != SendState.SENT.value:
+                    continue
+                base = row.object_uid.split("|", 1)[0]  # the revision's body, not an update
+                key = f"{base}|{change}"
+                if len(key) > 128:
+                    digest = hashlib.sha256(key.encode()).hexdigest()
+                    key = f"webhook-update:sha256:{digest}"
+                specs.append(
+                    SendSpec(row.destination, DestinationKind.WEBHOOK, key, row.path,
+                             study_instance_uid)
+                )
+            before = s.scalar(select(func.count(Outbound.id))) or 0
+            self._add_sends(s, None, specs, now)
+            s.flush()
+            return int((s.scalar(select(func.count(Outbound.id))) or 0) - before)
+
+        return self._run(queue_webhook_update)
+
     def fail_job(
         self, job_id: int, owner: str, error: str, max_attempts: int, retry_delay_s: float
     ) -> JobState:

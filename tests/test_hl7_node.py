@@ -3,7 +3,8 @@ C-STOREs; python-hl7's MLLP server plays the RIS and answers AE, AR and silence 
 then, after ``spine-node replay sends``, a wrong control ID and AA; a second image of the study
 makes a second message (a correction), accepted at once. Every message is parsed back with the
 library and its fields checked against the source, the worklist and the bundle; ``status``,
-the worklist and the webhook show the study's RIS state (dead, then done).
+the worklist and the webhook show the study's RIS state (the webhook is posted again when it
+becomes dead, then done).
 """
 
 from __future__ import annotations
@@ -167,8 +168,10 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     assert "ACK AE" in log and "ACK AR" in log  # each attempt logged ...
     assert node.study not in log and PATIENT_ID not in log  # ... without the study UID or ID
     assert "Jo Brien" not in log  # nor the RIS's own words (they may name the patient)
-    wait_for(lambda: node.hooks.received(), timeout=60)
-    assert node.hooks.received()[0].json()["delivery"] == {"ris": "pending"}  # posted meanwhile
+    # the webhook said "pending" (posted after the first refusal), then is posted again: dead
+    wait_for(lambda: len(node.hooks.received()) == 2, timeout=60)
+    assert [h.json()["delivery"] for h in node.hooks.received()] == [
+        {"ris": "pending"}, {"ris": "dead"}]
 
     # replay: a wrong control ID is retried, then AA delivers the same message
     node.ris.add("wrong-id", "AA")
@@ -180,6 +183,9 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     status = node.status()
     assert status["delivery"]["ris"]["studies"] == {"done": 1, "pending": 0, "dead": 0}
     assert not status["dead"]["sends"]
+    wait_for(lambda: len(node.hooks.received()) == 3, timeout=60)
+    assert node.hooks.received()[2].json()["delivery"] == {"ris": "done"}
+    assert node.hooks.received()[2].json()["revision"] == 1
 
     # revision 2: a second image changes what the study states -> a correction, ACK AA at once
     assert storescu(node.settings.port, [_image(node, "study-abnormal-1.dcm",
@@ -189,8 +195,8 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     row = node.worklist_row()
     second = _check_message(node.ris.messages()[5], node, row, "C")
     assert _field(second, "MSH", 10) != _field(hl7.parse(first[0]), "MSH", 10)
-    wait_for(lambda: len(node.hooks.received()) == 2, timeout=60)
-    body = node.hooks.received()[1].json()
+    wait_for(lambda: len(node.hooks.received()) == 4, timeout=60)
+    body = node.hooks.received()[3].json()
     assert body["revision"] == 2 and body["delivery"] == {"ris": "done"}  # HL7 went first
     out = node.cli("worklist").stdout
     assert any(node.study in line and " done " in line for line in out.splitlines())
