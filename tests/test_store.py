@@ -334,3 +334,35 @@ def test_an_outcome_speaks_the_result_vocabulary() -> None:
     assert JobState.NOT_PROCESSED.value == Status.NOT_PROCESSED.value
     with pytest.raises(ValueError, match="'abnormal'"):
         JobOutcome("abnormal", 0.9, None, {})
+
+
+def test_study_delivery_supersede_and_webhook_update(store: tuple[JobStore, Clock]) -> None:
+    """Per-study RIS state from the newest HL7 send per destination; an older send is
+    superseded by a newer one; a posted webhook is queued again once per change."""
+    from spine_node.store import Monitor
+
+    s, _ = store
+    monitor = Monitor(s)
+    hl7, hook = DestinationKind.HL7, DestinationKind.WEBHOOK
+    s.add_sends([SendSpec("ris", hl7, "hl7:S:1", "a/1.hl7", "S"),
+                 SendSpec("ris2", hl7, "hl7:S:1", "a/2.hl7", "S"),
+                 SendSpec("hook", hook, "webhook:S:1", "a/1.json", "S")])
+    assert monitor.study_delivery(["S", "T"]) == {"S": {"ris": "pending"}, "T": {"ris": None}}
+    rng, backoff = random.Random(0), Backoff(1.0, 1.0, 0.0)
+    ids = {c.destination: c.send_id for c in s.claim_sends(60.0, 10)}
+    s.mark_sent(ids["ris"])
+    assert monitor.study_delivery(["S"])["S"]["ris"] == "pending"  # ris2 still owes it
+    assert s.mark_send_failed(ids["ris2"], "ACK AE", 1, backoff, rng) is SendState.DEAD
+    assert monitor.study_delivery() == {"S": {"ris": "dead"}}
+    assert s.queue_webhook_update("S", "ris-dead") == 0  # the webhook was not posted yet
+    s.mark_sent(ids["hook"])
+    assert s.queue_webhook_update("S", "ris-dead") == 1
+    assert s.queue_webhook_update("S", "ris-dead") == 0  # once per change
+    assert s.supersede_if_newer(ids["ris2"]) is None  # nothing newer yet
+    s.add_sends([SendSpec("ris2", hl7, "hl7:S:2", "a/3.hl7", "S")])
+    assert monitor.study_delivery(["S"])["S"]["ris"] == "pending"  # the newest counts
+    newer = s.supersede_if_newer(ids["ris2"])
+    assert newer is not None and newer > ids["ris2"]
+    counts = s.status()["outbound"]
+    assert counts["ris2"]["superseded"] == 1 and counts["ris2"]["pending"] == 1
+    assert counts["hook"]["pending"] == 1  # the update, same body
