@@ -276,6 +276,8 @@ def test_cli_json_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
             str(tmp_path / "plots"),
             "--bootstrap",
             "200",
+            "--threshold",
+            "0.478",
         ]
     )
     assert ev.run(args) == 0
@@ -304,16 +306,136 @@ def test_cli_needs_some_predictions(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     ev.add_arguments(parser)
     assert ev.run(parser.parse_args(["--annotations", str(ann)])) == 2
+    # no bundle and no --threshold: there is no default threshold to fall back on
+    _, _, cls, *_ = _write_case(tmp_path)
+    assert ev.run(parser.parse_args(["--annotations", str(ann), "--scores", str(cls)])) == 2
 
 
 def test_missing_scores_rejected() -> None:
     with pytest.raises(ValueError, match="no score"):
-        ev.evaluate(["a", "b"], labels={"a": 1, "b": 0}, scores={"a": 0.3})
+        ev.evaluate(["a", "b"], labels={"a": 1, "b": 0}, scores={"a": 0.3}, threshold=0.5)
 
 
 def test_report_json_nulls() -> None:
-    rep = ev.evaluate(["a"], detections=[], ground_truth=[])
+    rep = ev.evaluate(["a"], detections=[], ground_truth=[], threshold=0.5)
     data = rep.to_json()
     assert data["map50"] is None
     assert all(v is None for v in data["ap50"].values())
     assert not math.isnan(data["n_images"])
+
+
+def test_max_detections_is_cocos_100_as_pycocotools() -> None:
+    """More than 100 detections of one class on one image: only the top 100 count (maxDets)."""
+    rng = np.random.default_rng(4)
+    ids = ["busy", "calm"]
+    label = LESION_LABELS[0]
+    gts = [ev.GroundTruthBox("busy", label, 10.0 * i, 0, 10.0 * i + 8, 8) for i in range(60)]
+    gts.append(ev.GroundTruthBox("calm", label, 0, 0, 20, 20))
+    dets = []
+    for i in range(150):  # 150 detections on one image: hits and misses, distinct scores
+        x = 10.0 * (i % 60) + (0 if i < 60 else 200)
+        dets.append(ev.Detection("busy", label, float(rng.random()), x, 0, x + 8, 8))
+    dets.append(ev.Detection("calm", label, 0.5, 0, 0, 20, 20))
+    ours = ev.coco_average_precision(ids, gts, dets, iou_thresholds=np.array([0.5]))
+    cats = [{"id": k + 1, "name": name} for k, name in enumerate(LESION_LABELS)]
+    gt_json = {
+        "images": [{"id": 1, "width": 2000, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+        "categories": cats,
+        "annotations": [
+            {"id": n + 1, "image_id": 1 if g.image_id == "busy" else 2, "category_id": 1,
+             "bbox": [g.xmin, g.ymin, g.xmax - g.xmin, g.ymax - g.ymin],
+             "area": (g.xmax - g.xmin) * (g.ymax - g.ymin), "iscrowd": 0}
+            for n, g in enumerate(gts)
+        ],
+    }
+    dt_json = [
+        {"image_id": 1 if d.image_id == "busy" else 2, "category_id": 1,
+         "bbox": [d.xmin, d.ymin, d.xmax - d.xmin, d.ymax - d.ymin], "score": d.score}
+        for d in dets
+    ]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = gt_json
+        coco_gt.createIndex()
+        cocoeval = COCOeval(coco_gt, coco_gt.loadRes(dt_json), "bbox")
+        cocoeval.params.iouThrs = np.array([0.5])
+        cocoeval.params.areaRng = [[0, 1e10]]
+        cocoeval.params.areaRngLbl = ["all"]  # maxDets left at COCO's [1, 10, 100]
+        cocoeval.evaluate()
+        cocoeval.accumulate()
+    theirs = np.asarray(cocoeval.eval["precision"][:, :, :, 0, -1])
+    np.testing.assert_allclose(ours.precision, theirs, atol=1e-9)
+    everything = ev.coco_average_precision(
+        ids, gts, dets, iou_thresholds=np.array([0.5]), max_detections=None
+    )
+    assert everything.ap(label) != ours.ap(label)  # the cap matters on this image
+    assert ours.n_detections[label] == 101
+
+
+def test_bootstrap_resamples_whole_studies() -> None:
+    groups = ["s1", "s1", "s1", "s2", "s3", "s3"]
+    counts = ev.study_resamples(groups, 6, 500, seed=3)
+    assert counts.shape == (500, 6)
+    # the images of one study are drawn together, as often as their study
+    assert np.all(counts[:, 0] == counts[:, 1]) and np.all(counts[:, 1] == counts[:, 2])
+    assert np.all(counts[:, 4] == counts[:, 5])
+    # each resample draws as many studies as there are (3)
+    studies = counts[:, [0, 3, 4]]
+    assert np.all(studies.sum(axis=1) == 3)
+    np.testing.assert_array_equal(counts, ev.study_resamples(groups, 6, 500, seed=3))
+    assert not np.array_equal(counts, ev.study_resamples(groups, 6, 500, seed=4))
+
+
+def test_classification_ci_uses_studies_and_counts_refused_images_as_negative() -> None:
+    rng = np.random.default_rng(9)
+    n_studies = 60
+    groups = [f"s{i // 4}" for i in range(4 * n_studies)]  # 4 images per study
+    study_y = rng.integers(0, 2, n_studies)
+    y = np.repeat(study_y, 4)
+    s = np.repeat(np.clip(rng.normal(0.3 + 0.4 * study_y, 0.2), 0, 1), 4)  # views of a study agree
+    by_study = ev.classification_metrics(y, s, threshold=0.5, n_bootstrap=400, seed=1,
+                                         groups=groups)
+    by_image = ev.classification_metrics(y, s, threshold=0.5, n_bootstrap=400, seed=1)
+    # images of a study are correlated (same label): resampling images understates the spread
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(by_study.sensitivity_ci95) > 1.5 * width(by_image.sensitivity_ci95)
+    assert width(by_study.auroc_ci95) > 1.5 * width(by_image.auroc_ci95)
+    assert by_study.n_studies == n_studies and by_image.n_studies == y.size
+    # the weighted AUROC of the identity resample is the plain AUROC
+    ident = np.ones((1, y.size), dtype=np.int64)
+    assert ev._weighted_auroc(y.astype(bool), s, ident)[0] == pytest.approx(
+        roc_auc_score(y, s), abs=1e-12
+    )
+    # an image the node refused is a negative call even at threshold 0, with score 0
+    refused = np.zeros(y.size, dtype=bool)
+    refused[np.flatnonzero(y == 1)[:3]] = True
+    m = ev.classification_metrics(np.asarray(y), np.where(refused, 0.0, s), threshold=0.0,
+                                  n_bootstrap=0, not_processed=refused)
+    assert m.confusion[1][0] == 3 and m.n_not_processed == 3
+
+
+def test_detection_bootstrap_equals_evaluating_the_duplicated_images() -> None:
+    ids, gts, dets = _random_case(21, n_images=25)
+    rng = np.random.default_rng(0)
+    # distinct scores: with ties, duplicated images may be ordered differently
+    dets = [ev.Detection(d.image_id, d.label, float(rng.random()), d.xmin, d.ymin, d.xmax,
+                         d.ymax) for d in dets]
+    counts = ev.study_resamples(None, len(ids), 3, seed=5)
+    ci = ev.detection_bootstrap(ids, gts, dets, counts)
+    assert ci.n_bootstrap == 3
+    maps = []
+    for row in counts:
+        dup_ids, dup_gts, dup_dets = [], [], []
+        for i, image_id in enumerate(ids):
+            for copy in range(int(row[i])):
+                new = f"{image_id}#{copy}"
+                dup_ids.append(new)
+                dup_gts += [ev.GroundTruthBox(new, g.label, g.xmin, g.ymin, g.xmax, g.ymax)
+                            for g in gts if g.image_id == image_id]
+                dup_dets += [ev.Detection(new, d.label, d.score, d.xmin, d.ymin, d.xmax, d.ymax)
+                             for d in dets if d.image_id == image_id]
+        m = ev.coco_average_precision(dup_ids, dup_gts, dup_dets)
+        maps.append(m.map50)
+    lo, hi = np.percentile(maps, [2.5, 97.5])
+    assert ci.map50_ci95[0] == pytest.approx(lo, abs=1e-9)
+    assert ci.map50_ci95[1] == pytest.approx(hi, abs=1e-9)

@@ -19,6 +19,7 @@ from training import robustness as rb
 from training import vindr
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
+pytest_plugins = ("tests.fixtures_models",)
 
 SMALL = PrepParams(triage_size=64, detect_size=96)
 
@@ -109,7 +110,9 @@ def test_run_robustness_reports_deltas(records: list[vindr.ImageRecord]) -> None
     assert noisy > clean
     oracle = OracleThatHatesNoise(records, (clean + noisy) / 2)
     grid = [rb.Corruption("gaussian_noise", 5), rb.Corruption("contrast", 1)]
-    report = rb.run_robustness(oracle, records, grid, params=SMALL, batch_size=3, images=sources)
+    report = rb.run_robustness(
+        oracle, records, grid, threshold=0.5, params=SMALL, batch_size=3, images=sources
+    )
     assert report["n_images"] == len(records)
     assert report["clean"]["auroc"] == pytest.approx(1.0)
     assert report["clean"]["map50"] == pytest.approx(1.0)
@@ -135,9 +138,40 @@ def _noise_level_of(pixels: np.ndarray) -> float:
 
 def test_run_robustness_checks_predictor(records: list[vindr.ImageRecord]) -> None:
     with pytest.raises(ValueError, match="returned"):
-        rb.run_robustness(lambda batch: [], records[:2], [], params=SMALL)
+        rb.run_robustness(lambda batch: [], records[:2], [], threshold=0.5, params=SMALL)
     with pytest.raises(TypeError, match="ImagePrediction"):
-        rb.run_robustness(lambda batch: [0.5] * len(batch), records[:2], [], params=SMALL)  # type: ignore[list-item]
+        rb.run_robustness(lambda batch: [0.5] * len(batch), records[:2], [], threshold=0.5,  # type: ignore[list-item]
+                          params=SMALL)
+
+
+class CountingImages(dict[str, np.ndarray]):
+    """Source images that count look-ups, to see how many are held when a batch is predicted."""
+
+    looked_up = 0
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        self.looked_up += 1
+        return super().__getitem__(key)
+
+
+def test_run_robustness_streams_batches(records: list[vindr.ImageRecord]) -> None:
+    images = CountingImages({r.image_id: rb.load_source_pixels(r) for r in records})
+    seen: list[tuple[int, int]] = []  # (images looked up so far, batch size) per call
+
+    def predict(batch: Sequence[PreparedImage]) -> list[rb.ImagePrediction]:
+        seen.append((images.looked_up, len(batch)))
+        return [rb.ImagePrediction(0.5) for _ in batch]
+
+    rb.run_robustness(predict, records, [rb.Corruption("contrast", 2)], threshold=0.5,
+                      params=SMALL, batch_size=3, images=images)
+    assert max(size for _, size in seen) == 3
+    # when the k-th batch is predicted, only the images of batches <= k have been read:
+    # each condition pulls its images batch by batch instead of stacking the split
+    done = 0
+    for looked_up, size in seen:
+        done += size
+        assert looked_up == done, seen
+    assert images.looked_up == 2 * len(records)
 
 
 def test_pixels_to_dataset_round_trip(image: np.ndarray) -> None:
@@ -174,6 +208,8 @@ def test_cli_pieces(records: list[vindr.ImageRecord], tmp_path: Path) -> None:
             "1,5",
             "--json",
             str(out),
+            "--threshold",
+            "0.5",
         ]
     )
     assert rb.run(args) == 0
@@ -183,3 +219,23 @@ def test_cli_pieces(records: list[vindr.ImageRecord], tmp_path: Path) -> None:
     assert report["corruptions"]["exposure@5"]["delta"]["mean_score"] < 0
     bad = parser.parse_args(["--data", str(root), "--corruptions", "fog"])
     assert rb.run(bad) == 2
+    # no bundle and no --threshold: no default threshold to fall back on
+    assert rb.run(parser.parse_args(["--data", str(root)])) == 2
+
+
+def test_cli_uses_the_bundles_threshold(
+    records: list[vindr.ImageRecord], tiny_bundle: Path, tmp_path: Path
+) -> None:
+    from spine_node.models.bundle import load_manifest
+
+    root = records[0].path.parent.parent
+    parser = argparse.ArgumentParser()
+    rb.add_arguments(parser)
+    out = tmp_path / "r.json"
+    args = parser.parse_args(
+        ["--data", str(root), "--split", "train", "--bundle", str(tiny_bundle), "--predictor",
+         "tests.test_robustness:constant_factory", "--corruptions", "jpeg", "--severities", "1",
+         "--limit", "2", "--json", str(out)]
+    )
+    assert rb.run(args) == 0
+    assert json.loads(out.read_text())["threshold"] == load_manifest(tiny_bundle).threshold

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+pytestmark = [
+    pytest.mark.slow,  # minutes: `pytest -m "not slow"` is the inner loop
+    pytest.mark.filterwarnings("ignore:Invalid value for VR UI"),
+]
 
 TRAIN = [sys.executable, "-m", "training.cli"]
 NODE = [sys.executable, "-m", "spine_node.cli"]
@@ -56,16 +59,25 @@ def _chain(tmp_path: Path) -> None:
              "--input-size", "64", "--model-kwargs", json.dumps(kwargs), "--from-scratch",
              "--workers", "2", cwd=tmp_path)
         assert (tmp_path / f"m_{name}" / "fold0" / "best.pt").is_file()
-    _run(*TRAIN, "ensemble", "--oof", "resnet=m_resnet", "densenet=m_densenet", "--data", "data",
-         "--out", "ens.json", cwd=tmp_path)
+    # weights and threshold fitted the way the bundle serves: fold 0's models, 2 TTA views
+    _run(*TRAIN, "ensemble", "--member", "m_resnet", "m_densenet", "--fold", "0", "--tta", "2",
+         "--data", "data", "--out", "ens.json", cwd=tmp_path)
     fit = json.loads((tmp_path / "ens.json").read_text())
     assert abs(sum(fit["weights"]) - 1.0) < 1e-9 and 0.0 <= fit["threshold"] <= 1.0
+    assert fit["fitted_on"]["kind"] == "served" and fit["fitted_on"]["tta_views"] == 2
     yaml = tmp_path / "tiny.yaml"
     from training.train_detector import tiny_model_yaml
 
     tiny_model_yaml(yaml, depth=0.33, width=0.125, max_channels=128)
     _run(*TRAIN, "detector", "--data", "data", "--out", "det", "--model", str(yaml), "--imgsz",
          "128", "--epochs", "1", "--batch", "4", "--workers", "0", "--from-scratch", cwd=tmp_path)
+    refused = subprocess.run(
+        [*TRAIN, "bundle", "--out", "other", "--version", "0.1", "--member", "m_resnet",
+         "m_densenet", "--ensemble", "ens.json", "--detector", "det/detector.pt", "--tta", "5",
+         "--detect-size", "128", "--no-onnx"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert refused.returncode == 2 and "not fitted the way" in refused.stderr  # TTA 5 != 2
     _run(*TRAIN, "bundle", "--out", "bundle", "--name", "chain", "--version", "0.1",
          "--intended-use", "test", "--member", "m_resnet", "m_densenet", "--ensemble",
          "ens.json", "--detector", "det/detector.pt", "--data", "data", "--gate-images", "12",
@@ -84,3 +96,21 @@ def _chain(tmp_path: Path) -> None:
     assert len(rows) == len(files)
     assert all(r["status"] in ("positive", "negative", "not_processed") for r in rows)
     assert all(r["threshold"] == fit["threshold"] for r in rows)
+    assert manifest.metrics["ensemble_fit"]["fitted_on"]["kind"] == "served"
+    # the fit's member probabilities are the ones the node computes on those images
+    from pydicom import dcmread
+
+    from spine_node.pipeline import Cascade
+    from training.ensemble import served_predictions
+
+    oof, _ = served_predictions([tmp_path / "m_resnet", tmp_path / "m_densenet"], fold=0,
+                                data_dir=tmp_path / "data", tta_views=2)
+    cascade = Cascade.load(tmp_path / "bundle", device="cpu")
+    results = cascade.analyze([dcmread(tmp_path / "data" / "train_images" / f"{i}.dicom")
+                               for i in oof.image_ids])
+    compared = 0
+    for row, result in zip(oof.scores, results, strict=True):
+        if result.member_scores:
+            assert [result.member_scores[n] for n in oof.members] == pytest.approx(row, abs=1e-5)
+            compared += 1
+    assert compared >= 1

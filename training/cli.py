@@ -27,7 +27,12 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
         "training.ensemble",
         "fit ensemble weights and threshold on out-of-fold predictions",
     ),
-    ("evaluate", "training.evaluate", "evaluate a bundle on a labelled split (AUROC, mAP)"),
+    (
+        "predict",
+        "training.predict",
+        "run a bundle's own cascade over a split and write the CSVs evaluate reads",
+    ),
+    ("evaluate", "training.evaluate", "evaluate predictions on a labelled split (AUROC, mAP)"),
     ("robustness", "training.robustness", "metric deltas under noise/blur/contrast/exposure"),
     ("grader", "training.meyerding", "train the Meyerding grader (HOG + random forest)"),
     ("bundle", "training.demo:bundle", "assemble a model bundle from trained artefacts"),

@@ -1,11 +1,21 @@
-"""Ensemble weights and decision threshold, fitted on out-of-fold validation predictions only.
+"""Ensemble weights and decision threshold, fitted on validation predictions made as the bundle serves.
 
 The triage score is ``sum_i w_i p_i``. The weights are found by an exhaustive grid search in
 0.05 steps over weights that sum to 1, maximising AUROC; the threshold is the one maximising
 Youden's J (sensitivity + specificity - 1) of the weighted score. Both are fitted on validation
-(out-of-fold) predictions; a test split is refused (:class:`TestSplitError`).
+predictions; a test split is refused (:class:`TestSplitError`).
 
-Out-of-fold files are the CSVs ``train_classifier`` writes: ``image_id,score,label[,fold]``.
+``spine-train ensemble --member DIR... --fold K --tta N --data ROOT`` (the default way) fits on
+predictions made the way a bundle serves: the shipped fold-K models themselves, on fold K's
+validation images (the ids of each member's ``oof_foldK.csv``), prepared by the node's own
+preparation and averaged over the same ``N`` TTA views by the node's own
+:class:`spine_node.models.triage.TriageEnsemble`. The fit records this in ``fitted_on``;
+``spine-train bundle`` refuses a fit whose fold, TTA or members differ from what it ships, and
+records ``fitted_on`` in the manifest (``metrics.ensemble_fit``).
+
+``--oof DIR...`` fits on the pooled out-of-fold CSVs of every fold's model without TTA
+(``image_id,score,label[,fold]``, as ``train_classifier`` writes them): a diagnostic only,
+marked ``pooled_oof``; no bundle is built from it.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ import csv
 import itertools
 import json
 import logging
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +39,8 @@ from spine_node.drift import score_reference
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FITTED_ON_POOLED",
+    "FITTED_ON_SERVED",
     "EnsembleFit",
     "OofPredictions",
     "TestSplitError",
@@ -35,11 +48,19 @@ __all__ = [
     "check_not_test",
     "fit_ensemble",
     "grid_search_weights",
+    "load_member_dir",
     "load_oof",
     "run",
+    "served_predictions",
     "weight_grid",
     "youden_threshold",
 ]
+
+
+#: ``fitted_on.kind`` of a fit on the shipped models' own TTA predictions (what bundles need).
+FITTED_ON_SERVED = "served"
+#: ``fitted_on.kind`` of a fit on pooled out-of-fold predictions without TTA (diagnostic).
+FITTED_ON_POOLED = "pooled_oof"
 
 
 class TestSplitError(ValueError):
@@ -366,21 +387,203 @@ def parse_sources(values: Sequence[str]) -> dict[str, Path]:
     return out
 
 
+# --------------------------------------------------------------------------- served
+
+
+def load_member_dir(directory: Path, fold: int) -> tuple[Any, Path]:
+    """The ``MemberSpec`` and fold-``fold`` weights file of a classifier output directory.
+
+    Parameters
+    ----------
+    directory : pathlib.Path
+        ``spine-train classifier --out`` directory (``member.json``, ``foldK/best.pt``).
+    fold : int
+        Which fold's model.
+
+    Returns
+    -------
+    (MemberSpec, pathlib.Path)
+
+    Raises
+    ------
+    FileNotFoundError
+        When ``member.json`` or the fold's ``best.pt`` is missing.
+    """
+    from training.train_classifier import AugmentParams, ClassifierConfig, member_spec
+
+    directory = Path(directory)
+    info_path = directory / "member.json"
+    if not info_path.is_file():
+        raise FileNotFoundError(f"{info_path}: not a spine-train classifier output directory")
+    info = json.loads(info_path.read_text())
+    cfg_doc = dict(info["config"])
+    known = set(ClassifierConfig.__dataclass_fields__)
+    cfg_doc = {k: v for k, v in cfg_doc.items() if k in known}
+    if isinstance(cfg_doc.get("augment"), Mapping):
+        aug = dict(cfg_doc["augment"])
+        aug_known = set(AugmentParams.__dataclass_fields__)
+        aug = {
+            k: (tuple(v) if isinstance(v, list) else v) for k, v in aug.items() if k in aug_known
+        }
+        cfg_doc["augment"] = AugmentParams(**aug)
+    cfg = ClassifierConfig(**cfg_doc)
+    weights = directory / f"fold{fold}" / "best.pt"
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: fold {fold} of member {cfg.name} was not trained")
+    return member_spec(cfg), weights
+
+
+def _fold_validation_ids(directory: Path, fold: int) -> list[str]:
+    path = Path(directory) / f"oof_fold{fold}.csv"
+    if not path.is_file():
+        path = Path(directory) / f"fold{fold}" / f"oof_fold{fold}.csv"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{directory}: no oof_fold{fold}.csv naming fold {fold}'s validation images"
+        )
+    return [r["image_id"] for r in _read_oof_csv(path)]
+
+
+def served_predictions(
+    member_dirs: Sequence[Path],
+    *,
+    fold: int,
+    data_dir: Path,
+    tta_views: int,
+    device: str = "cpu",
+    batch_size: int = 16,
+) -> tuple[OofPredictions, dict[str, Any]]:
+    """Fold ``fold``'s validation predictions of the shipped fold-``fold`` models, with TTA.
+
+    Images are prepared by :func:`spine_node.imaging.prepare` and scored by
+    :class:`spine_node.models.triage.TriageEnsemble` with ``tta_views`` views, exactly as the
+    node scores a received image.
+
+    Parameters
+    ----------
+    member_dirs : sequence of pathlib.Path
+        Classifier output directories, in ensemble order.
+    fold : int
+        The fold whose models the bundle ships.
+    data_dir : pathlib.Path
+        VinDr-layout data root (``annotations/train.csv``); test ids are refused.
+    tta_views : int
+        TTA views the bundle serves with (1-5).
+    device : str
+        ``"cpu"`` or ``"cuda"``.
+    batch_size : int
+        Images per forward pass (times ``tta_views`` views).
+
+    Returns
+    -------
+    (OofPredictions, dict)
+        The predictions and the ``fitted_on`` record.
+    """
+    import torch
+
+    from spine_node.imaging import PrepParams, prepare, read_dataset
+    from spine_node.models.bundle import sha256_file
+    from spine_node.models.triage import (
+        TorchMembers,
+        TriageEnsemble,
+        TriageMember,
+        create_member,
+        read_state_dict,
+    )
+    from training import vindr
+
+    if not member_dirs:
+        raise ValueError("member_dirs must name at least one classifier output directory")
+    loaded = [load_member_dir(Path(d), fold) for d in member_dirs]
+    names = tuple(spec.name for spec, _ in loaded)
+    if len(set(names)) != len(names):
+        raise ValueError(f"member names must be distinct, got {names}")
+    sizes = {spec.input_size for spec, _ in loaded}
+    if len(sizes) != 1:
+        raise ValueError(f"members must share one input size, got {sorted(sizes)}")
+    ids = _fold_validation_ids(Path(member_dirs[0]), fold)
+    for d in member_dirs[1:]:
+        if set(_fold_validation_ids(Path(d), fold)) != set(ids):
+            raise ValueError(
+                f"{d}: fold {fold}'s validation images differ from {member_dirs[0]}'s "
+                "(members trained on different splits)"
+            )
+    records = {r.image_id: r for r in vindr.load_records(Path(data_dir), "train")}
+    check_not_test([], [{"image_id": i} for i in ids], _test_ids(Path(data_dir)))
+    unknown = [i for i in ids if i not in records]
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} validation images are not in train.csv, e.g. {unknown[0]}"
+        )
+    dev = torch.device(device)
+    wrapped = {}
+    for spec, weights in loaded:
+        model = create_member(spec)
+        model.load_state_dict(read_state_dict(weights), strict=True)
+        wrapped[spec.name] = TriageMember(model, spec.mean, spec.std).eval()
+    ensemble = TriageEnsemble(
+        TorchMembers(wrapped, dev), [1.0 / len(names)] * len(names), tta_views
+    )
+    params = PrepParams(triage_size=sizes.pop())
+    probs: list[np.ndarray] = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        images = np.stack(
+            [prepare(read_dataset(records[i].path), params).triage for i in chunk]
+        ).astype(np.float32)
+        out = ensemble(images)
+        probs.append(np.stack([np.asarray(out.member_probs[n]) for n in names], axis=1))
+    oof = OofPredictions(
+        members=names,
+        image_ids=tuple(ids),
+        scores=np.concatenate(probs).astype(np.float64),
+        labels=np.array([records[i].label for i in ids], dtype=np.int64),
+    )
+    fitted_on = {
+        "kind": FITTED_ON_SERVED,
+        "description": (
+            f"fold {fold} validation images ({len(ids)}), the shipped fold-{fold} models, "
+            f"{tta_views}-view TTA, the node's preparation and ensemble"
+        ),
+        "fold": fold,
+        "tta_views": tta_views,
+        "members": list(names),
+        "weights_sha256": {spec.name: sha256_file(w) for spec, w in loaded},
+        "n_images": len(ids),
+    }
+    return oof, fitted_on
+
+
 # --------------------------------------------------------------------------- CLI
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``spine-train ensemble`` arguments."""
-    parser.add_argument(
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--member",
+        nargs="+",
+        metavar="DIR",
+        help="classifier output directories, in ensemble order: fit on the shipped fold's own "
+        "validation predictions with TTA (what a bundle needs)",
+    )
+    source.add_argument(
         "--oof",
         nargs="+",
-        required=True,
         metavar="[NAME=]DIR",
-        help="each member's classifier output directory (oof_fold*.csv) or OOF CSV, in member order",
+        help="diagnostic: pooled out-of-fold CSVs of every fold without TTA (no bundle is "
+        "built from such a fit)",
     )
     parser.add_argument(
         "--data", type=Path, help="dataset root: ids in annotations/test.csv are refused"
     )
+    parser.add_argument(
+        "--fold", type=int, default=0, help="with --member: the fold the bundle ships (default 0)"
+    )
+    parser.add_argument(
+        "--tta", type=int, default=5, help="with --member: TTA views the bundle serves (default 5)"
+    )
+    parser.add_argument("--device", default="cpu", help="with --member: cpu or cuda")
     parser.add_argument("--step", type=float, default=0.05, help="weight grid step (default 0.05)")
     parser.add_argument("--out", type=Path, help="write the fit as JSON here")
 
@@ -388,12 +591,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run ``spine-train ensemble``; returns the exit status (2 for a refused test split)."""
     try:
-        oof = load_oof(parse_sources(args.oof), data_dir=args.data)
+        if args.member:
+            if args.data is None:
+                print("spine-train ensemble: --member needs --data", file=sys.stderr)
+                return 2
+            oof, fitted_on = served_predictions(
+                [Path(d) for d in args.member],
+                fold=args.fold,
+                data_dir=args.data,
+                tta_views=args.tta,
+                device=args.device,
+            )
+        else:
+            oof = load_oof(parse_sources(args.oof), data_dir=args.data)
+            fitted_on = {
+                "kind": FITTED_ON_POOLED,
+                "description": "pooled out-of-fold predictions of every fold's model, without "
+                "TTA (diagnostic; not how a bundle serves)",
+                "n_images": len(oof.image_ids),
+            }
     except TestSplitError as exc:
         print(f"spine-train ensemble: refused: {exc}")
         return 2
     fit = fit_ensemble(oof, step=args.step)
-    text = json.dumps(asdict(fit), indent=2)
+    text = json.dumps({**asdict(fit), "fitted_on": fitted_on}, indent=2)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text + "\n")

@@ -170,7 +170,9 @@ def build_bundle(
     Parameters
     ----------
     out_dir : pathlib.Path
-        Bundle directory (created; existing files with the same names are replaced).
+        Bundle directory (created; existing files with the same names are replaced; an
+        existing ledger of test-split evaluations, ``evaluations.json``, is kept and the
+        model card ``MODEL_CARD.md`` is written).
     name, version, intended_use : str
         Identification recorded in every result.
     demo : bool
@@ -211,8 +213,12 @@ def build_bundle(
     -------
     Manifest
     """
+    from training import model_card
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A bundle rebuilt in place keeps its ledger of test-split evaluations (touched once).
+    ledger = model_card.read_evaluations(out_dir)
     prep = dict(prep or {})
     specs: list[MemberSpec] = []
     wrapped: dict[str, TriageMember] = {}
@@ -300,6 +306,9 @@ def build_bundle(
         score_reference=score_reference,
     )
     write_manifest(out_dir, manifest)
+    if ledger:
+        model_card.write_evaluations(out_dir, ledger)
+    model_card.write_model_card(out_dir)
     log.info("bundle %s %s written to %s", name, version, out_dir)
     return manifest
 

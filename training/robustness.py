@@ -14,7 +14,8 @@ severities; every one is deterministic for a seed:
 =================  =====================================================================
 
 :func:`run_robustness` predicts on clean and corrupted images and reports each metric's
-delta (corrupted minus clean).
+delta (corrupted minus clean). Images are streamed batch by batch (bounded memory); the
+decision threshold is the bundle's (``spine-train robustness --bundle``), never a default.
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -39,6 +40,8 @@ from training import evaluate as ev
 from training.vindr import ImageRecord, load_records
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
 _NOISE_SIGMA = (0.02, 0.04, 0.06, 0.09, 0.12)
@@ -226,15 +229,28 @@ def _deltas(clean: Mapping[str, Any], other: Mapping[str, Any]) -> dict[str, flo
     return out
 
 
+def _batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    batch: list[T] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _predict(
     predict_fn: PredictFn,
-    images: Sequence[np.ndarray],
+    images: Iterable[np.ndarray],
     params: PrepParams,
     batch_size: int,
 ) -> list[ImagePrediction]:
+    """Prepare and predict ``images`` batch by batch (only one batch is held at a time)."""
     out: list[ImagePrediction] = []
-    for start in range(0, len(images), batch_size):
-        batch = [prepare_array(img, params) for img in images[start : start + batch_size]]
+    for chunk in _batched(images, batch_size):
+        batch = [prepare_array(img, params) for img in chunk]
+        del chunk
         preds = list(predict_fn(batch))
         if len(preds) != len(batch):
             raise ValueError(
@@ -252,13 +268,16 @@ def run_robustness(
     records: Sequence[ImageRecord],
     corruptions: Sequence[Corruption],
     *,
+    threshold: float,
     params: PrepParams | None = None,
-    threshold: float = ev.DEFAULT_THRESHOLD,
     seed: int = 0,
     batch_size: int = 16,
     images: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Predict on clean and corrupted images; report metrics and their deltas.
+
+    Images are streamed: each condition decodes (or looks up), corrupts, prepares and predicts
+    ``batch_size`` images at a time, so memory is bounded by the batch, not by the split.
 
     Parameters
     ----------
@@ -269,16 +288,16 @@ def run_robustness(
         Labelled images.
     corruptions : sequence of Corruption
         Conditions to test (see :func:`corruption_grid`).
+    threshold : float
+        Triage threshold for sensitivity / specificity / F1: the bundle's (no default).
     params : PrepParams, optional
         Preparation parameters.
-    threshold : float
-        Triage threshold for sensitivity / specificity / F1.
     seed : int
         Noise seed; image ``i`` uses ``seed + i`` (same seed, same report).
     batch_size : int
-        Images per ``predict_fn`` call.
+        Images per ``predict_fn`` call (and held in memory at once).
     images : Mapping[str, numpy.ndarray], optional
-        Pre-decoded source images by image id (default: decode each record's file).
+        Source images by image id, looked up lazily (default: decode each record's file).
 
     Returns
     -------
@@ -294,20 +313,23 @@ def run_robustness(
         raise ValueError("records must not be empty")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise TypeError(f"threshold must be a number, got {type(threshold).__name__}")
     for c in corruptions:
         if not isinstance(c, Corruption):
             raise TypeError(f"corruptions must hold Corruption, got {type(c).__name__}")
-    params = params or PrepParams()
-    sources = [
-        (images[r.image_id] if images is not None else load_source_pixels(r, params))
-        for r in records
-    ]
-    clean_preds = _predict(predict_fn, sources, params, batch_size)
+    prep = params or PrepParams()
+
+    def sources() -> Iterator[np.ndarray]:
+        for r in records:
+            yield images[r.image_id] if images is not None else load_source_pixels(r, prep)
+
+    clean_preds = _predict(predict_fn, sources(), prep, batch_size)
     clean = _condition_metrics(records, clean_preds, threshold)
     results: dict[str, Any] = {}
     for c in corruptions:
-        corrupted = [c.apply(img, seed + i) for i, img in enumerate(sources)]
-        preds = _predict(predict_fn, corrupted, params, batch_size)
+        corrupted = (c.apply(img, seed + i) for i, img in enumerate(sources()))
+        preds = _predict(predict_fn, corrupted, prep, batch_size)
         metrics = _condition_metrics(records, preds, threshold)
         results[c.key] = {
             "corruption": c.name,
@@ -417,7 +439,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated severities 1-5 (default 1,3,5)",
     )
     parser.add_argument("--limit", type=int, help="use the first N images only")
-    parser.add_argument("--threshold", type=float, default=ev.DEFAULT_THRESHOLD)
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="triage threshold (default: the bundle's; required without --bundle)",
+    )
+    parser.add_argument(
+        "--batch", type=int, default=16, help="images held and predicted at once (default 16)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="write the report here (default: stdout)")
 
@@ -429,11 +458,31 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"robustness: {exc}", file=sys.stderr)
         return 2
+    threshold = args.threshold
+    params = None
+    if args.bundle is not None:
+        from spine_node.models.bundle import load_manifest
+
+        manifest = load_manifest(Path(args.bundle))
+        params = PrepParams(**dict(manifest.prep))
+        if threshold is None:
+            threshold = manifest.threshold
+    if threshold is None:
+        print("robustness: give --bundle (its threshold is used) or --threshold", file=sys.stderr)
+        return 2
     records = load_records(args.data, args.split)
     if args.limit is not None:
         records = records[: args.limit]
     predict_fn = load_predictor(args.predictor, args.bundle)
-    report = run_robustness(predict_fn, records, grid, threshold=args.threshold, seed=args.seed)
+    report = run_robustness(
+        predict_fn,
+        records,
+        grid,
+        threshold=float(threshold),
+        params=params,
+        seed=args.seed,
+        batch_size=args.batch,
+    )
     text = json.dumps(report, indent=2, default=_json_default)
     if args.json is not None:
         args.json.write_text(text + "\n", encoding="utf-8")
