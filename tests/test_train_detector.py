@@ -4,6 +4,7 @@ one offline training epoch."""
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import cv2
@@ -17,11 +18,14 @@ from spine_node.results.types import LESION_LABELS
 from training.detector_extras import (
     CopyPasteYOLODataset,
     DetectorExtras,
-    FocalBCE,
-    FocalDetectionLoss,
-    focal_bce,
+    SoftClassLoss,
+    SoftTargetDetectionLoss,
+    class_image_counts,
     image_sampling_weights,
+    quality_focal_loss,
     rare_classes,
+    varifocal_loss,
+    worker_random,
 )
 from training.train_detector import DetectorConfig, tiny_model_yaml, train_detector
 
@@ -63,39 +67,37 @@ def _yolo_dataset(root: Path, *, n_train: int = 10, size: int = 128, seed: int =
     return data
 
 
-# --------------------------------------------------------------------------- focal loss
+# --------------------------------------------------------------------------- soft-target losses
 
 
-def test_focal_matches_hand_computed_value() -> None:
-    logits = torch.tensor([2.0, -1.0, 0.5])
-    targets = torch.tensor([1.0, 0.0, 0.3])
-    got = focal_bce(logits, targets, gamma=2.0, alpha=0.25)
-    want = []
-    for x, t in zip(logits.tolist(), targets.tolist(), strict=True):
+def test_varifocal_and_quality_focal_match_the_papers_formulas() -> None:
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.2])
+    targets = torch.tensor([0.9, 0.0, 0.3, 0.0])  # soft IoU targets, two negatives
+    vfl = varifocal_loss(logits, targets, gamma=2.0, alpha=0.75)
+    qfl = quality_focal_loss(logits, targets, beta=2.0)
+    want_v, want_q = [], []
+    for x, q in zip(logits.tolist(), targets.tolist(), strict=True):
         p = 1 / (1 + math.exp(-x))
-        ce = -(t * math.log(p) + (1 - t) * math.log(1 - p))
-        p_t = t * p + (1 - t) * (1 - p)
-        a_t = t * 0.25 + (1 - t) * 0.75
-        want.append(a_t * (1 - p_t) ** 2 * ce)
-    assert torch.allclose(got, torch.tensor(want), atol=1e-6)
-    # the first element by hand: p = 0.880797, (1-p)^2 = 0.0142094, ce = 0.126928
-    assert got[0].item() == pytest.approx(0.25 * 0.0142094 * 0.126928, rel=1e-4)
-
-
-def test_focal_differs_from_bce_and_reduces_to_it() -> None:
-    logits = torch.tensor([[3.0, -2.0], [0.1, 0.7]])
-    targets = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    focal = FocalBCE(2.0, 0.25)(logits, targets)
-    assert not torch.allclose(focal, bce)
-    assert bool((focal < bce).all())  # down-weights every element here
-    # gamma 0, alpha 0.5 is exactly half the BCE
-    assert torch.allclose(focal_bce(logits, targets, gamma=0.0, alpha=0.5), 0.5 * bce)
+        ce = -(q * math.log(p) + (1 - q) * math.log(1 - p))
+        want_v.append(q * ce if q > 0 else -0.75 * p**2 * math.log(1 - p))  # VFL eq. 2
+        want_q.append(abs(q - p) ** 2 * ce)  # QFL eq. 5
+    assert torch.allclose(vfl, torch.tensor(want_v), atol=1e-6)
+    assert torch.allclose(qfl, torch.tensor(want_q), atol=1e-6)
+    # QFL is zero where the prediction equals the soft target; BCE is not
+    x = torch.logit(torch.tensor([0.3]))
+    assert float(quality_focal_loss(x, torch.tensor([0.3]))) == pytest.approx(0.0, abs=1e-9)
+    assert torch.allclose(
+        quality_focal_loss(logits, targets, beta=0.0),
+        torch.nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none"),
+    )
     with pytest.raises(ValueError, match="same shape"):
-        focal_bce(logits, targets[0])
+        varifocal_loss(logits, targets[:2])
+    with pytest.raises(ValueError, match="class_loss"):
+        DetectorExtras(class_loss="focal")
 
 
-def test_focal_detection_loss_replaces_the_class_term(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["varifocal", "quality_focal"])
+def test_soft_target_detection_loss_replaces_only_the_class_term(tmp_path: Path, kind: str) -> None:
     from types import SimpleNamespace
 
     from ultralytics.nn.tasks import DetectionModel
@@ -113,12 +115,12 @@ def test_focal_detection_loss_replaces_the_class_term(tmp_path: Path) -> None:
     }
     preds = model(batch["img"])
     _, stock = v8DetectionLoss(model)(preds, batch)
-    focal_loss = FocalDetectionLoss(model)
-    assert isinstance(focal_loss.bce, FocalBCE)
-    _, focal = focal_loss(preds, batch)
-    assert focal["box_loss"] == pytest.approx(float(stock["box_loss"]))
-    assert focal["dfl_loss"] == pytest.approx(float(stock["dfl_loss"]))
-    assert float(focal["cls_loss"]) < float(stock["cls_loss"])
+    soft = SoftTargetDetectionLoss(model, kind=kind)
+    assert isinstance(soft.bce, SoftClassLoss) and soft.bce.kind == kind
+    _, got = soft(preds, batch)
+    assert got["box_loss"] == pytest.approx(float(stock["box_loss"]))
+    assert got["dfl_loss"] == pytest.approx(float(stock["dfl_loss"]))
+    assert float(got["cls_loss"]) < float(stock["cls_loss"])  # the many easy negatives weigh less
 
 
 # --------------------------------------------------------------------------- sampling
@@ -134,8 +136,10 @@ def test_sampling_weights_follow_inverse_sqrt_class_frequency() -> None:
         np.array([2]),
     ]
     w = image_sampling_weights(classes, 7)
-    # box counts: class 0 -> 4, class 5 -> 1, class 2 -> 1; two images without boxes
-    raw = np.array([1 / 2, 1.0, 1 / 2, 1 / math.sqrt(2), 1 / math.sqrt(2), 1.0])
+    # images per class (not boxes): class 0 -> 3, class 5 -> 1, class 2 -> 1; 2 without boxes
+    assert class_image_counts(classes, 7).tolist() == [3, 0, 1, 0, 0, 1, 0]
+    r3 = 1 / math.sqrt(3)
+    raw = np.array([r3, 1.0, r3, 1 / math.sqrt(2), 1 / math.sqrt(2), 1.0])
     assert np.allclose(w, raw / raw.mean())
     assert w.mean() == pytest.approx(1.0)
     with pytest.raises(ValueError, match="class ids"):
@@ -199,17 +203,17 @@ def test_detector_trains_one_epoch_offline_with_every_extra(tmp_path: Path) -> N
         close_mosaic=0,
         scale_range=(96, 160),
         workers=0,
-        extras=DetectorExtras(balanced_sampling=True, copy_paste=0.5, focal=True),
+        extras=DetectorExtras(balanced_sampling=True, copy_paste=0.5, class_loss="varifocal"),
     )
     result = train_detector(config, data_yaml, tmp_path / "out", from_scratch=True)
     assert result.best.is_file() and result.last.is_file()
     assert "metrics/mAP50(B)" in result.metrics
-    # sampler weights of the training images: 1/sqrt(box count of the rarest class of the image);
-    # 16 common boxes, 2 rare boxes (images 0 and 8), 2 images without boxes (4 and 9)
+    # sampler weights of the training images: 1/sqrt(images showing the rarest class present);
+    # common class in 8 images, rare class in 2 (images 0 and 8), 2 images without boxes (4, 9)
     assert result.sampling_weights is not None
-    raw = np.array([1 / math.sqrt(2) if i in (0, 8, 4, 9) else 1 / 4 for i in range(10)])
+    raw = np.array([1 / math.sqrt(2) if i in (0, 8, 4, 9) else 1 / math.sqrt(8) for i in range(10)])
     assert np.allclose(np.array(result.sampling_weights), raw / raw.mean())
-    assert result.extras_used["criterion"] == "FocalDetectionLoss"
+    assert result.extras_used["criterion"] == "SoftTargetDetectionLoss"
     assert result.extras_used["train_dataset"] == "CopyPasteYOLODataset"
     assert result.extras_used["sampler"] == "WeightedRandomSampler"
     # the checkpoint is a stock model: serving needs none of this module
@@ -230,7 +234,7 @@ def test_detector_cli_trains_on_a_tiny_phantom_offline(tmp_path: Path) -> None:
     argv = ["detector", "--data", str(data), "--out", str(out), "--model", str(model)]
     argv += ["--imgsz", "96", "--epochs", "1", "--batch", "4", "--nbs", "4", "--folds", "3"]
     argv += ["--close-mosaic", "0", "--scale-range", "64,128", "--workers", "0"]
-    argv += ["--balanced-sampling", "--copy-paste", "0.2", "--focal"]
+    argv += ["--balanced-sampling", "--copy-paste", "0.2", "--class-loss", "quality_focal"]
     with pytest.raises(FileNotFoundError, match=r"pretrained/tiny-det\.pt"):  # no random start
         cli.main([*argv, "--pretrained-dir", str(tmp_path / "pretrained")])
     image = next((out / "dataset" / "images" / "train").glob("*.png"))
@@ -242,3 +246,29 @@ def test_detector_cli_trains_on_a_tiny_phantom_offline(tmp_path: Path) -> None:
     labels = list((out / "dataset" / "labels" / "train").glob("*.txt"))
     assert labels and (out / "dataset" / "labels" / "val").is_dir()
     assert not (out / "dataset" / "images" / "test").exists()  # the test split is never touched
+
+
+class _Draws(torch.utils.data.Dataset[float]):
+    def __init__(self) -> None:
+        self.streams: dict[tuple[int, int], random.Random] = {}
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> float:
+        return worker_random(11, self.streams).random()
+
+
+def test_copy_paste_stream_is_one_per_loader_worker() -> None:
+    def draws() -> list[float]:
+        loader = torch.utils.data.DataLoader(
+            _Draws(), batch_size=1, num_workers=2, generator=torch.Generator().manual_seed(0)
+        )
+        return [float(x) for x in loader]
+
+    first = draws()
+    # batches alternate between the two workers: worker 0 got items 0, 2, 4, 6, worker 1 the rest
+    assert first[0::2] != first[1::2]  # not one stream copied into both workers
+    assert draws() == first  # reproducible from the loader's seed
+    here = _Draws()
+    assert here[0] == random.Random(int(np.random.SeedSequence([11]).generate_state(1)[0])).random()

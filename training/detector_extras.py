@@ -3,19 +3,26 @@
 Three switchable additions, each hooked into Ultralytics 8.4 at a documented seam:
 
 * **Class-balanced image sampling** -- every training image gets a sampling weight from
-  ``1 / sqrt(class frequency)`` of its boxes (the rarest of its classes decides; images without
-  boxes count as their own "background" class). The training dataloader draws images with a
-  :class:`torch.utils.data.WeightedRandomSampler` instead of shuffling
+  ``1 / sqrt(class frequency)``, where the frequency of a class is the number of training
+  images in which it is present (image-level presence throughout: the sampler draws images,
+  so images are what is counted; the rarest class present in an image decides; images without
+  boxes are their own "background" class, counted the same way). The training dataloader
+  draws images with a :class:`torch.utils.data.WeightedRandomSampler` instead of shuffling
   (:meth:`SpineDetectionTrainer.get_dataloader`).
 * **Box-level copy-paste of rare lesions** -- crops of rare-class boxes are pasted into other
   training images, with their labels, with probability ``p`` per loaded image
   (:class:`CopyPasteYOLODataset`, overriding ``get_image_and_label`` so mosaic tiles get it too).
-  Ultralytics' own ``copy_paste`` needs segments and does nothing for box-only data.
-* **Focal loss** -- the BCE classification term of ``v8DetectionLoss`` is replaced by a sigmoid
-  focal loss (gamma 2, alpha 0.25) on the same task-aligned soft targets
-  (:class:`FocalDetectionLoss`). The criterion is installed on the training model only; the EMA
-  model written to ``best.pt`` stays a stock ``DetectionModel`` (Ultralytics strips ``criterion``
-  when saving), so serving never needs this module.
+  Ultralytics' own ``copy_paste`` needs segments and does nothing for box-only data. Each
+  loader worker draws from its own random stream (seeded from the run seed and the worker's
+  torch seed, :func:`worker_random`), not from one stream copied into every worker.
+* **A classification loss made for soft targets** -- Ultralytics' task-aligned assigner gives
+  IoU-aligned soft targets in [0, 1]; a binary focal loss treats them as hard labels. The BCE
+  class term of ``v8DetectionLoss`` can be replaced by the varifocal loss (Zhang et al. 2021,
+  "VarifocalNet: An IoU-aware Dense Object Detector", CVPR) or the quality focal loss (Li et
+  al. 2020, "Generalized Focal Loss", NeurIPS), both defined for soft IoU targets
+  (:class:`SoftTargetDetectionLoss`). The criterion is installed on the training model only; the
+  EMA model written to ``best.pt`` stays a stock ``DetectionModel`` (Ultralytics strips
+  ``criterion`` when saving), so serving never needs this module.
 
 :class:`SpineDetectionTrainer` also implements multi-scale training over an explicit pixel range
 (480-768 in the method) rather than Ultralytics' symmetric ``multi_scale`` fraction.
@@ -52,16 +59,24 @@ from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "CLASS_LOSSES",
     "CopyPasteYOLODataset",
     "DetectorExtras",
-    "FocalBCE",
-    "FocalDetectionLoss",
+    "SoftClassLoss",
+    "SoftTargetDetectionLoss",
     "SpineDetectionTrainer",
     "class_frequencies",
-    "focal_bce",
+    "class_image_counts",
     "image_sampling_weights",
+    "quality_focal_loss",
     "rare_classes",
+    "varifocal_loss",
+    "worker_random",
 ]
+
+#: Classification losses of the detector: stock BCE, varifocal (Zhang et al. 2021) or quality
+#: focal (Li et al. 2020).
+CLASS_LOSSES: tuple[str, ...] = ("bce", "varifocal", "quality_focal")
 
 
 @dataclass(frozen=True)
@@ -71,7 +86,8 @@ class DetectorExtras:
     Attributes
     ----------
     balanced_sampling : bool
-        Draw training images with weights from ``1/sqrt(class frequency)``.
+        Draw training images with weights from ``1/sqrt(class frequency)`` (frequency: images
+        in which the class is present).
     copy_paste : float
         Probability per loaded training image of pasting rare-lesion box crops (0 = off; 0.2 in
         the method).
@@ -79,10 +95,13 @@ class DetectorExtras:
         Class ids treated as rare; ``None`` picks them from frequencies (:func:`rare_classes`).
     copy_paste_max : int
         Most crops pasted into one image.
-    focal : bool
-        Replace the BCE classification loss with a focal loss.
-    focal_gamma, focal_alpha : float
-        Focal loss parameters (2.0 and 0.25 in the method).
+    class_loss : str
+        Classification loss, one of :data:`CLASS_LOSSES` (``"bce"``: Ultralytics' own).
+    class_loss_gamma : float
+        Focusing exponent: gamma of the varifocal loss, beta of the quality focal loss (2.0 in
+        both papers).
+    class_loss_alpha : float
+        Weight of the negatives in the varifocal loss (0.75 in the paper); unused by QFL.
     scale_range : tuple of int or None
         ``(min, max)`` training image size in pixels for multi-scale training (``None`` = off).
     """
@@ -91,9 +110,9 @@ class DetectorExtras:
     copy_paste: float = 0.0
     copy_paste_classes: tuple[int, ...] | None = None
     copy_paste_max: int = 3
-    focal: bool = False
-    focal_gamma: float = 2.0
-    focal_alpha: float = 0.25
+    class_loss: str = "bce"
+    class_loss_gamma: float = 2.0
+    class_loss_alpha: float = 0.75
     scale_range: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
@@ -101,10 +120,12 @@ class DetectorExtras:
             raise ValueError(f"copy_paste must be in [0, 1], got {self.copy_paste!r}")
         if self.copy_paste_max < 1:
             raise ValueError(f"copy_paste_max must be >= 1, got {self.copy_paste_max!r}")
-        if self.focal_gamma < 0:
-            raise ValueError(f"focal_gamma must be >= 0, got {self.focal_gamma!r}")
-        if not 0.0 <= self.focal_alpha <= 1.0:
-            raise ValueError(f"focal_alpha must be in [0, 1], got {self.focal_alpha!r}")
+        if self.class_loss not in CLASS_LOSSES:
+            raise ValueError(f"class_loss must be one of {CLASS_LOSSES}, got {self.class_loss!r}")
+        if self.class_loss_gamma < 0:
+            raise ValueError(f"class_loss_gamma must be >= 0, got {self.class_loss_gamma!r}")
+        if not 0.0 <= self.class_loss_alpha <= 1.0:
+            raise ValueError(f"class_loss_alpha must be in [0, 1], got {self.class_loss_alpha!r}")
         if self.scale_range is not None:
             lo, hi = self.scale_range
             if not 32 <= lo <= hi:
@@ -113,70 +134,122 @@ class DetectorExtras:
                 )
 
 
-# --------------------------------------------------------------------------- focal loss
+# --------------------------------------------------------------------------- soft-target losses
 
 
-def focal_bce(
-    logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0, alpha: float = 0.25
-) -> torch.Tensor:
-    """Element-wise sigmoid focal loss for (soft) targets in [0, 1].
-
-    ``FL = alpha_t * (1 - p_t) ** gamma * BCE(logits, targets)`` with ``p = sigmoid(logits)``,
-    ``p_t = t p + (1 - t)(1 - p)`` and ``alpha_t = t alpha + (1 - t)(1 - alpha)`` (Lin et al.
-    2017). With ``gamma = 0`` and ``alpha = 0.5`` it is half the BCE.
-
-    Parameters
-    ----------
-    logits, targets : torch.Tensor
-        Same shape; targets may be soft (Ultralytics uses IoU-aligned scores).
-    gamma : float
-        Focusing parameter.
-    alpha : float
-        Weight of the positive term; ``alpha < 0`` disables the alpha factor.
-
-    Returns
-    -------
-    torch.Tensor
-        Loss per element (no reduction).
-    """
+def _check_pair(logits: torch.Tensor, targets: torch.Tensor) -> None:
     if logits.shape != targets.shape:
         raise ValueError(
             f"logits and targets must have the same shape, got {logits.shape} and {targets.shape}"
         )
-    ce = nn.functional.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    prob = logits.sigmoid()
-    p_t = targets * prob + (1.0 - targets) * (1.0 - prob)
-    loss = ce * (1.0 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (targets * alpha + (1.0 - targets) * (1.0 - alpha))
-    return loss
 
 
-class FocalBCE(nn.Module):
-    """Drop-in for ``nn.BCEWithLogitsLoss(reduction="none")`` computing :func:`focal_bce`."""
+def varifocal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, *, gamma: float = 2.0, alpha: float = 0.75
+) -> torch.Tensor:
+    """Element-wise varifocal loss for soft (IoU-aware) targets in [0, 1].
 
-    def __init__(self, gamma: float = 2.0, alpha: float = 0.25) -> None:
+    ``VFL(p, q) = -q (q log p + (1 - q) log(1 - p))`` where ``q > 0`` and
+    ``-alpha p^gamma log(1 - p)`` where ``q = 0``, with ``p = sigmoid(logits)``: positives are
+    weighted by their target quality, only negatives are focally down-weighted (Zhang, Wang,
+    Dayoub, Sünderhauf 2021, "VarifocalNet: An IoU-aware Dense Object Detector", CVPR, eq. 2).
+
+    Parameters
+    ----------
+    logits, targets : torch.Tensor
+        Same shape; ``targets`` is the soft quality score ``q`` (0 for negatives).
+    gamma : float
+        Focusing exponent of the negatives.
+    alpha : float
+        Weight of the negatives.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 loss per element (no reduction).
+    """
+    _check_pair(logits, targets)
+    x, q = logits.float(), targets.float()
+    ce = nn.functional.binary_cross_entropy_with_logits(x, q, reduction="none")
+    weight = torch.where(q > 0, q, alpha * x.sigmoid().pow(gamma))
+    return ce * weight
+
+
+def quality_focal_loss(
+    logits: torch.Tensor, targets: torch.Tensor, *, beta: float = 2.0
+) -> torch.Tensor:
+    """Element-wise quality focal loss for soft targets in [0, 1].
+
+    ``QFL(p, y) = -|y - p|^beta ((1 - y) log(1 - p) + y log p)`` with ``p = sigmoid(logits)``:
+    the cross-entropy against the soft target, scaled by the distance to it (Li et al. 2020,
+    "Generalized Focal Loss: Learning Qualified and Distributed Bounding Boxes for Dense
+    Object Detection", NeurIPS, eq. 5). With ``beta = 0`` it is the BCE.
+
+    Parameters
+    ----------
+    logits, targets : torch.Tensor
+        Same shape; ``targets`` is the soft quality score ``y``.
+    beta : float
+        Focusing exponent.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 loss per element (no reduction).
+    """
+    _check_pair(logits, targets)
+    x, y = logits.float(), targets.float()
+    ce = nn.functional.binary_cross_entropy_with_logits(x, y, reduction="none")
+    return ce * (y - x.sigmoid()).abs().pow(beta)
+
+
+class SoftClassLoss(nn.Module):
+    """Drop-in for ``nn.BCEWithLogitsLoss(reduction="none")``: varifocal or quality focal loss.
+
+    Parameters
+    ----------
+    kind : str
+        ``"varifocal"`` or ``"quality_focal"``.
+    gamma : float
+        Focusing exponent (VFL gamma, QFL beta).
+    alpha : float
+        Negative weight (VFL only).
+    """
+
+    def __init__(self, kind: str, gamma: float = 2.0, alpha: float = 0.75) -> None:
         super().__init__()
+        if kind not in CLASS_LOSSES[1:]:
+            raise ValueError(f"kind must be one of {CLASS_LOSSES[1:]}, got {kind!r}")
+        self.kind = kind
         self.gamma = float(gamma)
         self.alpha = float(alpha)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Return the element-wise focal loss."""
-        return focal_bce(logits, targets, gamma=self.gamma, alpha=self.alpha)
+        """Return the element-wise loss."""
+        if self.kind == "varifocal":
+            return varifocal_loss(logits, targets, gamma=self.gamma, alpha=self.alpha)
+        return quality_focal_loss(logits, targets, beta=self.gamma)
 
 
-class FocalDetectionLoss(v8DetectionLoss):
-    """``v8DetectionLoss`` whose classification term is a focal loss instead of BCE.
+class SoftTargetDetectionLoss(v8DetectionLoss):
+    """``v8DetectionLoss`` whose classification term is a soft-target loss instead of BCE.
 
-    Ultralytics computes ``self.bce(pred_scores, target_scores)`` element-wise and normalises by
-    the sum of target scores; only that element-wise function changes here.
+    Ultralytics computes ``self.bce(pred_scores, target_scores)`` element-wise on the
+    task-aligned soft targets and normalises by their sum; only that element-wise function
+    changes here (:class:`SoftClassLoss`).
     """
 
     def __init__(
-        self, model: nn.Module, *, gamma: float = 2.0, alpha: float = 0.25, tal_topk: int = 10
+        self,
+        model: nn.Module,
+        *,
+        kind: str = "varifocal",
+        gamma: float = 2.0,
+        alpha: float = 0.75,
+        tal_topk: int = 10,
     ) -> None:
         super().__init__(model, tal_topk=tal_topk)
-        self.bce = FocalBCE(gamma, alpha)  # type: ignore[assignment]
+        self.bce = SoftClassLoss(kind, gamma, alpha)  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- sampling weights
@@ -208,12 +281,33 @@ def class_frequencies(classes_per_image: Sequence[np.ndarray], nc: int) -> np.nd
     return counts
 
 
-def image_sampling_weights(classes_per_image: Sequence[np.ndarray], nc: int) -> np.ndarray:
-    """Sampling weight per image from ``1 / sqrt(class frequency)`` of its boxes.
+def class_image_counts(classes_per_image: Sequence[np.ndarray], nc: int) -> np.ndarray:
+    """Count, per class, the images in which the class is present (at least one box).
 
-    The frequency of a class is its number of boxes in the training set. An image weighs as
-    much as its rarest class (``max`` over its boxes of ``1/sqrt(freq)``); images without boxes
-    form a "background" class whose frequency is the number of such images.
+    Parameters
+    ----------
+    classes_per_image : sequence of numpy.ndarray
+        Class ids of each image's boxes (any shape; flattened).
+    nc : int
+        Number of classes.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(nc,)`` float64 image counts.
+    """
+    return class_frequencies(
+        [np.unique(np.asarray(c, dtype=np.int64).reshape(-1)) for c in classes_per_image], nc
+    )
+
+
+def image_sampling_weights(classes_per_image: Sequence[np.ndarray], nc: int) -> np.ndarray:
+    """Sampling weight per image from ``1 / sqrt(class frequency)`` of the classes it shows.
+
+    The frequency of a class is the number of training images in which it is present
+    (:func:`class_image_counts`), the unit the sampler draws. An image weighs as much as its
+    rarest class (``max`` over its classes of ``1/sqrt(freq)``); images without boxes form a
+    "background" class whose frequency is, the same way, the number of such images.
 
     Parameters
     ----------
@@ -229,7 +323,7 @@ def image_sampling_weights(classes_per_image: Sequence[np.ndarray], nc: int) -> 
     """
     if len(classes_per_image) == 0:
         raise ValueError("classes_per_image must not be empty")
-    counts = class_frequencies(classes_per_image, nc)
+    counts = class_image_counts(classes_per_image, nc)
     n_background = sum(1 for c in classes_per_image if np.asarray(c).size == 0)
     weights = np.empty(len(classes_per_image), dtype=np.float64)
     for i, cls in enumerate(classes_per_image):
@@ -266,6 +360,31 @@ def rare_classes(counts: np.ndarray, *, ratio: float = 0.25) -> tuple[int, ...]:
 
 
 # --------------------------------------------------------------------------- copy-paste
+
+
+def worker_random(seed: int, cache: dict[tuple[int, int], random.Random]) -> random.Random:
+    """The random stream of the calling loader worker (or of the main process).
+
+    Each DataLoader worker gets its own stream, seeded from ``seed`` and the worker's torch
+    seed (:func:`torch.utils.data.get_worker_info`: the loader's base seed plus the worker id,
+    so a new stream per worker and per loader iterator, reproducible when the loader's
+    generator is seeded). Outside a worker the stream is seeded by ``seed`` alone.
+
+    Parameters
+    ----------
+    seed : int
+        Run seed.
+    cache : dict
+        Per-process store of the streams made so far (keyed by worker id and worker seed).
+    """
+    info = torch.utils.data.get_worker_info()
+    key = (-1, 0) if info is None else (int(info.id), int(info.seed))
+    rng = cache.get(key)
+    if rng is None:
+        entropy = [int(seed)] if info is None else [int(seed), key[1] % 2**63, key[0]]
+        rng = random.Random(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
+        cache[key] = rng
+    return rng
 
 
 @dataclass(frozen=True)
@@ -311,7 +430,7 @@ class CopyPasteYOLODataset(YOLODataset):
     copy_paste_max : int
         Most crops per image.
     copy_paste_seed : int
-        Seed of the paste random generator.
+        Run seed of the paste random streams (one stream per loader worker).
     max_bank : int
         Most crops kept in the bank.
     """
@@ -331,7 +450,8 @@ class CopyPasteYOLODataset(YOLODataset):
             raise ValueError(f"copy_paste_p must be in [0, 1], got {copy_paste_p!r}")
         self.copy_paste_p = float(copy_paste_p)
         self.copy_paste_max = int(copy_paste_max)
-        self._rng = random.Random(copy_paste_seed)
+        self.copy_paste_seed = int(copy_paste_seed)
+        self._streams: dict[tuple[int, int], random.Random] = {}
         nc = len(self.data["names"])
         counts = class_frequencies([lb["cls"] for lb in self.labels], nc)
         chosen = rare_classes(counts) if copy_paste_classes is None else tuple(copy_paste_classes)
@@ -366,6 +486,11 @@ class CopyPasteYOLODataset(YOLODataset):
                 if len(bank) >= max_bank:
                     return bank
         return bank
+
+    @property
+    def _rng(self) -> random.Random:
+        """This process's paste stream (:func:`worker_random`: one per loader worker)."""
+        return worker_random(self.copy_paste_seed, self._streams)
 
     def get_image_and_label(self, index: int) -> dict[str, Any]:
         """Load one image and its labels, then maybe paste rare-lesion crops into it."""
@@ -493,8 +618,8 @@ class SpineDetectionTrainer(DetectionTrainer):
         self.extras = extras or DetectorExtras()
         self.extras_seed = int(seed)
         self.sampling_weights: np.ndarray | None = None
-        if self.extras.focal:
-            self.add_callback("on_pretrain_routine_end", _install_focal_loss)
+        if self.extras.class_loss != "bce":
+            self.add_callback("on_pretrain_routine_end", _install_class_loss)
 
     def build_dataset(self, img_path: str, mode: str = "train", batch: int | None = None) -> Any:
         """Build the YOLO dataset; the training set pastes rare boxes when copy-paste is on."""
@@ -549,7 +674,7 @@ class SpineDetectionTrainer(DetectionTrainer):
         batches = math.ceil(len(dataset) / max(batch, 1))
         workers = min(os.cpu_count() or 1, self.args.workers, 0 if batches <= 1 else batches)
         logger.info(
-            "balanced sampling: weights from 1/sqrt(class frequency), %d images", len(dataset)
+            "balanced sampling: weights from 1/sqrt(images per class), %d images", len(dataset)
         )
         return InfiniteDataLoader(
             dataset=dataset,
@@ -585,14 +710,16 @@ class SpineDetectionTrainer(DetectionTrainer):
         return batch
 
 
-def _install_focal_loss(trainer: SpineDetectionTrainer) -> None:
-    """Callback: put the focal criterion on the training model (after the EMA copy was made)."""
+def _install_class_loss(trainer: SpineDetectionTrainer) -> None:
+    """Callback: put the soft-target criterion on the training model (after the EMA copy)."""
     model: Any = unwrap_model(cast(Any, trainer.model))
-    model.criterion = FocalDetectionLoss(
-        model, gamma=trainer.extras.focal_gamma, alpha=trainer.extras.focal_alpha
+    extras = trainer.extras
+    model.criterion = SoftTargetDetectionLoss(
+        model, kind=extras.class_loss, gamma=extras.class_loss_gamma, alpha=extras.class_loss_alpha
     )
     logger.info(
-        "focal loss: gamma=%.2f alpha=%.2f replaces the BCE class term",
-        trainer.extras.focal_gamma,
-        trainer.extras.focal_alpha,
+        "%s loss (gamma/beta %.2f, alpha %.2f) replaces the BCE class term",
+        extras.class_loss,
+        extras.class_loss_gamma,
+        extras.class_loss_alpha,
     )

@@ -6,7 +6,8 @@ The VinDr CSV and DICOM files are converted to Ultralytics' dataset layout by
 (spec.md): SGD (momentum 0.9, weight decay 5e-4), lr0 0.01 with a cosine schedule, 3 warm-up
 epochs, batch 12 with nominal batch 48, 55 epochs with mosaic closed for the last 30, loss gains
 box 7.5 / cls 0.5 / dfl 1.5, mixup 0.1, HSV (0.015, 0.7, 0.4), fliplr 0.5 and multi-scale
-480-768 px. Class-balanced sampling, rare-box copy-paste (0.2) and focal loss are switchable.
+480-768 px. Class-balanced sampling, rare-box copy-paste (0.2) and a soft-target class loss
+(varifocal or quality focal) are switchable (``training.detector_extras``).
 
 Offline: ``YOLO_OFFLINE`` is set, settings sync is off, ``plots=False`` (no font download),
 Ultralytics' dataset font check is skipped, AMP is off unless asked for on CUDA (its check
@@ -38,7 +39,11 @@ configure_offline()
 
 from ultralytics.utils.torch_utils import unwrap_model  # noqa: E402
 
-from training.detector_extras import DetectorExtras, SpineDetectionTrainer  # noqa: E402
+from training.detector_extras import (  # noqa: E402
+    CLASS_LOSSES,
+    DetectorExtras,
+    SpineDetectionTrainer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +376,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="rare-box copy-paste probability (method: 0.2)",
     )
     parser.add_argument(
-        "--focal", action="store_true", help="focal loss (gamma 2, alpha 0.25) for the class term"
+        "--class-loss",
+        default="bce",
+        choices=CLASS_LOSSES,
+        help="class term: bce (Ultralytics'), varifocal (Zhang et al. 2021, gamma 2, alpha 0.75)"
+        " or quality_focal (Li et al. 2020, beta 2); both made for the soft IoU targets",
     )
     parser.add_argument(
         "--pretrained-file", type=Path, help="local .pt to start from (no download)"
@@ -435,7 +444,7 @@ def config_from_args(args: argparse.Namespace) -> DetectorConfig:
         extras=DetectorExtras(
             balanced_sampling=args.balanced_sampling,
             copy_paste=args.copy_paste,
-            focal=args.focal,
+            class_loss=args.class_loss,
             scale_range=rng,
         ),
     )
