@@ -116,7 +116,9 @@ def status_report(settings: Settings) -> dict[str, Any]:
         live_age = 3 * settings.heartbeat_s
         workers = monitor.workers()
         report["oldest_pending_send_age_s"] = monitor.oldest_pending_send_age()
-        report["delivery"] = delivery_report(monitor.study_delivery())
+        report["delivery"] = delivery_report(
+            monitor.study_delivery(commitment_destinations=settings.commitment_destinations)
+        )
     finally:
         store.close()
     for worker in workers:
@@ -150,11 +152,12 @@ def status_report(settings: Settings) -> dict[str, Any]:
 
 
 def delivery_report(per_study: dict[str, dict[str, str | None]]) -> dict[str, Any]:
-    """Per delivery kind (``ris``): studies counted by state, and the studies not done."""
-    from spine_node.store import DELIVERY_KINDS, DeliveryState
+    """Per delivery kind (``ris``, ``commitment``): studies counted by state, and the studies
+    not done."""
+    from spine_node.store import DELIVERY_FIELDS, DeliveryState
 
     out: dict[str, Any] = {}
-    for kind in DELIVERY_KINDS:
+    for kind in DELIVERY_FIELDS:
         counts = {state.value: 0 for state in DeliveryState}
         open_studies = []
         for uid, states in sorted(per_study.items()):
@@ -329,7 +332,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = open_store(settings)
     try:
-        rows = build_worklist(store.studies())
+        rows = build_worklist(store.studies(settings.commitment_destinations))
     finally:
         store.close()
     if args.json:
@@ -337,7 +340,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         return 0
     print(
         f"{'rank':>4}  {'priority':<14} {'max score':>9}  {'images':>6}  {'ignored':>7}  "
-        f"{'arrived':<19}  {'RIS':<7}  study"
+        f"{'arrived':<19}  {'RIS':<7}  {'commit':<7}  study"
     )
     for row in rows:
         score = "-" if row["max_score"] is None else f"{row['max_score']:.3f}"
@@ -346,6 +349,7 @@ def cmd_worklist(args: argparse.Namespace) -> int:
         print(
             f"{row['rank']:>4}  {row['priority']:<14} {score:>9}  {row['n_images']:>6}  "
             f"{ignored:>7}  {arrived:<19}  {row['delivery']['ris'] or '-':<7}  "
+            f"{row['delivery']['commitment'] or '-':<7}  "
             f"{row['study_instance_uid']}"
         )
     if any(row["n_not_image"] or row["n_out_of_scope"] for row in rows):

@@ -87,11 +87,25 @@ class DicomDestination(_Strict):
     host: str
     port: int = Field(ge=1, le=65535)
     tls: TLSSettings = TLSSettings()
+    #: Ask the peer to commit to keeping the objects (Storage Commitment Push Model, N-ACTION)
+    #: and count them delivered only when its N-EVENT-REPORT confirms them.
+    storage_commitment: bool = False
+    #: How long a commitment request waits for its report before it is asked again.
+    commitment_timeout_s: float = Field(default=300.0, gt=0)
+    #: Requests after the first (a timeout, or a failed object re-sent) before dead.
+    commitment_retries: int = Field(default=3, ge=0, le=100)
+    #: How long the association stays open after N-ACTION for a report on it (0: release).
+    commitment_report_wait_s: float = Field(default=5.0, ge=0)
 
     @field_validator("ae_title")
     @classmethod
     def _check_ae_title(cls, value: str) -> str:
         return _check_ae(value)
+
+    @property
+    def commitment_max_requests(self) -> int:
+        """Commitment requests per object before it is dead (``1 + commitment_retries``)."""
+        return 1 + self.commitment_retries
 
 
 class WebhookDestination(_Strict):
@@ -299,6 +313,15 @@ class Settings(_Strict):
     def dicom_destinations(self) -> tuple[DicomDestination, ...]:
         """The destinations of kind ``"dicom"``."""
         return tuple(d for d in self.destinations if isinstance(d, DicomDestination))
+
+    @property
+    def commitment_destinations(self) -> dict[str, int]:
+        """DICOM destinations with ``storage_commitment``: name -> requests per object."""
+        return {
+            d.name: d.commitment_max_requests
+            for d in self.dicom_destinations
+            if d.storage_commitment
+        }
 
     def destination(self, name: str) -> Destination:
         """Return the destination called ``name``.

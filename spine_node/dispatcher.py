@@ -10,6 +10,14 @@ with exponential backoff
 and jitter; after the last attempt it is ``dead`` (visible in ``spine-node status``, requeued by
 ``spine-node replay``). A retried send reuses the stored object, so its SOP Instance UID never
 changes. APScheduler drives the periodic sweeps (sends, expired leases, spool retention).
+
+At a DICOM destination with ``storage_commitment`` an object the peer stored is ``committing``:
+on the same association the dispatcher requests Storage Commitment for the batch
+(:mod:`spine_node.commitment`), keeps the association open up to ``commitment_report_wait_s``
+for a report on it, and counts each object delivered when a report (on that association or on a
+new one to the node's receiver) confirms it. Each sweep also asks again for objects whose
+report is overdue (``commitment_timeout_s``); a failed object is sent again and asked again;
+after ``commitment_retries`` it is dead with the reason.
 """
 
 from __future__ import annotations
@@ -23,17 +31,25 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pynetdicom
 from apscheduler.schedulers.background import BackgroundScheduler  # type: ignore[import-untyped]
 from pydicom import dcmread
 from pydicom.dataset import FileMetaDataset
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, StoragePresentationContexts
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from spine_node.audit import AuditLog, AuditRecord, Direction
+from spine_node.commitment import (
+    STORAGE_COMMITMENT_PUSH_MODEL,
+    Reference,
+    ReportContext,
+    handle_report,
+    request_commitment,
+)
 from spine_node.config import (
     Destination,
     DicomDestination,
@@ -45,6 +61,7 @@ from spine_node.mllp import Hl7DeliveryError, send_message
 from spine_node.store import (
     Backoff,
     ClaimedSend,
+    Commitments,
     DeliveryState,
     DestinationKind,
     JobStore,
@@ -59,6 +76,13 @@ D = TypeVar("D", DicomDestination, WebhookDestination, Hl7Destination)
 
 #: DIMSE statuses that mean the peer stored the object (success and the storage warnings).
 DELIVERED_STATUSES = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+#: Presentation contexts requested for Storage Commitment (the default syntax first).
+COMMITMENT_CONTEXTS = (
+    (STORAGE_COMMITMENT_PUSH_MODEL, ImplicitVRLittleEndian),
+    (STORAGE_COMMITMENT_PUSH_MODEL, ExplicitVRLittleEndian),
+)
+#: How often the dispatcher looks whether a report arrived while it keeps an association open.
+REPORT_POLL_S = 0.1
 
 
 @dataclass(frozen=True)
@@ -180,9 +204,24 @@ class Dispatcher:
         }
         send_files_as_encoded()
         self._context: dict[int, tuple[int | None, str | None]] = {}
+        self.commitments = Commitments(store)
+        #: the N-EVENT-REPORT handler's context (bound to the dispatcher's associations)
+        self.report_context = ReportContext(
+            store,
+            {
+                d.name: d.commitment_max_requests
+                for d in destinations
+                if isinstance(d, DicomDestination) and d.storage_commitment
+            },
+        )
 
     def run_once(self) -> int:
-        """Claim due sends and try each once; return how many were attempted."""
+        """Claim due sends and try each once, then make the commitment requests due; return
+        how many sends and requested objects were attempted."""
+        attempted = self._run_sends()
+        return attempted + self._request_due_commitments()
+
+    def _run_sends(self) -> int:
         sends = self.store.claim_sends(self.settings.lease_s, self.settings.batch_size)
         if sends:
             self._context = Monitor(self.store).send_context([s.send_id for s in sends])
@@ -320,6 +359,21 @@ class Dispatcher:
             "study_instance_uid": study,
         }
 
+    def _associate(
+        self, dest: DicomDestination, contexts: Sequence[tuple[str, str]]
+    ) -> Any:
+        """Request an association with ``dest`` proposing ``contexts`` (plus Storage
+        Commitment, with the report handler bound, when the destination asks for it)."""
+        handlers: list[Any] = []
+        if dest.storage_commitment:
+            contexts = [*contexts, *COMMITMENT_CONTEXTS]
+            handlers = [(evt.EVT_N_EVENT_REPORT, handle_report, [self.report_context])]
+        ae = _scu_ae(self.settings.calling_ae, self.settings.timeout_s, contexts)
+        tls = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
+        return ae.associate(
+            dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls, evt_handlers=handlers
+        )
+
     def _send_dicom(self, dest: DicomDestination, batch: list[ClaimedSend]) -> None:
         files: list[tuple[ClaimedSend, Path, FileMetaDataset]] = []
         contexts: list[tuple[str, str]] = []
@@ -333,9 +387,7 @@ class Dispatcher:
                 self._failed(send, f"result object unreadable: {exc}")
         if not files:
             return
-        ae = _scu_ae(self.settings.calling_ae, self.settings.timeout_s, contexts)
-        tls = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
-        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        assoc = self._associate(dest, contexts)
         if not assoc.is_established:
             for send, _, _ in files:
                 self._failed(
@@ -344,6 +396,7 @@ class Dispatcher:
                     "was rejected or could not be made",
                 )
             return
+        stored: list[tuple[ClaimedSend, Reference]] = []
         try:
             for send, path, meta in files:
                 if not assoc.is_established:
@@ -356,7 +409,18 @@ class Dispatcher:
                     continue
                 status = int(rsp.Status) if "Status" in rsp else None
                 self._audit(dest, path, meta, status)
-                if status in DELIVERED_STATUSES:
+                if status in DELIVERED_STATUSES and dest.storage_commitment:
+                    self.commitments.stored(send.send_id, self.settings.lease_s)
+                    stored.append((send, _reference(meta)))
+                    logger.info(
+                        "send %d%s stored at %s (status 0x%04X), commitment to be requested",
+                        send.send_id,
+                        self._of_job(send),
+                        dest.name,
+                        status,
+                        extra=self._fields(send),
+                    )
+                elif status in DELIVERED_STATUSES:
                     self.store.mark_sent(send.send_id)
                     logger.info(
                         "send %d%s delivered to %s (status 0x%04X)",
@@ -369,9 +433,112 @@ class Dispatcher:
                 else:
                     text = "no response" if status is None else f"status 0x{status:04X}"
                     self._failed(send, f"C-STORE refused by {dest.ae_title}: {text}")
+            if stored:
+                self._request_commitment(dest, assoc, stored)
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _request_due_commitments(self) -> int:
+        """Ask again for committing objects whose report is overdue (or never requested)."""
+        claimed = self.commitments.claim_due(self.settings.lease_s, self.settings.batch_size)
+        if not claimed:
+            return 0
+        self._context = Monitor(self.store).send_context([s.send_id for s in claimed])
+        batches: dict[str, list[ClaimedSend]] = defaultdict(list)
+        for send in claimed:
+            batches[send.destination].append(send)
+        for name, batch in batches.items():
+            dest = self._configured(name, DicomDestination, batch)
+            if dest is None:
+                continue
+            if not dest.storage_commitment:
+                for send in batch:  # commitment was turned off: the C-STORE success counts
+                    self.store.mark_sent(send.send_id)
+                continue
+            items: list[tuple[ClaimedSend, Reference]] = []
+            for send in batch:
+                try:
+                    items.append((send, _reference(read_file_meta_info(self.outbox_dir / send.path))))
+                except Exception as exc:
+                    self._failed(send, f"result object unreadable: {exc}")
+            if not items:
+                continue
+            assoc = self._associate(dest, [])
+            try:
+                self._request_commitment(dest, assoc, items)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+        return len(claimed)
+
+    def _request_commitment(
+        self, dest: DicomDestination, assoc: Any, items: list[tuple[ClaimedSend, Reference]]
+    ) -> None:
+        """Record and send one commitment request for ``items``; wait a while for its report.
+
+        The Transaction UID is stored with the objects before the N-ACTION goes out, so a
+        report that arrives at once (on a new association) finds them.
+        """
+        transaction_uid = generate_uid()
+        requested, dead = self.commitments.begin(
+            [send.send_id for send, _ in items],
+            transaction_uid,
+            dest.commitment_timeout_s,
+            dest.commitment_max_requests,
+        )
+        for send, _ in items:
+            if send.send_id in dead:
+                logger.error(
+                    "send %d%s to %s: no storage commitment report after %d request(s) -> dead",
+                    send.send_id,
+                    self._of_job(send),
+                    dest.name,
+                    dest.commitment_max_requests,
+                    extra=self._fields(send),
+                )
+        references = [ref for send, ref in items if send.send_id in requested]
+        if not references:
+            return
+        if not assoc.is_established:
+            why = (
+                f"association with {dest.ae_title}@{dest.host}:{dest.port} "
+                "was rejected or could not be made"
+            )
+            status = None
+        else:
+            status, why = request_commitment(assoc, transaction_uid, references)
+        if status != 0:
+            self.commitments.request_failed(
+                requested,
+                f"storage commitment request to {dest.ae_title}: {why}",
+                self.settings.backoff,
+                self.rng,
+            )
+            logger.warning(
+                "storage commitment request %s to %s for %d object(s) failed: %s",
+                transaction_uid,
+                dest.name,
+                len(references),
+                why,
+                extra={"destination": dest.name, "transaction_uid": transaction_uid},
+            )
+            return
+        logger.info(
+            "storage commitment requested from %s for %d object(s), transaction %s",
+            dest.name,
+            len(references),
+            transaction_uid,
+            extra={"destination": dest.name, "transaction_uid": transaction_uid},
+        )
+        # a report on this association is served by its reactor while we wait here
+        deadline = time.monotonic() + dest.commitment_report_wait_s
+        while (
+            time.monotonic() < deadline
+            and assoc.is_established
+            and self.commitments.is_open(transaction_uid)
+        ):
+            time.sleep(REPORT_POLL_S)
 
     def _audit(
         self, dest: DicomDestination, path: Path, meta: FileMetaDataset, status: int | None
@@ -437,8 +604,15 @@ class Dispatcher:
         study = document.get("study_instance_uid") if isinstance(document, dict) else None
         if not isinstance(study, str):
             return body
-        delivery = Monitor(self.store).study_delivery([study])[study]
+        delivery = Monitor(self.store).study_delivery(
+            [study], self.report_context.max_requests
+        )[study]
         return json.dumps({**document, "delivery": delivery}, sort_keys=True).encode()
+
+
+def _reference(meta: FileMetaDataset) -> Reference:
+    """The commitment reference of a stored object, from its File Meta Information."""
+    return Reference(str(meta.MediaStorageSOPClassUID), str(meta.MediaStorageSOPInstanceUID))
 
 
 def retention_sweep(store: JobStore, spool_dir: Path, retention_s: float, now: float) -> int:

@@ -24,6 +24,10 @@ Service Class, which is what pynetdicom's process-wide ``UNRESTRICTED_STORAGE_SE
 but per association and with our transfer syntax preference (pynetdicom's unrestricted mode
 takes the first proposed syntax, lossy or not, and would apply to every AE in the process).
 
+When a destination asks for Storage Commitment, the receiver also accepts the Storage
+Commitment Push Model in the SCU role (the peer proposes the SCP role) for the reports that
+peers send on a new association; :func:`spine_node.commitment.handle_report` records them.
+
 Refused associations (unknown calling or called AE, too many associations) and rejected
 presentation contexts are logged with the peer address, both AE titles and the reason; every
 object received is written to the audit trail (:mod:`spine_node.audit`).
@@ -57,6 +61,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from spine_node import codecs
 from spine_node.audit import AuditLog, AuditRecord, Direction
+from spine_node.commitment import STORAGE_COMMITMENT_PUSH_MODEL, ReportContext, handle_report
 from spine_node.config import Settings
 from spine_node.sop_classes import RADIOGRAPH_CLASSES, Category, classify, is_storage_like
 from spine_node.spool import SpoolFull, fsync_dir, relative_name, target_path, write_durable
@@ -476,7 +481,7 @@ def handle_sop_common(event: evt.Event, policy: NegotiationPolicy) -> dict[str, 
         return {}
     items: dict[str, Any] = {}
     standard = {str(cx.abstract_syntax) for cx in AllStoragePresentationContexts}
-    standard.add(str(Verification))
+    standard.update((str(Verification), STORAGE_COMMITMENT_PUSH_MODEL))
     for cx in event.assoc.acceptor.supported_contexts:
         uid = str(cx.abstract_syntax)
         if uid not in standard:
@@ -548,6 +553,14 @@ def build_ae(settings: Settings, policy: NegotiationPolicy | None = None) -> AE:
         syntaxes = policy.image_syntaxes if uid in RADIOGRAPH_CLASSES else policy.storage_syntaxes
         ae.add_supported_context(uid, list(syntaxes))
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if settings.commitment_destinations:
+        # the reports of Storage Commitment: the peer is the SCP, the node the SCU
+        ae.add_supported_context(
+            STORAGE_COMMITMENT_PUSH_MODEL,
+            [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+            scu_role=False,
+            scp_role=True,
+        )
     return ae
 
 
@@ -586,7 +599,7 @@ def start_receiver(
         audit=audit or AuditLog(settings.audit_path),
     )
     policy = NegotiationPolicy.from_settings(settings)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [ctx]),
         (evt.EVT_REQUESTED, handle_requested, [policy]),
@@ -594,6 +607,9 @@ def start_receiver(
         (evt.EVT_REJECTED, handle_rejected),
         (evt.EVT_ACCEPTED, handle_accepted),
     ]
+    if settings.commitment_destinations:
+        report_ctx = ReportContext(store, settings.commitment_destinations)
+        handlers.append((evt.EVT_N_EVENT_REPORT, handle_report, [report_ctx]))
     ae = build_ae(settings, policy)
     ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
     server = ae.make_server(

@@ -20,7 +20,11 @@ ends ``dead``. A locked SQLite database is waited for, never an error (see
 timeout so the receiver can answer "out of resources".
 
 Outbound states: ``pending`` (due at next_attempt_at) -> ``sending`` (leased) -> ``sent``,
-or back to ``pending`` with exponential backoff, or ``dead`` after the last attempt.
+or back to ``pending`` with exponential backoff, or ``dead`` after the last attempt. At a
+destination with Storage Commitment a stored object is ``committing`` until the peer's report
+confirms it (``sent``), reports it failed (``pending``: sent again, then asked again) or the
+requests are spent (``dead``); a committing object's ``commitment_uid`` is the Transaction UID
+of its latest request and ``next_attempt_at`` when it is asked again (report overdue).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import logging
 import random
 import sqlite3
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,6 +94,8 @@ class SendState(str, enum.Enum):
 
     PENDING = "pending"
     SENDING = "sending"
+    #: stored by the peer, waiting for its Storage Commitment report
+    COMMITTING = "committing"
     SENT = "sent"
     DEAD = "dead"
     #: never sent, and never will be: a newer message of the same study to the same
@@ -142,6 +148,9 @@ def delivery_state(states: Sequence[str]) -> DeliveryState | None:
 
 #: The per-study delivery fields: ``ris`` (HL7 to the RIS); each kind adds its field here.
 DELIVERY_KINDS: Mapping[str, DestinationKind] = {"ris": DestinationKind.HL7}
+#: Every per-study delivery field: the kinds above, and ``commitment`` (Storage Commitment of
+#: the study's result objects at the DICOM destinations that ask for it).
+DELIVERY_FIELDS: tuple[str, ...] = (*DELIVERY_KINDS, "commitment")
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,10 @@ class Outbound(Base):
     study_instance_uid: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     #: failed delivery attempts (never reset, not even by replay: a counter for metrics)
     failures: Mapped[int] = mapped_column(Integer, default=0)
+    #: Transaction UID of the latest Storage Commitment request naming this object
+    commitment_uid: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    #: Storage Commitment requests made for this object (since it was queued or replayed)
+    commit_attempts: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class DriftAlarm(Base):
@@ -308,6 +321,8 @@ _ADDED_COLUMNS = (
     ("outbound", "study_instance_uid", "VARCHAR(128)"),
     ("jobs", "decoder_crashes", "INTEGER NOT NULL DEFAULT 0"),
     ("outbound", "failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("outbound", "commitment_uid", "VARCHAR(64)"),
+    ("outbound", "commit_attempts", "INTEGER NOT NULL DEFAULT 0"),
 )
 
 
@@ -1236,7 +1251,13 @@ class JobStore:
             stmt: Any = (
                 update(Outbound)
                 .where(cond)
-                .values(state=SendState.PENDING.value, attempts=0, next_attempt_at=now)
+                .values(
+                    state=SendState.PENDING.value,
+                    attempts=0,
+                    next_attempt_at=now,
+                    commit_attempts=0,
+                    commitment_uid=None,
+                )
             )
         elif what == "jobs":
             jcond: Any = Job.state.in_([JobState.DEAD.value, JobState.FAILED.value])
@@ -1515,12 +1536,12 @@ class JobStore:
 
         return self._run(study_results)
 
-    def studies(self) -> list[dict[str, Any]]:
+    def studies(self, commitment_destinations: Collection[str] = ()) -> list[dict[str, Any]]:
         """Every study with results: first arrival time, its results (for the worklist), how
         many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``), its
         last queued study summary (``summary``: ``revision``, ``sop_instance_uid``; absent
         before the first) and where its deliveries stand (``delivery``:
-        :meth:`Monitor.study_delivery`)."""
+        :meth:`Monitor.study_delivery`; ``commitment`` over ``commitment_destinations``)."""
 
         def rows(s: Session) -> list[Any]:
             return list(
@@ -1578,7 +1599,7 @@ class JobStore:
                     "revision": int(revision),
                     "sop_instance_uid": document_uid,
                 }
-        delivery = Monitor(self).study_delivery(list(studies))
+        delivery = Monitor(self).study_delivery(list(studies), commitment_destinations)
         for study_uid, entry in studies.items():
             entry["delivery"] = delivery[study_uid]
         return list(studies.values())
@@ -1874,23 +1895,31 @@ class Monitor:
         return self.store._run(send_context)
 
     def study_delivery(
-        self, study_instance_uids: Sequence[str] | None = None
+        self,
+        study_instance_uids: Sequence[str] | None = None,
+        commitment_destinations: Collection[str] = (),
     ) -> dict[str, dict[str, str | None]]:
-        """Per study, where each delivery kind stands: ``{uid: {"ris": "done"|...|None}}``.
+        """Per study, where each delivery kind stands: ``{uid: {"ris": "done"|...|None,
+        "commitment": ...}}``.
 
         For each destination only the study's newest send counts (a newer revision's message
-        supersedes an older one); see :func:`delivery_state`.
+        supersedes an older one); see :func:`delivery_state`. ``commitment`` covers every
+        result object of the study at ``commitment_destinations``
+        (:meth:`Commitments.study_states`).
 
         Parameters
         ----------
         study_instance_uids : sequence of str, optional
-            Only these studies (default: every study with a study-level send).
+            Only these studies (default: every study with a study-level send or an object at
+            a commitment destination).
+        commitment_destinations : collection of str
+            Names of the DICOM destinations with ``storage_commitment``.
 
         Returns
         -------
         dict
-            Every listed study (or every study with study-level sends) with one key per
-            :data:`DELIVERY_KINDS` entry (None: nothing of that kind for the study).
+            Every listed study (or every study with such sends) with one key per
+            :data:`DELIVERY_FIELDS` entry (None: nothing of that kind for the study).
         """
         kinds = {kind.value: field for field, kind in DELIVERY_KINDS.items()}
 
@@ -1911,7 +1940,12 @@ class Monitor:
         found: dict[str, dict[str, list[str]]] = {}
         for study, kind, state in self.store._run(study_delivery):
             found.setdefault(study, {}).setdefault(kinds[kind], []).append(state)
-        uids = list(found) if study_instance_uids is None else list(study_instance_uids)
+        commitment = Commitments(self.store).study_states(commitment_destinations)
+        uids = (
+            list(dict.fromkeys([*found, *commitment]))
+            if study_instance_uids is None
+            else list(study_instance_uids)
+        )
         out: dict[str, dict[str, str | None]] = {}
         for uid in uids:
             per_kind = found.get(uid, {})
@@ -1919,6 +1953,7 @@ class Monitor:
             for field in DELIVERY_KINDS:
                 state = delivery_state(per_kind.get(field, []))
                 out[uid][field] = None if state is None else state.value
+            out[uid]["commitment"] = commitment.get(uid)
         return out
 
     def expired_outbox(self, older_than: float, limit: int = 1000) -> list[str]:
@@ -2081,6 +2116,278 @@ class Monitor:
             return int(row[0].id)
 
         return self.store._run(resent)
+
+
+class Commitments:
+    """Storage Commitment state of outbound objects (the ``committing`` send state).
+
+    Every step is one transaction, so a restart loses no pending commitment: an object
+    stored by the peer is ``committing`` with the Transaction UID of its latest request
+    (written before the N-ACTION goes out, so a report that arrives at once finds it) and the
+    time it is asked again when no report came.
+
+    Parameters
+    ----------
+    store : JobStore
+        The queue.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def stored(self, send_id: int, lease_s: float) -> None:
+        """The peer stored the object (C-STORE success): it waits for its commitment request,
+        which the same dispatcher makes next (leased for ``lease_s`` meanwhile)."""
+        now = self.store.clock()
+
+        def stored(s: Session) -> None:
+            s.execute(
+                update(Outbound)
+                .where(Outbound.id == send_id)
+                .values(
+                    state=SendState.COMMITTING.value,
+                    next_attempt_at=now,
+                    lease_until=now + lease_s,
+                    commitment_uid=None,
+                    last_error=None,
+                )
+            )
+
+        self.store._run(stored)
+
+    def claim_due(self, lease_s: float, limit: int) -> list[ClaimedSend]:
+        """Lease committing objects whose request is due (never made, or its report overdue)."""
+        now = self.store.clock()
+        due = (
+            (Outbound.state == SendState.COMMITTING.value)
+            & (Outbound.next_attempt_at <= now)
+            & (Outbound.lease_until.is_(None) | (Outbound.lease_until < now))
+        )
+
+        def claim_due(s: Session) -> list[ClaimedSend]:
+            rows = s.scalars(
+                select(Outbound)
+                .where(due)
+                .order_by(Outbound.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).all()
+            out = []
+            for row in rows:
+                row.lease_until = now + lease_s
+                out.append(
+                    ClaimedSend(
+                        row.id,
+                        row.destination,
+                        DestinationKind(row.kind),
+                        row.object_uid,
+                        row.path,
+                        row.attempts,
+                    )
+                )
+            return out
+
+        return self.store._run(claim_due)
+
+    def begin(
+        self, send_ids: Sequence[int], transaction_uid: str, timeout_s: float, max_requests: int
+    ) -> tuple[list[int], list[int]]:
+        """Record a commitment request before it is made.
+
+        Objects whose ``max_requests`` are spent (their reports never came) end ``dead``;
+        the others get ``transaction_uid`` and are asked again after ``timeout_s``.
+
+        Returns
+        -------
+        (list of int, list of int)
+            The send ids to request, and those that ended dead.
+        """
+        if max_requests < 1:
+            raise ValueError(f"max_requests must be >= 1, got {max_requests!r}")
+        now = self.store.clock()
+
+        def begin(s: Session) -> tuple[list[int], list[int]]:
+            rows = s.scalars(
+                select(Outbound)
+                .where(
+                    Outbound.id.in_(list(send_ids))
+                    & (Outbound.state == SendState.COMMITTING.value)
+                )
+                .order_by(Outbound.id)
+                .with_for_update()
+            ).all()
+            requested, dead = [], []
+            for row in rows:
+                row.lease_until = None
+                if row.commit_attempts >= max_requests:
+                    row.state = SendState.DEAD.value
+                    row.last_error = (
+                        f"no storage commitment report within {timeout_s:g} s after "
+                        f"{row.commit_attempts} request(s)"
+                        + (f"; last: {row.last_error}" if row.last_error else "")
+                    )[:2000]
+                    dead.append(row.id)
+                    continue
+                row.commit_attempts += 1
+                row.commitment_uid = transaction_uid
+                row.next_attempt_at = now + timeout_s
+                requested.append(row.id)
+            return requested, dead
+
+        return self.store._run(begin)
+
+    def request_failed(
+        self, send_ids: Sequence[int], error: str, backoff: Backoff, rng: random.Random
+    ) -> None:
+        """The request could not be made or was refused: ask again after a backoff (the
+        request counts)."""
+        now = self.store.clock()
+
+        def request_failed(s: Session) -> None:
+            for row in s.scalars(
+                select(Outbound).where(
+                    Outbound.id.in_(list(send_ids))
+                    & (Outbound.state == SendState.COMMITTING.value)
+                )
+            ):
+                row.next_attempt_at = now + backoff.delay(max(1, row.commit_attempts), rng)
+                row.lease_until = None
+                row.last_error = error[:2000]
+
+        self.store._run(request_failed)
+
+    def record_report(
+        self,
+        transaction_uid: str,
+        committed: Sequence[str],
+        failed: Mapping[str, str],
+        max_requests: Mapping[str, int],
+    ) -> dict[str, int]:
+        """Apply a Storage Commitment report (N-EVENT-REPORT) of one transaction.
+
+        Parameters
+        ----------
+        transaction_uid : str
+            The request's Transaction UID (only objects whose latest request it was change).
+        committed : sequence of str
+            SOP Instance UIDs the peer commits to keep: ``sent``.
+        failed : Mapping[str, str]
+            SOP Instance UID -> the failure reason, in words: sent again (``pending``) and
+            asked again, or ``dead`` when the destination's requests are spent.
+        max_requests : Mapping[str, int]
+            Requests per object of each commitment destination (absent: 1).
+
+        Returns
+        -------
+        dict of str to int
+            ``committed``, ``resend``, ``dead`` and ``unknown`` (references of no pending
+            object of this transaction) counts.
+        """
+        now = self.store.clock()
+
+        def record_report(s: Session) -> dict[str, int]:
+            rows = s.scalars(
+                select(Outbound)
+                .where(
+                    (Outbound.commitment_uid == transaction_uid)
+                    & (Outbound.state == SendState.COMMITTING.value)
+                )
+                .with_for_update()
+            ).all()
+            by_uid = {row.object_uid: row for row in rows}
+            counts = {"committed": 0, "resend": 0, "dead": 0, "unknown": 0}
+            for uid in committed:
+                row = by_uid.pop(uid, None)
+                if row is None:
+                    counts["unknown"] += 1
+                    continue
+                row.state = SendState.SENT.value
+                row.sent_at = now
+                row.lease_until = None
+                row.last_error = None
+                counts["committed"] += 1
+            for uid, reason in failed.items():
+                row = by_uid.pop(uid, None)
+                if row is None:
+                    counts["unknown"] += 1
+                    continue
+                row.commitment_uid = None
+                row.lease_until = None
+                if row.commit_attempts >= max_requests.get(row.destination, 1):
+                    row.state = SendState.DEAD.value
+                    row.last_error = (
+                        f"storage commitment failed after {row.commit_attempts} request(s): "
+                        f"{reason}"
+                    )[:2000]
+                    counts["dead"] += 1
+                else:
+                    row.state = SendState.PENDING.value
+                    row.next_attempt_at = now
+                    row.last_error = f"storage commitment failed: {reason}; sent again"[:2000]
+                    counts["resend"] += 1
+            return counts
+
+        return self.store._run(record_report)
+
+    def is_open(self, transaction_uid: str) -> bool:
+        """True while an object of the transaction still waits for its report."""
+
+        def is_open(s: Session) -> bool:
+            return (
+                s.scalar(
+                    select(Outbound.id)
+                    .where(
+                        (Outbound.commitment_uid == transaction_uid)
+                        & (Outbound.state == SendState.COMMITTING.value)
+                    )
+                    .limit(1)
+                )
+                is not None
+            )
+
+        return self.store._run(is_open)
+
+    def open_transactions(self) -> dict[str, int]:
+        """Transaction UID -> how many of its objects still wait for the report."""
+
+        def open_transactions(s: Session) -> dict[str, int]:
+            rows = s.execute(
+                select(Outbound.commitment_uid, func.count())
+                .where(
+                    (Outbound.state == SendState.COMMITTING.value)
+                    & Outbound.commitment_uid.is_not(None)
+                )
+                .group_by(Outbound.commitment_uid)
+            ).all()
+            return {str(uid): int(n) for uid, n in rows}
+
+        return self.store._run(open_transactions)
+
+    def study_states(self, destinations: Collection[str]) -> dict[str, str]:
+        """Per study, its result objects' commitment at ``destinations``: ``done`` (every
+        object committed), ``pending`` (some still on their way) or ``dead``
+        (:func:`delivery_state` over every object, not only the newest)."""
+        if not destinations:
+            return {}
+
+        def study_states(s: Session) -> dict[str, str]:
+            study = func.coalesce(Outbound.study_instance_uid, Result.study_instance_uid)
+            rows = s.execute(
+                select(study, Outbound.state, func.count())
+                .outerjoin(Result, Result.id == Outbound.result_id)
+                .where(Outbound.destination.in_(list(destinations)) & study.is_not(None))
+                .group_by(study, Outbound.state)
+            ).all()
+            states: dict[str, list[str]] = {}
+            for uid, send_state, _n in rows:
+                states.setdefault(str(uid), []).append(str(send_state))
+            return {
+                uid: combined.value
+                for uid, found in states.items()
+                if (combined := delivery_state(found)) is not None
+            }
+
+        return self.store._run(study_states)
 
 
 def _requeue_finished_job(s: Session, job: Job, now: float) -> None:

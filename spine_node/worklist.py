@@ -11,7 +11,7 @@ from typing import Any
 
 from spine_node.results.priority import LEVELS, study_priority
 from spine_node.results.types import ResultRecord, Status
-from spine_node.store import DELIVERY_KINDS
+from spine_node.store import DELIVERY_FIELDS
 
 #: Reading order of priority values: positive studies first, then those the AI could not read
 #: (a radiologist must read them unassisted), then negative.
@@ -35,8 +35,9 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         ``n_out_of_scope`` (images outside the intended use), ``arrival``,
         ``study_instance_uid``, and ``summary_revision`` / ``summary_sop_instance_uid``: the
         study summary SR revision that states the same priority (None before the first),
-        and ``delivery``: per delivery kind (``ris``: the HL7 ORU to the RIS) ``"done"``,
-        ``"pending"``, ``"dead"`` or None (nothing of that kind configured or queued).
+        and ``delivery``: per delivery kind (``ris``: the HL7 ORU to the RIS; ``commitment``:
+        Storage Commitment of the result objects at the PACS) ``"done"``, ``"pending"``,
+        ``"dead"`` or None (nothing of that kind configured or queued).
         Ignored objects never change the priority.
     """
     rows = []
@@ -58,7 +59,7 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 # the study summary SR that states this priority (its latest revision)
                 "summary_revision": study.get("summary", {}).get("revision"),
                 "summary_sop_instance_uid": study.get("summary", {}).get("sop_instance_uid"),
-                "delivery": {k: study.get("delivery", {}).get(k) for k in DELIVERY_KINDS},
+                "delivery": {k: study.get("delivery", {}).get(k) for k in DELIVERY_FIELDS},
             }
         )
     rows.sort(

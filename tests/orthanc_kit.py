@@ -49,11 +49,24 @@ class Orthanc:
         Holds the configuration, the storage, the index and the log.
     aet : str
         Orthanc's DICOM AE title.
+    modalities : Mapping[str, Mapping[str, Any]], optional
+        ``DicomModalities`` entries (name -> ``{"AET", "Host", "Port", ...}``): the peers
+        Orthanc opens associations to, e.g. to send Storage Commitment reports.
+    lua : str, optional
+        A Lua script Orthanc runs (``LuaScripts``), e.g. a ``ReceivedInstanceFilter``.
     """
 
-    def __init__(self, work_dir: Path, aet: str = "ORTHANC") -> None:
+    def __init__(
+        self,
+        work_dir: Path,
+        aet: str = "ORTHANC",
+        modalities: Mapping[str, Mapping[str, Any]] | None = None,
+        lua: str | None = None,
+    ) -> None:
         self.work_dir = Path(work_dir)
         self.aet = aet
+        self.modalities = {k: dict(v) for k, v in (modalities or {}).items()}
+        self.lua = lua
         self.http_port = free_port()
         self.dicom_port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -83,7 +96,7 @@ class Orthanc:
             "DicomCheckCalledAet": False,
             "DicomAlwaysAllowStore": True,
             "DicomAlwaysAllowEcho": True,
-            "DicomModalities": {},
+            "DicomModalities": self.modalities,
             "OrthancPeers": {},
             "Plugins": [],
             "HttpsVerifyPeers": False,
@@ -92,6 +105,7 @@ class Orthanc:
             "HttpThreadsCount": 4,
             "OverwriteInstances": False,
             "StableAge": 1,
+            "LuaScripts": [str(self.work_dir / "script.lua")] if self.lua else [],
         }
 
     def start(self, timeout: float = 30.0) -> Orthanc:
@@ -109,6 +123,8 @@ class Orthanc:
             raise FileNotFoundError("Orthanc is not installed (apt-get install orthanc)")
         self.work_dir.mkdir(parents=True, exist_ok=True)
         config = self.work_dir / "orthanc.json"
+        if self.lua:
+            (self.work_dir / "script.lua").write_text(self.lua)
         config.write_text(json.dumps(self.config(), indent=2))
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         try:
@@ -168,6 +184,17 @@ class Orthanc:
         )
         with self._http.open(request, timeout=30) as response:
             return json.loads(response.read())
+
+    def put(self, path: str, body: Mapping[str, Any]) -> None:
+        """PUT a JSON body to ``path`` (e.g. ``/modalities/{name}``)."""
+        request = urllib.request.Request(
+            self.base_url + path,
+            data=json.dumps(body).encode(),
+            method="PUT",
+            headers={"Content-Type": "application/json"},
+        )
+        with self._http.open(request, timeout=30) as response:
+            response.read()
 
     def upload(self, path: Path) -> dict[str, Any]:
         """Store one DICOM file through ``POST /instances``; return Orthanc's answer."""

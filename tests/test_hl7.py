@@ -211,11 +211,11 @@ def test_an_older_revision_never_reaches_the_ris_after_a_newer_one(
 
         drain()
         assert store.status()["outbound"]["ris"]["dead"] == 1
-        assert monitor.study_delivery(["1.2.3.1"]) == {"1.2.3.1": {"ris": "dead"}}
+        assert monitor.study_delivery(["1.2.3.1"]) == {"1.2.3.1": {"ris": "dead", "commitment": None}}
         second = queue("1.2.3.1", 2)
         drain()
         assert listener.messages() == [first, first, second]
-        assert monitor.study_delivery(["1.2.3.1"]) == {"1.2.3.1": {"ris": "done"}}
+        assert monitor.study_delivery(["1.2.3.1"]) == {"1.2.3.1": {"ris": "done", "commitment": None}}
         assert store.replay("sends") == 1
         drain()
         assert listener.messages() == [first, first, second]  # revision 1 was not sent again

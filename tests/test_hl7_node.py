@@ -162,7 +162,7 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     first = node.ris.messages()
     assert len(first) == 3 and len(set(first)) == 1  # the same stored message each time
     row = node.worklist_row()
-    assert row["delivery"] == {"ris": "dead"}
+    assert row["delivery"] == {"ris": "dead", "commitment": None}
     _check_message(first[0], node, row, "F")
     log = node.log.read_text()
     assert "ACK AE" in log and "ACK AR" in log  # each attempt logged ...
@@ -171,7 +171,7 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     # the webhook said "pending" (posted after the first refusal), then is posted again: dead
     wait_for(lambda: len(node.hooks.received()) == 2, timeout=60)
     assert [h.json()["delivery"] for h in node.hooks.received()] == [
-        {"ris": "pending"}, {"ris": "dead"}]
+        {"ris": "pending", "commitment": None}, {"ris": "dead", "commitment": None}]
 
     # replay: a wrong control ID is retried, then AA delivers the same message
     node.ris.add("wrong-id", "AA")
@@ -184,7 +184,7 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     assert status["delivery"]["ris"]["studies"] == {"done": 1, "pending": 0, "dead": 0}
     assert not status["dead"]["sends"]
     wait_for(lambda: len(node.hooks.received()) == 3, timeout=60)
-    assert node.hooks.received()[2].json()["delivery"] == {"ris": "done"}
+    assert node.hooks.received()[2].json()["delivery"] == {"ris": "done", "commitment": None}
     assert node.hooks.received()[2].json()["revision"] == 1
 
     # revision 2: a second image changes what the study states -> a correction, ACK AA at once
@@ -197,6 +197,6 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     assert _field(second, "MSH", 10) != _field(hl7.parse(first[0]), "MSH", 10)
     wait_for(lambda: len(node.hooks.received()) == 4, timeout=60)
     body = node.hooks.received()[3].json()
-    assert body["revision"] == 2 and body["delivery"] == {"ris": "done"}  # HL7 went first
+    assert body["revision"] == 2 and body["delivery"] == {"ris": "done", "commitment": None}
     out = node.cli("worklist").stdout
     assert any(node.study in line and " done " in line for line in out.splitlines())

@@ -188,7 +188,7 @@ def test_complete_records_result_and_sends_once(store: tuple[JobStore, Clock]) -
     # a re-run producing the same UIDs queues nothing new
     s.add_sends([SendSpec("pacs", DestinationKind.DICOM, "9.9.1", "a/b.dcm")])
     status = s.status()
-    idle = {"sending": 0, "sent": 0, "dead": 0, "superseded": 0}
+    idle = {"sending": 0, "committing": 0, "sent": 0, "dead": 0, "superseded": 0}
     assert status["outbound"] == {"pacs": {"pending": 1, **idle}, "pacs2": {"pending": 1, **idle}}
     assert status["results"] == {"positive": 1}
     assert s.study_results("1.2.3")[0][1] == {"k": 1}
@@ -347,13 +347,14 @@ def test_study_delivery_supersede_and_webhook_update(store: tuple[JobStore, Cloc
     s.add_sends([SendSpec("ris", hl7, "hl7:S:1", "a/1.hl7", "S"),
                  SendSpec("ris2", hl7, "hl7:S:1", "a/2.hl7", "S"),
                  SendSpec("hook", hook, "webhook:S:1", "a/1.json", "S")])
-    assert monitor.study_delivery(["S", "T"]) == {"S": {"ris": "pending"}, "T": {"ris": None}}
+    assert monitor.study_delivery(["S", "T"]) == {
+        "S": {"ris": "pending", "commitment": None}, "T": {"ris": None, "commitment": None}}
     rng, backoff = random.Random(0), Backoff(1.0, 1.0, 0.0)
     ids = {c.destination: c.send_id for c in s.claim_sends(60.0, 10)}
     s.mark_sent(ids["ris"])
     assert monitor.study_delivery(["S"])["S"]["ris"] == "pending"  # ris2 still owes it
     assert s.mark_send_failed(ids["ris2"], "ACK AE", 1, backoff, rng) is SendState.DEAD
-    assert monitor.study_delivery() == {"S": {"ris": "dead"}}
+    assert monitor.study_delivery() == {"S": {"ris": "dead", "commitment": None}}
     assert s.queue_webhook_update("S", "ris-dead") == 0  # the webhook was not posted yet
     s.mark_sent(ids["hook"])
     assert s.queue_webhook_update("S", "ris-dead") == 1
