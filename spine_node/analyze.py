@@ -36,7 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model bundle directory (default: the configured bundle, else the embedded demo bundle)",
     )
     parser.add_argument(
-        "--backend", choices=["torch", "onnx"], default=None, help="inference backend"
+        "--backend",
+        choices=["auto", "torch", "onnxruntime", "openvino", "onnx"],
+        default=None,
+        help="inference backend (default: the configured one, else torch)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default=None,
+        help="arithmetic precision (default: the configured one, else fp32)",
     )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--heatmaps", action="store_true", help="compute Grad-CAM heatmaps")
@@ -47,18 +56,20 @@ def demo_bundle_dir() -> Path:
     return Path(str(resources.files("spine_node") / "demo_bundle"))
 
 
-def _configured(args: argparse.Namespace) -> tuple[str | None, str | None, str | None]:
-    """Bundle, backend and device from ``--config`` when one is given."""
+def _configured(
+    args: argparse.Namespace,
+) -> tuple[str | None, str | None, str | None, str | None]:
+    """Bundle, backend, device and precision from ``--config`` when one is given."""
     config = getattr(args, "config", None)
     if not config:
-        return None, None, None
+        return None, None, None, None
     from spine_node.config import load_settings
 
     settings = load_settings(Path(config))
     bundle = settings.bundle
     if bundle == "demo":
         bundle = str(demo_bundle_dir())
-    return bundle, settings.backend, settings.device
+    return bundle, settings.backend, settings.device, settings.precision
 
 
 def _choose_bundle(args: argparse.Namespace, configured: str | None) -> Path | None:
@@ -77,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     from spine_node.config import ConfigError
 
     try:
-        configured, backend, device = _configured(args)
+        configured, backend, device, precision = _configured(args)
     except ConfigError as exc:
         print(f"spine-node analyze: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -99,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
             bundle,
             device=args.device or device or "auto",
             backend=args.backend or backend or "torch",
+            precision=args.precision or precision or "fp32",
             heatmaps=bool(args.heatmaps),
         )
     except (BundleError, ValueError) as exc:

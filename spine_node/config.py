@@ -213,7 +213,8 @@ class Settings(_Strict):
 
     bundle: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    backend: Literal["torch", "onnx"] = "torch"
+    backend: Literal["auto", "torch", "onnxruntime", "openvino", "onnx"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     worker_batch_size: int = Field(default=4, ge=1, le=256)
     decode_isolation: bool = True
     decode_timeout_s: float = Field(default=120.0, gt=0)

@@ -194,6 +194,7 @@ def load_cascade(settings: Settings) -> Any:
     from spine_node.imaging import prepare
     from spine_node.isolation import IsolatedPreparer
     from spine_node.models.bundle import BundleError
+    from spine_node.models.triage import TTA_VIEW_NAMES
     from spine_node.pipeline import Cascade
 
     preparer: Any = (
@@ -204,6 +205,10 @@ def load_cascade(settings: Settings) -> Any:
             path,
             device=settings.device,
             backend=settings.backend,
+            precision=settings.precision,
+            # a claimed batch is one forward per member (images x TTA views) and one detector pass
+            max_batch=settings.worker_batch_size * len(TTA_VIEW_NAMES),
+            detector_batch=settings.worker_batch_size,
             preparer=preparer,
             intended_modalities=settings.intended_modalities,
         )

@@ -21,27 +21,23 @@ from spine_node.imaging import ImageError, PreparedImage, PrepParams, prepare
 from spine_node.isolation import DecoderCrash
 from spine_node.labels import SPONDYLOLISTHESIS
 from spine_node.models.bundle import BundleError, Manifest, load_manifest
-from spine_node.models.detector import (
-    Detections,
-    Detector,
-    OnnxDetectorNet,
-    TorchDetectorNet,
-    load_yolo_module,
-)
+from spine_node.models.detector import Detections, Detector, DetectorNet, load_yolo_module
 from spine_node.models.gate import ContentGate, GateDecision, check_tags
-from spine_node.models.triage import (
-    OnnxMembers,
-    TorchMembers,
-    TriageEnsemble,
-    TriageMember,
-    load_member,
+from spine_node.models.runtime import (
+    BACKEND_SETTINGS,
+    Backend,
+    Precision,
+    RuntimeChoice,
+    choose_runtime,
 )
+from spine_node.models.triage import MemberRunner, TriageEnsemble, TriageMember, load_member
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
 from spine_node.timing import Stage, timed
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "onnx")
+#: Values of the ``backend`` argument (``onnx``: the older name of ``onnxruntime``).
+BACKENDS = BACKEND_SETTINGS
 
 #: Detects lesions on ``(B, S, S)`` letterboxed images; returns boxes in letterbox pixels.
 DetectFn = Callable[[np.ndarray], list[Detections]]
@@ -72,17 +68,15 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _onnx_providers(device: torch.device) -> list[str]:
-    import onnxruntime as ort
+def model_info_from_manifest(
+    manifest: Manifest, *, runtime: RuntimeChoice | None = None
+) -> ModelInfo:
+    """Describe a bundle for every output object (name, version, demo flag, parameters).
 
-    available = ort.get_available_providers()
-    if device.type == "cuda" and "CUDAExecutionProvider" in available:
-        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return ["CPUExecutionProvider"]
-
-
-def model_info_from_manifest(manifest: Manifest, *, backend: str = "torch") -> ModelInfo:
-    """Describe a bundle for every output object (name, version, demo flag, parameters)."""
+    ``runtime`` (default: PyTorch fp32 on the CPU) adds ``backend``, ``precision`` and
+    ``device``: what the models ran on is part of the algorithm's parameters.
+    """
+    runtime = runtime or RuntimeChoice(Backend.TORCH, Precision.FP32, "cpu")
     d = manifest.detector
     return ModelInfo(
         name=manifest.name,
@@ -106,7 +100,9 @@ def model_info_from_manifest(manifest: Manifest, *, backend: str = "torch") -> M
                 "soft_nms": d.soft_nms,
             },
             "gate_threshold": None if manifest.gate is None else manifest.gate.threshold,
-            "backend": backend,
+            "backend": runtime.backend.value,
+            "precision": runtime.precision.value,
+            "device": runtime.device,
         },
     )
 
@@ -195,8 +191,10 @@ class Cascade:
         *,
         device: str = "auto",
         backend: str = "torch",
+        precision: str = "fp32",
         heatmaps: bool = False,
         max_batch: int = 40,
+        detector_batch: int = 8,
         preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
         intended_modalities: Sequence[str] | None = None,
     ) -> Cascade:
@@ -209,11 +207,18 @@ class Cascade:
         device : str
             ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         backend : str
-            ``"torch"`` or ``"onnx"`` (ONNX Runtime on the bundle's ONNX exports).
+            ``"auto"``, ``"torch"``, ``"onnxruntime"`` (``"onnx"``) or ``"openvino"`` (both on
+            the bundle's ONNX exports); see :func:`spine_node.models.runtime.choose_runtime`.
+        precision : str
+            ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA); a reduced precision
+            without a passing agreement check in the manifest falls back to fp32 (logged).
         heatmaps : bool
             Also compute Grad-CAM heatmaps (loads the PyTorch members even for ONNX).
         max_batch : int
-            Upper bound on triage views per forward pass.
+            Upper bound on triage views per forward pass (images x TTA views; whole images
+            are never split across passes).
+        detector_batch : int
+            Upper bound on detector images per forward pass.
         preparer, intended_modalities
             As for the constructor.
 
@@ -229,31 +234,22 @@ class Cascade:
         bundle_dir = Path(bundle_dir)
         dev = resolve_device(device)
         manifest = load_manifest(bundle_dir)
-        torch_members: dict[str, TriageMember] = {}
-        if backend == "torch" or heatmaps:
-            torch_members = {m.name: load_member(m, bundle_dir) for m in manifest.members}
-        runner: TorchMembers | OnnxMembers
-        if backend == "torch":
-            runner = TorchMembers(torch_members, dev)
-            detector_net: TorchDetectorNet | OnnxDetectorNet = TorchDetectorNet(
-                _load_detector(bundle_dir, manifest), dev
-            )
-        else:
+        if backend != "torch" and backend != "auto":
             missing = [m.name for m in manifest.members if not m.onnx]
             if missing or not manifest.detector.onnx:
                 raise BundleError(
                     f"model bundle {bundle_dir} has no ONNX export for "
                     f"{', '.join(missing + ([] if manifest.detector.onnx else ['detector']))}."
                 )
-            providers = _onnx_providers(dev)
-            runner = OnnxMembers(
-                {m.name: bundle_dir / str(m.onnx) for m in manifest.members}, providers
-            )
-            detector_net = OnnxDetectorNet(bundle_dir / str(manifest.detector.onnx), providers)
+        runtime = choose_runtime(manifest, backend=backend, precision=precision, device=str(dev))
+        torch_members: dict[str, TriageMember] = {}
+        if runtime.backend is Backend.TORCH or heatmaps:
+            torch_members = {m.name: load_member(m, bundle_dir) for m in manifest.members}
+        runner, detector_net = build_backend(runtime, bundle_dir, manifest, torch_members)
         ensemble = TriageEnsemble(
             runner, manifest.ensemble_weights, manifest.tta_views, max_batch=max_batch
         )
-        detector = Detector(detector_net, manifest.detector)
+        detector = Detector(detector_net, manifest.detector, max_batch=detector_batch)
         gate = None
         if manifest.gate is not None:
             try:
@@ -265,20 +261,21 @@ class Cascade:
                 ) from exc
         grader = _load_grader(bundle_dir, manifest)
         log.info(
-            "cascade loaded: %s %s, backend %s on %s%s",
+            "cascade loaded: %s %s, %s%s",
             manifest.name,
             manifest.version,
-            backend,
-            dev,
+            runtime.describe(),
             " (DEMO bundle)" if manifest.demo else "",
         )
+        if runtime.refusal:
+            log.warning("model bundle %s %s: %s", manifest.name, manifest.version, runtime.refusal)
         explainers = {n: m.to(dev).eval() for n, m in torch_members.items()} if heatmaps else None
         return cls(
             manifest=manifest,
             triage=ensemble,
             detector=detector,
             content_gate=gate,
-            model_info=model_info_from_manifest(manifest, backend=backend),
+            model_info=model_info_from_manifest(manifest, runtime=runtime),
             explainers=explainers,
             heatmaps=heatmaps,
             grader=grader,
@@ -501,6 +498,62 @@ def _uid(ds: Any) -> str:
         return str(ds.get("SOPInstanceUID", "") or "")
     except Exception:  # a broken element must not stop the batch
         return ""
+
+
+def build_backend(
+    runtime: RuntimeChoice,
+    bundle_dir: Path,
+    manifest: Manifest,
+    torch_members: Mapping[str, TriageMember] | None = None,
+) -> tuple[MemberRunner, DetectorNet]:
+    """The triage runner and detector network of ``runtime``, as chosen (no agreement check).
+
+    :meth:`Cascade.load` calls it after :func:`~spine_node.models.runtime.choose_runtime`;
+    the agreement check (``training.precision``) calls it to compare precisions.
+
+    Parameters
+    ----------
+    runtime : RuntimeChoice
+        Backend, precision and device.
+    bundle_dir : pathlib.Path
+        The bundle (already verified by :func:`~spine_node.models.bundle.load_manifest`).
+    manifest : Manifest
+        Its manifest.
+    torch_members : Mapping[str, TriageMember], optional
+        Already loaded PyTorch members (loaded here when needed and not given).
+
+    Returns
+    -------
+    (MemberRunner, DetectorNet)
+    """
+    bundle_dir = Path(bundle_dir)
+    if runtime.backend is Backend.TORCH:
+        from spine_node.models.backend_torch import TorchDetectorNet, TorchMembers
+
+        if torch_members is None:
+            torch_members = {m.name: load_member(m, bundle_dir) for m in manifest.members}
+        dev = torch.device(runtime.device)
+        return (
+            TorchMembers(torch_members, dev, runtime.precision),
+            TorchDetectorNet(_load_detector(bundle_dir, manifest), dev, runtime.precision),
+        )
+    members = {m.name: bundle_dir / str(m.onnx) for m in manifest.members}
+    detector_onnx = bundle_dir / str(manifest.detector.onnx)
+    if runtime.backend is Backend.OPENVINO:
+        from spine_node.models.backend_openvino import OpenVinoDetectorNet, OpenVinoMembers
+
+        return (
+            OpenVinoMembers(members, runtime.precision),
+            OpenVinoDetectorNet(detector_onnx, runtime.precision),
+        )
+    from spine_node.models.backend_onnxruntime import (
+        OnnxDetectorNet,
+        OnnxMembers,
+        providers_for,
+    )
+
+    providers = providers_for(runtime.device_kind)
+    return OnnxMembers(members, providers), OnnxDetectorNet(detector_onnx, providers)
 
 
 def _load_detector(bundle_dir: Path, manifest: Manifest) -> torch.nn.Module:

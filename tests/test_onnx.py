@@ -38,7 +38,7 @@ def test_torch_and_onnx_agree(
     torch.set_num_threads(1)
     pt = Cascade.load(tiny_bundle, device="cpu", backend="torch")
     ort = Cascade.load(tiny_bundle, device="cpu", backend="onnx")
-    assert ort.model_info.parameters["backend"] == "onnx"
+    assert ort.model_info.parameters["backend"] == "onnxruntime"
     # Threshold 0 makes every image positive, so the detector runs on all of them.
     datasets = [dx_dataset(seed=s) for s in (101, 102, 103)]
     for c in (pt, ort):

@@ -37,6 +37,11 @@ SUBCOMMANDS: tuple[tuple[str, str, str], ...] = (
     ("grader", "training.meyerding", "train the Meyerding grader (HOG + random forest)"),
     ("bundle", "training.demo:bundle", "assemble a model bundle from trained artefacts"),
     ("demo-bundle", "training.demo", "build the phantom-trained demo bundle end to end"),
+    (
+        "check-precision",
+        "training.precision",
+        "check bf16/fp16 against fp32 on a held-out split; record it in the bundle manifest",
+    ),
 )
 
 

@@ -10,7 +10,10 @@ families, shrunk through ``create_model`` kwargs) on fold 0 of a study-level str
 trains a small YOLO11 (a custom tiny scale of ``yolo11.yaml``), fits the ensemble weights and
 the Youden threshold on the fold's validation predictions made as the bundle serves (the shipped
 fold-0 models with the same TTA views), fits the content gate on training-image embeddings,
-trains the Meyerding grader and writes the bundle without touching the test split. Then it
+trains the Meyerding grader and writes the bundle without touching the test split. It checks
+bf16 against fp32 on the held-out split (``training.precision``: agreement of the same model at
+two precisions, nothing fitted or chosen from it but whether bf16 may be served) and records the
+checks in the manifest. Then it
 evaluates the bundle ONCE on the held-out phantom test split through ``spine-train predict`` and
 ``evaluate`` (the node's own gated output, :func:`evaluate_demo_bundle`), which records the
 evaluation in the bundle's ledger and model card, and writes the README from that record. The
@@ -33,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spine_node.models.bundle import Manifest, MemberSpec
+from spine_node.models.bundle import Manifest, MemberSpec, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -344,6 +347,14 @@ def build_demo_bundle(
         score_reference=reference,
         onnx=True,
     )
+
+    # 8. bf16 agreement with fp32 on the held-out split, recorded in the manifest ----------
+    from training.precision import check_bundle_precision
+
+    t = time.monotonic()
+    check_bundle_precision(Path(out_dir), data_dir, split="test")
+    manifest = load_manifest(Path(out_dir))
+    logger.info("precision checks recorded in %.0f s", time.monotonic() - t)
     write_readme(Path(out_dir), manifest)
     total = sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())
     logger.info(
@@ -477,8 +488,16 @@ def write_readme(out_dir: Path, manifest: Manifest) -> Path:
         f"{m.get('grader_test_n', 0)} slips of the test split (computed by the build).",
         f"Bundle size {size / 1e6:.1f} MB; build time {m.get('build_seconds', 0):.0f} s.",
         "",
+        "bf16 against fp32 on the held-out split (the node serves bf16 only when passed):",
+        "",
+        *(
+            f"- {'passed' if c.passed else 'FAILED'}: {c.summary()}"
+            for c in manifest.precision_checks
+        ),
+        "",
         "Model card and every test-split evaluation: `MODEL_CARD.md`, `evaluations.json`;",
-        "settings and validation figures: `manifest.json` (`metrics`).",
+        "settings and validation figures: `manifest.json` (`metrics`); bf16 agreement checks:",
+        "`manifest.json` (`precision_checks`).",
         "",
     ]
     path = out_dir / "README.md"

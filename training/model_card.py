@@ -95,7 +95,8 @@ def bundle_hash(bundle_dir: str | os.PathLike[str]) -> str:
     """SHA-256 of a bundle: its canonical manifest without ``metrics``.
 
     The manifest holds every file's SHA-256 and every serving setting, so this changes with
-    any weight, threshold, TTA, detector or gate setting, but not when figures are recorded.
+    any weight, threshold, TTA, detector or gate setting, but not when figures (``metrics``) or
+    precision agreement checks (``precision_checks``) are recorded.
     """
     from spine_node.models.bundle import MANIFEST_NAME, manifest_from_json
 
@@ -104,6 +105,9 @@ def bundle_hash(bundle_dir: str | os.PathLike[str]) -> str:
         raise ValueError(f"{bundle_dir}/{MANIFEST_NAME} is not a JSON object")
     doc = manifest_from_json(raw).to_json()  # defaults filled in: a rewrite keeps the hash
     doc.pop("metrics", None)
+    # bf16/fp16 agreement checks are recorded figures too (spine-train check-precision): the
+    # model is the same, and hashes made before the key existed stay valid
+    doc.pop("precision_checks", None)
     canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -21,7 +21,8 @@ Manifest layout (``format`` 1)::
       "prep": {PrepParams fields},
       "metrics": {...},
       "score_reference": {"statistic", "bin_edges", "counts", "n", "source",
-                          "positive_rate"} | null
+                          "positive_rate"} | null,
+      "precision_checks": [{PrecisionCheck fields}, ...]
     }
 
 ``score_reference`` is the ensemble score's distribution on the validation split
@@ -258,6 +259,126 @@ class GraderSpec:
             raise ValueError(f"crop_size must be at least 16, got {self.crop_size!r}")
 
 
+#: Agreement a reduced precision must keep with fp32 on the held-out split (issue 13): the same
+#: triage call for every image, member probabilities within 0.02, detector mAP@0.5 within 0.01.
+PRECISION_TOLERANCES: Mapping[str, float] = MappingProxyType(
+    {"member_probability": 0.02, "map50": 0.01}
+)
+
+
+@dataclass(frozen=True)
+class PrecisionCheck:
+    """One agreement check of a reduced precision against fp32, recorded in the manifest.
+
+    Written by ``spine-train check-precision`` (the demo build runs it); the node uses
+    ``precision`` on ``backend`` / ``device`` only when a check for them ``passed``.
+
+    Attributes
+    ----------
+    precision : str
+        The precision checked (``"bf16"``, ``"fp16"``).
+    backend : str
+        ``"torch"``, ``"onnxruntime"`` or ``"openvino"``.
+    device : str
+        Device kind, ``"cpu"`` or ``"cuda"``.
+    passed : bool
+        Every tolerance held.
+    n_images : int
+        Images of the split compared.
+    triage_calls_changed : int
+        Images whose triage call (score >= threshold) differs from fp32's.
+    max_member_probability_diff : float
+        Largest absolute difference of a member's TTA-averaged probability.
+    map50_fp32, map50 : float or None
+        Detector mAP@0.5 (COCO 101-point, every class with ground truth) at fp32 and at
+        ``precision``; None when the split has no boxes.
+    tolerances : Mapping[str, float]
+        ``member_probability`` and ``map50`` limits used.
+    data : str
+        What the split was.
+    checked_at : str
+        ISO 8601 time of the check.
+    """
+
+    precision: str
+    backend: str
+    device: str
+    passed: bool
+    n_images: int
+    triage_calls_changed: int
+    max_member_probability_diff: float
+    map50_fp32: float | None
+    map50: float | None
+    tolerances: Mapping[str, float] = field(default_factory=lambda: dict(PRECISION_TOLERANCES))
+    data: str = ""
+    checked_at: str = ""
+
+    def __post_init__(self) -> None:
+        for label in ("precision", "backend", "device"):
+            value = getattr(self, label)
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"precision check {label} must be a non-empty string, got {value!r}")
+        if not isinstance(self.passed, bool):
+            raise TypeError(f"precision check passed must be a bool, got {type(self.passed).__name__}")
+        for label in ("n_images", "triage_calls_changed"):
+            value = getattr(self, label)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"precision check {label} must be an int >= 0, got {value!r}")
+        object.__setattr__(self, "tolerances", _frozen(self.tolerances))
+
+    @property
+    def map50_delta(self) -> float | None:
+        """``|map50 - map50_fp32|`` (None when either is None)."""
+        if self.map50 is None or self.map50_fp32 is None:
+            return None
+        return abs(self.map50 - self.map50_fp32)
+
+    def summary(self) -> str:
+        """One line: what was compared and what was found."""
+        delta = self.map50_delta
+        return (
+            f"{self.precision} on {self.backend} ({self.device}), {self.n_images} images: "
+            f"{self.triage_calls_changed} triage calls changed, member probabilities within "
+            f"{self.max_member_probability_diff:.4f}, mAP@0.5 "
+            + ("not measured" if delta is None else f"{self.map50:.4f} vs {self.map50_fp32:.4f}")
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The check as stored in ``manifest.json``."""
+        return {
+            "precision": self.precision,
+            "backend": self.backend,
+            "device": self.device,
+            "passed": self.passed,
+            "n_images": self.n_images,
+            "triage_calls_changed": self.triage_calls_changed,
+            "max_member_probability_diff": self.max_member_probability_diff,
+            "map50_fp32": self.map50_fp32,
+            "map50": self.map50,
+            "tolerances": dict(self.tolerances),
+            "data": self.data,
+            "checked_at": self.checked_at,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> PrecisionCheck:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            precision=document["precision"],
+            backend=document["backend"],
+            device=document["device"],
+            passed=document["passed"],
+            n_images=document["n_images"],
+            triage_calls_changed=document["triage_calls_changed"],
+            max_member_probability_diff=float(document["max_member_probability_diff"]),
+            map50_fp32=document.get("map50_fp32"),
+            map50=document.get("map50"),
+            tolerances=document.get("tolerances") or dict(PRECISION_TOLERANCES),
+            data=document.get("data", ""),
+            checked_at=document.get("checked_at", ""),
+        )
+
+
 @dataclass(frozen=True)
 class Manifest:
     """Everything the cascade needs to know about one model bundle."""
@@ -281,8 +402,13 @@ class Manifest:
     #: Distribution of the ensemble score on the validation split, for drift monitoring
     #: (``score_reference`` in manifest.json; None: the bundle has none).
     score_reference: ScoreReference | None = None
+    #: Agreement checks of reduced precisions against fp32 (``spine-train check-precision``).
+    precision_checks: tuple[PrecisionCheck, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "precision_checks", tuple(self.precision_checks))
+        if not all(isinstance(c, PrecisionCheck) for c in self.precision_checks):
+            raise TypeError("precision_checks must hold PrecisionCheck values")
         for label in ("name", "version"):
             value = getattr(self, label)
             if not isinstance(value, str) or not value:
@@ -343,6 +469,15 @@ class Manifest:
                 f"detector imgsz {self.detector.imgsz} differs from prep detect_size "
                 f"{self.prep.get('detect_size', 640)}"
             )
+
+    def precision_check(self, precision: str, backend: str, device: str) -> PrecisionCheck | None:
+        """The last recorded check of ``precision`` on ``backend`` and ``device`` kind, if any."""
+        found = [
+            c
+            for c in self.precision_checks
+            if (c.precision, c.backend, c.device) == (precision, backend, device)
+        ]
+        return found[-1] if found else None
 
     def files(self) -> list[tuple[str, str, str]]:
         """Return ``(role, file name, sha256)`` for every file the manifest names."""
@@ -423,6 +558,7 @@ class Manifest:
             "score_reference": None
             if self.score_reference is None
             else self.score_reference.to_json(),
+            "precision_checks": [c.to_json() for c in self.precision_checks],
         }
 
 
@@ -542,6 +678,9 @@ def manifest_from_json(document: Mapping[str, Any]) -> Manifest:
         score_reference=None
         if document.get("score_reference") is None
         else ScoreReference.from_json(document["score_reference"]),
+        precision_checks=tuple(
+            PrecisionCheck.from_json(c) for c in document.get("precision_checks") or ()
+        ),
     )
 
 

@@ -10,7 +10,6 @@ Soft-NMS. Boxes are mapped back to source pixels by the caller (``Letterbox.to_s
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,10 +18,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from spine_node.models.backend_onnxruntime import OnnxDetectorNet
+from spine_node.models.backend_torch import RawHead, TorchDetectorNet
 from spine_node.models.bundle import BundleError, DetectorSpec
 from spine_node.offline import configure_offline
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "MAX_DETECTIONS",
+    "Detections",
+    "Detector",
+    "DetectorNet",
+    "OnnxDetectorNet",
+    "RawHead",
+    "TorchDetectorNet",
+    "box_iou",
+    "load_yolo_module",
+    "postprocess",
+    "soft_nms",
+    "to_network_input",
+]
 
 MAX_DETECTIONS = 300
 _MAX_CANDIDATES = 30000
@@ -219,19 +235,6 @@ class DetectorNet(Protocol):
         ...
 
 
-class RawHead(nn.Module):
-    """Wrap an ultralytics DetectionModel so ``forward`` returns only the decoded head tensor."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``(N, 4 + nc, anchors)``."""
-        out = self.model(x)
-        return out[0] if isinstance(out, tuple | list) else out
-
-
 def load_yolo_module(path: Path) -> nn.Module:
     """Load an ultralytics ``.pt`` checkpoint into an eval-mode fp32 ``nn.Module``.
 
@@ -248,46 +251,6 @@ def load_yolo_module(path: Path) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-class TorchDetectorNet:
-    """PyTorch backend for the detector (fp16 autocast on CUDA)."""
-
-    def __init__(self, model: nn.Module, device: torch.device) -> None:
-        self.device = device
-        self.head = RawHead(model).to(device).eval()
-
-    def raw(self, batch: np.ndarray) -> np.ndarray:
-        """Return the raw head output for a batch."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=torch.float16,
-                enabled=self.device.type == "cuda",
-            ),
-        ):
-            out = self.head(x)
-        return out.float().cpu().numpy()
-
-
-class OnnxDetectorNet:
-    """ONNX Runtime backend for the detector's raw head export."""
-
-    def __init__(self, path: Path, providers: Sequence[str]) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(
-            str(path), sess_options=options, providers=list(providers)
-        )
-
-    def raw(self, batch: np.ndarray) -> np.ndarray:
-        """Return the raw head output for a batch."""
-        (out,) = self.session.run(["raw"], {"image": np.ascontiguousarray(batch, np.float32)})
-        return np.asarray(out, np.float32)
 
 
 class Detector:

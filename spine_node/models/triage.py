@@ -22,9 +22,25 @@ import torch
 from scipy import ndimage
 from torch import nn
 
+from spine_node.models.backend_onnxruntime import OnnxMembers
+from spine_node.models.backend_torch import TorchMembers
 from spine_node.models.bundle import BundleError, MemberSpec
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "TTA_VIEW_NAMES",
+    "MemberRunner",
+    "OnnxMembers",
+    "TorchMembers",
+    "TriageEnsemble",
+    "TriageMember",
+    "TriageOutput",
+    "create_member",
+    "load_member",
+    "read_state_dict",
+    "tta_views",
+]
 
 #: The TTA views in order; ``tta_views(image, n)`` returns the first ``n``.
 TTA_VIEW_NAMES: tuple[str, ...] = ("identity", "hflip", "rotate+5", "zoom1.1", "gamma0.8")
@@ -243,56 +259,6 @@ class MemberRunner(Protocol):
     def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Return ``(logits (N,), embeddings (N, F))`` per member, in manifest order."""
         ...
-
-
-class TorchMembers:
-    """PyTorch backend: members on one device, fp16 autocast on CUDA, weights loaded once."""
-
-    def __init__(self, members: Mapping[str, TriageMember], device: torch.device) -> None:
-        self.names = tuple(members)
-        self.device = device
-        self.members = {name: m.to(device).eval() for name, m in members.items()}
-
-    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Return ``(logits, embeddings)`` per member for one batch."""
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        out = []
-        with (
-            torch.inference_mode(),
-            torch.autocast(
-                device_type=self.device.type,
-                dtype=torch.float16,
-                enabled=self.device.type == "cuda",
-            ),
-        ):
-            for name in self.names:
-                logit, emb = self.members[name](x)
-                out.append((logit.float().cpu().numpy(), emb.float().cpu().numpy()))
-        return out
-
-
-class OnnxMembers:
-    """ONNX Runtime backend: one session per member (CUDA EP when present, else CPU)."""
-
-    def __init__(self, paths: Mapping[str, Path], providers: Sequence[str]) -> None:
-        import onnxruntime as ort
-
-        self.names = tuple(paths)
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.sessions = {
-            name: ort.InferenceSession(str(p), sess_options=options, providers=list(providers))
-            for name, p in paths.items()
-        }
-
-    def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Return ``(logits, embeddings)`` per member for one batch."""
-        x = np.ascontiguousarray(batch, dtype=np.float32)
-        out = []
-        for name in self.names:
-            logit, emb = self.sessions[name].run(["logit", "embedding"], {"image": x})
-            out.append((np.asarray(logit, np.float32).reshape(-1), np.asarray(emb, np.float32)))
-        return out
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
