@@ -17,14 +17,14 @@ handler); the wiring is in :mod:`spine_node.dispatcher` and :mod:`spine_node.rec
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
-from spine_node.store import Commitments, JobStore
+from spine_node.store import Commitments, DeliveryState, JobStore
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ __all__ = [
     "CommitmentReport",
     "Reference",
     "ReportContext",
+    "announce_settled",
     "failure_text",
     "handle_report",
     "parse_report",
@@ -224,6 +225,33 @@ class ReportContext:
     max_requests: Mapping[str, int]
 
 
+def announce_settled(
+    store: JobStore, studies: Sequence[str], destinations: Collection[str]
+) -> list[tuple[str, str]]:
+    """Post a study's webhook again once its commitment is settled (``done`` or ``dead``).
+
+    A webhook posted while the study's objects were committing said ``pending``; each study
+    of ``studies`` whose commitment at ``destinations`` is now done or dead has its webhook
+    queued once more (``JobStore.queue_webhook_update``, once per state and posted body).
+
+    Returns
+    -------
+    list of (str, str)
+        ``(study, state)`` of each study whose webhook was queued again.
+    """
+    if not studies or not destinations:
+        return []
+    queued = []
+    for study, state in Commitments(store).study_states(destinations, list(studies)).items():
+        if state in (DeliveryState.DONE.value, DeliveryState.DEAD.value) and (
+            store.queue_webhook_update(study, f"commitment-{state}")
+        ):
+            queued.append((study, state))
+            logger.info("storage commitment of a study is %s: its webhook is posted again",
+                        state, extra={"study_instance_uid": study})
+    return queued
+
+
 def handle_report(event: evt.Event, ctx: ReportContext) -> tuple[int, Dataset | None]:
     """EVT_N_EVENT_REPORT: record a Storage Commitment report; answer its status.
 
@@ -258,6 +286,15 @@ def handle_report(event: evt.Event, ctx: ReportContext) -> tuple[int, Dataset | 
             "storage commitment report %s not recorded: %s", report.transaction_uid, exc
         )
         return STATUS_PROCESSING_FAILURE, None
+    try:
+        announce_settled(
+            ctx.store,
+            Commitments(ctx.store).studies_of(transaction_uid=report.transaction_uid),
+            list(ctx.max_requests),
+        )
+    except Exception as exc:  # the report is recorded; the webhook update is best effort
+        logger.warning("storage commitment report %s: webhook update not queued: %s",
+                       report.transaction_uid, exc)
     log = logger.warning if counts["resend"] or counts["dead"] else logger.info
     log(
         "storage commitment report %s from %s: %d committed, %d failed (%d sent again, "

@@ -47,6 +47,7 @@ from spine_node.commitment import (
     STORAGE_COMMITMENT_PUSH_MODEL,
     Reference,
     ReportContext,
+    announce_settled,
     handle_report,
     request_commitment,
 )
@@ -313,7 +314,9 @@ class Dispatcher:
         study = self._context.get(send.send_id, (None, None))[1]
         if study is None:
             return
-        state = Monitor(self.store).study_delivery([study])[study].get(field)
+        state = Monitor(self.store).study_delivery(
+            [study], self.report_context.max_requests
+        )[study].get(field)
         if state in (DeliveryState.DONE.value, DeliveryState.DEAD.value):
             queued = self.store.queue_webhook_update(study, f"{field}-{state}")
             if queued:
@@ -344,6 +347,8 @@ class Dispatcher:
         )
         if state is SendState.DEAD and send.kind is DestinationKind.HL7:
             self._delivery_changed(send, "ris")
+        if state is SendState.DEAD and send.destination in self.report_context.max_requests:
+            self._delivery_changed(send, "commitment")
 
     def _of_job(self, send: ClaimedSend) -> str:
         job_id = self._context.get(send.send_id, (None, None))[0]
@@ -497,6 +502,12 @@ class Dispatcher:
                     dest.commitment_max_requests,
                     extra=self._fields(send),
                 )
+        if dead:
+            announce_settled(
+                self.store,
+                self.commitments.studies_of(send_ids=dead),
+                list(self.report_context.max_requests),
+            )
         references = [ref for send, ref in items if send.send_id in requested]
         if not references:
             return

@@ -2311,7 +2311,6 @@ class Commitments:
                 if row is None:
                     counts["unknown"] += 1
                     continue
-                row.commitment_uid = None
                 row.lease_until = None
                 if row.commit_attempts >= max_requests.get(row.destination, 1):
                     row.state = SendState.DEAD.value
@@ -2363,19 +2362,39 @@ class Commitments:
 
         return self.store._run(open_transactions)
 
-    def study_states(self, destinations: Collection[str]) -> dict[str, str]:
-        """Per study, its result objects' commitment at ``destinations``: ``done`` (every
-        object committed), ``pending`` (some still on their way) or ``dead``
-        (:func:`delivery_state` over every object, not only the newest)."""
+    def studies_of(self, send_ids: Sequence[int] = (), transaction_uid: str = "") -> list[str]:
+        """The studies of the given sends, or of the objects a transaction last asked for."""
+
+        def studies_of(s: Session) -> list[str]:
+            study = func.coalesce(Outbound.study_instance_uid, Result.study_instance_uid)
+            query = select(study).distinct().outerjoin(Result, Result.id == Outbound.result_id)
+            if transaction_uid:
+                query = query.where(Outbound.commitment_uid == transaction_uid)
+            else:
+                query = query.where(Outbound.id.in_(list(send_ids)))
+            return [str(uid) for (uid,) in s.execute(query.where(study.is_not(None))).all()]
+
+        return self.store._run(studies_of)
+
+    def study_states(
+        self, destinations: Collection[str], study_instance_uids: Sequence[str] | None = None
+    ) -> dict[str, str]:
+        """Per study (every one, or only ``study_instance_uids``), its result objects'
+        commitment at ``destinations``: ``done`` (every object committed), ``pending`` (some
+        still on their way) or ``dead`` (:func:`delivery_state` over every object, not only
+        the newest)."""
         if not destinations:
             return {}
 
         def study_states(s: Session) -> dict[str, str]:
             study = func.coalesce(Outbound.study_instance_uid, Result.study_instance_uid)
+            where = Outbound.destination.in_(list(destinations)) & study.is_not(None)
+            if study_instance_uids is not None:
+                where = where & study.in_(list(study_instance_uids))
             rows = s.execute(
                 select(study, Outbound.state, func.count())
                 .outerjoin(Result, Result.id == Outbound.result_id)
-                .where(Outbound.destination.in_(list(destinations)) & study.is_not(None))
+                .where(where)
                 .group_by(study, Outbound.state)
             ).all()
             states: dict[str, list[str]] = {}

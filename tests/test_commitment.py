@@ -26,6 +26,7 @@ from spine_node.store import Commitments, JobStore
 from spine_node.worklist import build_worklist
 from tests.nodekit import free_port, make_image, node_settings, storescu, wait_for
 from tests.orthanc_kit import Orthanc, ScriptedCascade
+from tests.test_webhook import HookServer
 
 pytestmark = pytest.mark.slow
 
@@ -62,10 +63,20 @@ def _declare_node(orthanc: Orthanc, port: int) -> None:
     orthanc.put("/modalities/spine", {"AET": "SPINENODE", "Host": "127.0.0.1", "Port": port})
 
 
-def _settings(tmp_path: Path, orthanc: Orthanc, **destination: Any) -> Settings:
+@pytest.fixture
+def hooks() -> Iterator[HookServer]:
+    server = HookServer(fail_first=0).start()
+    yield server
+    server.stop()
+
+
+def _settings(
+    tmp_path: Path, orthanc: Orthanc, hooks: HookServer, **destination: Any
+) -> Settings:
     return node_settings(
         tmp_path,
         destinations=[
+            {"kind": "webhook", "name": "worklist", "url": f"http://127.0.0.1:{hooks.port}/w"},
             {
                 "name": "orthanc",
                 "ae_title": orthanc.aet,
@@ -130,11 +141,18 @@ def _stores_sent(settings: Settings) -> Counter[str]:
     return counts
 
 
+def _last_hook_commitment(hooks: HookServer) -> str | None:
+    received = hooks.received()
+    return received[-1].json()["delivery"]["commitment"] if received else None
+
+
 def test_results_committed_across_a_restart_and_after_a_resend(
-    tmp_path: Path, orthanc: Orthanc
+    tmp_path: Path, orthanc: Orthanc, hooks: HookServer
 ) -> None:
     # first Orthanc cannot reach the node: its reports are lost, the requests stay open
-    settings = _settings(tmp_path, orthanc, commitment_timeout_s=2.0, commitment_retries=2)
+    settings = _settings(
+        tmp_path, orthanc, hooks, commitment_timeout_s=2.0, commitment_retries=2
+    )
     _declare_node(orthanc, free_port())
     files = _sources(tmp_path, STUDY_RESEND, 2)
     node = start_node(settings, cascade=ScriptedCascade({}))
@@ -188,6 +206,10 @@ def test_results_committed_across_a_restart_and_after_a_resend(
         assert Commitments(node.store).open_transactions() == {}
         (row,) = build_worklist(node.store.studies(["orthanc"]))
         assert row["delivery"] == {"ris": None, "commitment": "done"}
+        # the webhook tells the outcome too (posted again once the commitment is done)
+        wait_for(lambda: _last_hook_commitment(hooks) == "done", timeout=30)
+        assert {h.json()["delivery"]["commitment"] for h in hooks.received()} <= {
+            "pending", "done"}
     finally:
         node.stop()
     assert status_report(settings)["delivery"]["commitment"] == {
@@ -196,9 +218,11 @@ def test_results_committed_across_a_restart_and_after_a_resend(
 
 
 def test_object_the_pacs_never_keeps_ends_dead_with_the_reason(
-    tmp_path: Path, orthanc: Orthanc
+    tmp_path: Path, orthanc: Orthanc, hooks: HookServer
 ) -> None:
-    settings = _settings(tmp_path, orthanc, commitment_timeout_s=30.0, commitment_retries=1)
+    settings = _settings(
+        tmp_path, orthanc, hooks, commitment_timeout_s=30.0, commitment_retries=1
+    )
     _declare_node(orthanc, settings.port)
     files = _sources(tmp_path, STUDY_DEAD, 1)
     node = start_node(settings, cascade=ScriptedCascade({}))
@@ -218,6 +242,9 @@ def test_object_the_pacs_never_keeps_ends_dead_with_the_reason(
         stored = _stores_sent(settings)
         assert all(stored[uid] == 2 for uid in srs)  # sent once more after the failure
         assert Commitments(node.store).study_states(["orthanc"]) == {STUDY_DEAD: "dead"}
+        wait_for(lambda: _last_hook_commitment(hooks) == "dead", timeout=30)
+        assert {h.json()["delivery"]["commitment"] for h in hooks.received()} <= {
+            "pending", "dead"}
     finally:
         node.stop()
     status = status_report(settings)
