@@ -3,7 +3,10 @@
 ``--json`` prints a JSON list with one object per input file (``file``, ``sop_instance_uid``,
 ``status``, ``reason``, ``score``, ``threshold``, ``member_scores``, ``findings`` with ``label``,
 ``score``, ``box`` ``[xmin, ymin, xmax, ymax]`` in source pixels). ``--out DIR`` also writes the
-result objects (SR, overlay) built by ``spine_node.results.builder``.
+result objects (SR, overlay) built by ``spine_node.results.builder``. ``--heatmaps [METHOD]``
+(``gradcam``, the default, or ``layercam``) adds ``heatmap`` to every analysed image's object
+(``spine_node.models.explain.heatmap_to_json``: the map on a grid of at most 64 x 64) and, with
+``--out``, the heatmap Secondary Capture.
 """
 
 from __future__ import annotations
@@ -48,7 +51,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="arithmetic precision (default: the configured one, else fp32)",
     )
     parser.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--heatmaps", action="store_true", help="compute Grad-CAM heatmaps")
+    parser.add_argument(
+        "--heatmaps",
+        nargs="?",
+        const="gradcam",
+        default=None,
+        choices=["gradcam", "layercam"],
+        metavar="METHOD",
+        help="compute heatmaps (gradcam, the default, or layercam): in --json and, with --out, "
+        "as a heatmap Secondary Capture",
+    )
 
 
 def demo_bundle_dir() -> Path:
@@ -112,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
             backend=args.backend or backend or "torch",
             precision=args.precision or precision or "fp32",
             heatmaps=bool(args.heatmaps),
+            heatmap_method=args.heatmaps or "gradcam",
         )
     except (BundleError, ValueError) as exc:
         print(f"spine-node analyze: {exc}", file=sys.stderr)
@@ -132,8 +145,15 @@ def run(args: argparse.Namespace) -> int:
             rows.append(_unreadable(name, f"file could not be read: {type(exc).__name__}: {exc}"))
             continue
         (result,) = cascade.analyze([ds])
-        rows.append({"file": str(name), **result.to_json()})
-        if args.out and not _write_objects(Path(args.out), ds, result, cascade.model_info):
+        row = {"file": str(name), **result.to_json()}
+        if result.heatmap is not None:
+            from spine_node.models.explain import heatmap_to_json
+
+            row["heatmap"] = heatmap_to_json(result.heatmap, args.heatmaps)
+        rows.append(row)
+        if args.out and not _write_objects(
+            Path(args.out), ds, result, cascade.model_info, args.heatmaps
+        ):
             status = EXIT_FAILED
 
     if args.json:
@@ -168,7 +188,9 @@ def _line(row: dict[str, Any]) -> str:
     return text
 
 
-def _write_objects(out: Path, ds: Any, result: Any, model_info: Any) -> bool:
+def _write_objects(
+    out: Path, ds: Any, result: Any, model_info: Any, heatmap_method: str | None = None
+) -> bool:
     try:
         from spine_node.results.builder import ResultOptions, build_results
     except ImportError as exc:
@@ -178,7 +200,10 @@ def _write_objects(out: Path, ds: Any, result: Any, model_info: Any) -> bool:
         )
         return False
     try:
-        objects = build_results(ds, result, model_info, ResultOptions())
+        options = ResultOptions(
+            heatmap=heatmap_method is not None, heatmap_method=heatmap_method or "gradcam"
+        )
+        objects = build_results(ds, result, model_info, options)
         out.mkdir(parents=True, exist_ok=True)
         for obj in objects:
             obj.save_as(out / f"{obj.SOPInstanceUID}.dcm", enforce_file_format=True)

@@ -174,8 +174,12 @@ class ResultsSettings(_Strict):
     sc_series_description: str = "AI spine triage overlay"
     gsps_series_description: str = "AI spine triage annotations"
     study_sr_series_description: str = "AI spine triage study summary"
+    heatmap_series_number: int = Field(default=9904, ge=1, le=2**31 - 1)
+    heatmap_series_description: str = "AI spine triage heatmap"
     secondary_capture: bool = True
     gsps: bool = False
+    heatmap: bool = False
+    heatmap_method: Literal["gradcam", "layercam"] = "gradcam"
     institution_name: str = ""
 
 

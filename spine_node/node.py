@@ -211,6 +211,8 @@ def load_cascade(settings: Settings) -> Any:
             detector_batch=settings.worker_batch_size,
             preparer=preparer,
             intended_modalities=settings.intended_modalities,
+            heatmaps=settings.results.heatmap,
+            heatmap_method=settings.results.heatmap_method,
         )
     except (BundleError, ValueError) as exc:
         close = getattr(preparer, "close", None)
@@ -241,8 +243,12 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
         sc_series_description=r.sc_series_description,
         gsps_series_description=r.gsps_series_description,
         study_sr_series_description=r.study_sr_series_description,
+        heatmap_series_number=r.heatmap_series_number,
+        heatmap_series_description=r.heatmap_series_description,
         secondary_capture=r.secondary_capture,
         gsps=r.gsps,
+        heatmap=r.heatmap,
+        heatmap_method=r.heatmap_method,
         institution_name=r.institution_name,
     )
 

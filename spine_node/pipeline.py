@@ -136,7 +136,9 @@ class Cascade:
     explainers : Mapping[str, TriageMember], optional
         PyTorch members for Grad-CAM; with ``heatmaps=True`` every processed image gets one.
     heatmaps : bool
-        Compute Grad-CAM heatmaps (needs ``explainers``).
+        Compute heatmaps (needs ``explainers``).
+    heatmap_method : str
+        ``"gradcam"`` or ``"layercam"`` (``spine_node.models.explain.HEATMAP_METHODS``).
     grader : callable, optional
         Meyerding grader for spondylolisthesis findings.
     preparer : callable, optional
@@ -160,6 +162,7 @@ class Cascade:
         model_info: ModelInfo | None = None,
         explainers: Mapping[str, TriageMember] | None = None,
         heatmaps: bool = False,
+        heatmap_method: str = "gradcam",
         grader: GradeFn | None = None,
         preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
         intended_modalities: Sequence[str] | None = None,
@@ -177,6 +180,9 @@ class Cascade:
         self.model_info = model_info or model_info_from_manifest(manifest)
         self.explainers = dict(explainers or {})
         self.heatmaps = heatmaps
+        from spine_node.models.explain import check_method
+
+        self.heatmap_method = check_method(heatmap_method)
         self.grader = grader
         self.preparer = preparer
         self.intended_modalities = (
@@ -193,6 +199,7 @@ class Cascade:
         backend: str = "torch",
         precision: str = "fp32",
         heatmaps: bool = False,
+        heatmap_method: str = "gradcam",
         max_batch: int = 40,
         detector_batch: int = 8,
         preparer: Callable[[pydicom.Dataset, PrepParams], PreparedImage] = prepare,
@@ -213,7 +220,9 @@ class Cascade:
             ``"auto"``, ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA); a reduced precision
             without a passing agreement check in the manifest falls back to fp32 (logged).
         heatmaps : bool
-            Also compute Grad-CAM heatmaps (loads the PyTorch members even for ONNX).
+            Also compute heatmaps (loads the PyTorch members even for ONNX).
+        heatmap_method : str
+            ``"gradcam"`` (default) or ``"layercam"`` (``spine_node.models.explain``).
         max_batch : int
             Upper bound on triage views per forward pass (images x TTA views; whole images
             are never split across passes).
@@ -278,6 +287,7 @@ class Cascade:
             model_info=model_info_from_manifest(manifest, runtime=runtime),
             explainers=explainers,
             heatmaps=heatmaps,
+            heatmap_method=heatmap_method,
             grader=grader,
             preparer=preparer,
             intended_modalities=intended_modalities,
@@ -424,6 +434,7 @@ class Cascade:
                     self.manifest.ensemble_weights,
                     img.triage,
                     (img.source.rows, img.source.columns),
+                    method=self.heatmap_method,
                 )
             results.append(
                 CascadeResult(

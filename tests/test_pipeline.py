@@ -251,6 +251,11 @@ def test_gradcam_member_level(
     cam = gradcam(member, image)
     assert cam.shape == (64, 64) and cam.std() > 0.01
     assert cam.min() == 0.0 and cam.max() == pytest.approx(1.0)
+    layer = gradcam(member, image, method="layercam")  # per-location positive gradients
+    assert layer.shape == (64, 64) and layer.std() > 0.01 and layer.max() == pytest.approx(1.0)
+    assert not np.allclose(layer, cam, atol=1e-3)
+    with pytest.raises(ValueError, match="heatmap method"):
+        gradcam(member, image, method="scorecam")
 
 
 def test_embed_for_gate_fitting(

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from spine_node import imaging
 from spine_node.results import gsps as gsps_module
+from spine_node.results import heatmap as heatmap_module
 from spine_node.results import overlay as overlay_module
 from spine_node.results import sr as sr_module
 from spine_node.results.options import ResultOptions
@@ -66,9 +67,10 @@ def build_results(
     Returns
     -------
     list of pydicom.Dataset
-        ``[SR, SC?, GSPS?]``: SR always, SC when the cascade decoded the image (and
-        enabled), GSPS when enabled, with findings, on a single-frame grayscale source whose
-        presentation can be reproduced.
+        ``[SR, SC?, heatmap SC?, GSPS?]``: SR always, SC when the cascade decoded the image
+        (and enabled), the heatmap SC when enabled and the cascade computed a heatmap, GSPS
+        when enabled, with findings, on a single-frame grayscale source whose presentation
+        can be reproduced.
     """
     if not isinstance(source, Dataset):
         raise TypeError(f"source must be a pydicom Dataset, got {type(source).__name__}")
@@ -113,9 +115,12 @@ def build_results(
         )
     ]
     if options.secondary_capture and image is not None:
-        objects.append(
-            overlay_module.build_overlay(reference, image, result, model, options)
-        )
+        objects.append(overlay_module.build_overlay(reference, image, result, model, options))
+    if options.heatmap and image is not None:
+        if result.heatmap is None:
+            logger.info("no heatmap image for %s: the cascade computed no heatmap", source_uid)
+        else:
+            objects.append(heatmap_module.build_heatmap(reference, image, result, model, options))
     if options.gsps and result.findings:
         presentation_state = _try_gsps(reference, result, model, options)
         if presentation_state is not None:

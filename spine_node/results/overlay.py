@@ -183,20 +183,79 @@ def build_overlay(
         8-bit MONOCHROME2, BurnedInAnnotation YES, ImageType DERIVED\\SECONDARY, referencing
         the source through SourceImageSequence and ReferencedImageSequence.
     """
+    canvas = render_overlay(image.pixels, result, model)
+    scale = upscale_factor(image.columns)
+    return secondary_capture(
+        reference,
+        image,
+        canvas,
+        model,
+        options,
+        kind=ResultKind.SC,
+        series_number=options.sc_series_number,
+        series_description=options.series_description("sc", model),
+        derivation=(
+            "AI result overlay burned into the source image"
+            + (f" (enlarged x{scale})" if scale > 1 else "")
+            + f"; banner of {canvas.shape[0] - image.rows * scale} rows added above"
+        ),
+    )
+
+
+def secondary_capture(
+    reference: Dataset,
+    image: imaging.SourceImage,
+    canvas: np.ndarray,
+    model: ModelInfo,
+    options: ResultOptions,
+    *,
+    kind: ResultKind,
+    series_number: int,
+    series_description: str,
+    derivation: str,
+) -> hd.sc.SCImage:
+    """A Secondary Capture of a rendered ``canvas`` derived from the source image.
+
+    Shared by the overlay and the heatmap (``results.heatmap``): the source's patient and
+    study, a series per ``kind`` and bundle and a SOP Instance UID per source, ``kind`` and
+    bundle (``results.uids``), ImageType DERIVED\\SECONDARY, BurnedInAnnotation YES,
+    ConversionType WSD, the source referenced in SourceImageSequence (with its purpose) and
+    ReferencedImageSequence.
+
+    Parameters
+    ----------
+    reference : pydicom.Dataset
+        Clean source reference.
+    image : imaging.SourceImage
+        Decoded display image of the source (its frame is referenced).
+    canvas : numpy.ndarray
+        uint8 ``(rows, columns)`` (MONOCHROME2) or ``(rows, columns, 3)`` (RGB).
+    model, options : ModelInfo, ResultOptions
+        Bundle and series settings.
+    kind : ResultKind
+        Object kind (part of the UIDs).
+    series_number : int
+        Series Number.
+    series_description : str
+        Series Description.
+    derivation : str
+        Derivation Description.
+
+    Returns
+    -------
+    highdicom.sc.SCImage
+    """
     bundle = bundle_key(model)
     source_uid = str(reference.SOPInstanceUID)
-    canvas = render_overlay(image.pixels, result, model)
     sc = hd.sc.SCImage(
         pixel_array=canvas,
-        photometric_interpretation="MONOCHROME2",
+        photometric_interpretation="RGB" if canvas.ndim == 3 else "MONOCHROME2",
         bits_allocated=8,
         coordinate_system="PATIENT",
         study_instance_uid=str(reference.StudyInstanceUID),
-        series_instance_uid=series_instance_uid(
-            str(reference.StudyInstanceUID), ResultKind.SC, bundle
-        ),
-        series_number=options.sc_series_number,
-        sop_instance_uid=sop_instance_uid(source_uid, ResultKind.SC, bundle),
+        series_instance_uid=series_instance_uid(str(reference.StudyInstanceUID), kind, bundle),
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid(source_uid, kind, bundle),
         instance_number=1,
         manufacturer=options.manufacturer,
         patient_id=reference.get("PatientID"),
@@ -211,7 +270,7 @@ def build_overlay(
         # Placeholder required by highdicom for PATIENT; replaced below by the source's value.
         patient_orientation=("L", "F"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        series_description=options.series_description("sc", model),
+        series_description=series_description,
         manufacturer_model_name=model.name[:64],
         software_versions=software_versions(model),
         institution_name=options.institution_name or None,
@@ -227,12 +286,7 @@ def build_overlay(
     sc.ConversionType = "WSD"
     lossy = str(reference.get("LossyImageCompression") or "") == "01"
     sc.LossyImageCompression = "01" if lossy else "00"
-    scale = upscale_factor(image.columns)
-    sc.DerivationDescription = (
-        "AI result overlay burned into the source image"
-        + (f" (enlarged x{scale})" if scale > 1 else "")
-        + f"; banner of {canvas.shape[0] - image.rows * scale} rows added above"
-    )
+    sc.DerivationDescription = derivation
     comments = [codes.NOT_FOR_DIAGNOSTIC_USE]
     if model.demo:
         comments.append(codes.DEMO_TEXT)
@@ -243,7 +297,7 @@ def build_overlay(
     source_item.PurposeOfReferenceCodeSequence = [purpose]
     sc.SourceImageSequence = [source_item]
     sc.ReferencedImageSequence = [_image_reference(reference, image)]
-    logger.debug("built SC %s for %s", sc.SOPInstanceUID, source_uid)
+    logger.debug("built %s %s for %s", kind.value, sc.SOPInstanceUID, source_uid)
     return sc
 
 
@@ -314,6 +368,11 @@ def _leader(image: np.ndarray, rect: layout.Rect, box: layout.Rect, thickness: i
     sx = min(max(tx, rect.x0), rect.x1 - 1)
     sy = min(max(ty, rect.y0), rect.y1 - 1)
     cv2.line(image, (sx, sy), (tx, ty), _WHITE, max(1, thickness // 2), cv2.LINE_AA)
+
+
+def banner_image(lines: list[str], width: int) -> np.ndarray:
+    """A black uint8 banner ``width`` pixels wide with ``lines`` in white (the overlay's style)."""
+    return _banner(lines, width, max(0.35, width / 1400.0), max(1, round(width / 700)))
 
 
 def _banner(lines: list[str], width: int, font_scale: float, thickness: int) -> np.ndarray:

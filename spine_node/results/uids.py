@@ -47,6 +47,7 @@ class ResultKind(str, enum.Enum):
     SC = "sc"
     GSPS = "gsps"
     STUDY_SR = "study-sr"
+    HEATMAP = "heatmap"
 
 
 def is_valid_uid(value: object) -> bool:
