@@ -6,6 +6,9 @@ Orthanc's ``DicomModalities``). A Lua ``ReceivedInstanceFilter`` makes Orthanc a
 Success for objects it then does not keep: the first copy of every SR of one study, and every
 SR of another study. That is the case Storage Commitment exists for: the node must see the
 failure in the report, send the object again and ask again, or end it dead with the reason.
+
+A pynetdicom Storage Commitment SCP (:class:`CommitmentPeer`) covers what Orthanc does not do:
+the report on the same association as the request, and no report at all.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from spine_node.cli import STATUS_DEAD, status_report
 from spine_node.config import Settings
@@ -252,3 +258,136 @@ def test_object_the_pacs_never_keeps_ends_dead_with_the_reason(
     assert status["delivery"]["commitment"]["not_done"] == [
         {"study_instance_uid": STUDY_DEAD, "state": "dead"}
     ]
+
+
+# -- a peer that reports on the same association, or never ------------------------------------
+
+
+class CommitmentPeer:
+    """A pynetdicom Storage and Storage Commitment SCP on loopback (a stand-in PACS).
+
+    It keeps every object stored by C-STORE. With ``report=True`` it answers each N-ACTION
+    and then, on the same association, sends the N-EVENT-REPORT: the referenced objects it
+    holds committed, the others failed (0x0112). With ``report=False`` it never reports.
+    """
+
+    def __init__(self, report: bool) -> None:
+        self.report = report
+        self.stored: set[str] = set()
+        self.requests: list[tuple[str, list[str]]] = []
+        self.port = free_port()
+        self.ae = AE("PEERPACS")
+        for context in AllStoragePresentationContexts:
+            self.ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.ae.add_supported_context(StorageCommitmentPushModel)
+        self.server: Any = None
+
+    def start(self) -> CommitmentPeer:
+        self.server = self.ae.start_server(
+            ("127.0.0.1", self.port),
+            block=False,
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._store),
+                (evt.EVT_N_ACTION, self._action),
+                (evt.EVT_DIMSE_SENT, self._sent),
+            ],
+        )
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+    def _store(self, event: evt.Event) -> int:
+        self.stored.add(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def _action(self, event: evt.Event) -> tuple[int, None]:
+        info = event.action_information
+        uids = [str(item.ReferencedSOPInstanceUID) for item in info.ReferencedSOPSequence]
+        self.requests.append((str(info.TransactionUID), uids))
+        return 0x0000, None
+
+    def _sent(self, event: evt.Event) -> None:
+        """After the N-ACTION response went out: the report, on the same association."""
+        if not self.report or type(event.message).__name__ != "N_ACTION_RSP":
+            return
+        transaction_uid, uids = self.requests[-1]
+        report = Dataset()
+        report.TransactionUID = transaction_uid
+        held, failed = [], []
+        for uid in uids:
+            item = Dataset()
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+            item.ReferencedSOPInstanceUID = uid
+            if uid in self.stored:
+                held.append(item)
+            else:
+                item.FailureReason = 0x0112
+                failed.append(item)
+        report.ReferencedSOPSequence = held
+        if failed:
+            report.FailedSOPSequence = failed
+        event.assoc.send_n_event_report(
+            report, 2 if failed else 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1"
+        )
+
+
+def _peer_settings(tmp_path: Path, peer: CommitmentPeer, **destination: Any) -> Settings:
+    return node_settings(
+        tmp_path,
+        destinations=[
+            {
+                "name": "orthanc",  # the name _outbound and _settled read
+                "ae_title": "PEERPACS",
+                "host": "127.0.0.1",
+                "port": peer.port,
+                "storage_commitment": True,
+                **destination,
+            }
+        ],
+    )
+
+
+def test_report_on_the_same_association_commits(tmp_path: Path) -> None:
+    peer = CommitmentPeer(report=True).start()
+    # the association stays open until the report came; the peer never opens one to the node
+    settings = _peer_settings(tmp_path, peer, commitment_report_wait_s=60.0)
+    node = start_node(settings, cascade=ScriptedCascade({}))
+    try:
+        files = _sources(tmp_path, "1.2.826.0.1.3680043.8.498.8103", 1)
+        assert storescu(settings.port, files).returncode == 0
+        sends = wait_for(lambda: _settled(node.store, 1), timeout=60)
+        results = _result_uids(settings)
+        assert sends["sent"] == len(results) and sends["dead"] == 0
+        assert peer.stored == set(results)
+        assert {uid for _, uids in peer.requests for uid in uids} == set(results)
+    finally:
+        node.stop()
+        peer.stop()
+
+
+def test_no_report_ends_dead_after_the_retries(tmp_path: Path) -> None:
+    peer = CommitmentPeer(report=False).start()
+    settings = _peer_settings(
+        tmp_path, peer, commitment_timeout_s=0.5, commitment_retries=1,
+        commitment_report_wait_s=0,
+    )
+    node = start_node(settings, cascade=ScriptedCascade({}))
+    try:
+        files = _sources(tmp_path, "1.2.826.0.1.3680043.8.498.8104", 1)
+        assert storescu(settings.port, files).returncode == 0
+        sends = wait_for(lambda: _settled(node.store, 1), timeout=60)
+        results = _result_uids(settings)
+        assert sends["dead"] == len(results) and sends["sent"] == 0
+        assert peer.stored == set(results)  # stored, but never confirmed
+        for item in node.store.dead_letters()["sends"]:
+            assert item["error"].startswith(
+                "no storage commitment report within 0.5 s after 2 request(s)")
+        # each object was asked for twice, each time in a new transaction
+        transactions = [t for t, _ in peer.requests]
+        assert len(set(transactions)) == len(transactions)
+        asked = Counter(uid for _, uids in peer.requests for uid in uids)
+        assert asked == {uid: 2 for uid in results}
+    finally:
+        node.stop()
+        peer.stop()
