@@ -610,6 +610,16 @@ def start_receiver(
     if settings.commitment_destinations:
         report_ctx = ReportContext(store, settings.commitment_destinations)
         handlers.append((evt.EVT_N_EVENT_REPORT, handle_report, [report_ctx]))
+        allowed = set(settings.allowed_calling_aes)
+        for dest in settings.dicom_destinations:
+            if dest.storage_commitment and allowed and dest.ae_title not in allowed:
+                logger.warning(
+                    "destination %s asks for Storage Commitment but its AE title %r is not in "
+                    "allowed_calling_aes: its reports on a new association are refused unless "
+                    "it calls with an allowed AE title",
+                    dest.name,
+                    dest.ae_title,
+                )
     ae = build_ae(settings, policy)
     ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
     server = ae.make_server(

@@ -388,6 +388,12 @@ def test_no_report_ends_dead_after_the_retries(tmp_path: Path) -> None:
         assert len(set(transactions)) == len(transactions)
         asked = Counter(uid for _, uids in peer.requests for uid in uids)
         assert asked == {uid: 2 for uid in results}
+        # replay: stored and asked again from the start (its requests counted afresh)
+        assert node.store.replay("sends") == len(results)
+        sends = wait_for(lambda: _settled(node.store, 1), timeout=60)
+        assert sends["dead"] == len(results)
+        asked = Counter(uid for _, uids in peer.requests for uid in uids)
+        assert asked == {uid: 4 for uid in results}
     finally:
         node.stop()
         peer.stop()
