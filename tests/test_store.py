@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from spine_node.store import (
     Backoff,
+    Commitments,
     DatabaseBusy,
     DestinationKind,
     InstanceRecord,
@@ -367,3 +368,51 @@ def test_study_delivery_supersede_and_webhook_update(store: tuple[JobStore, Cloc
     counts = s.status()["outbound"]
     assert counts["ris2"]["superseded"] == 1 and counts["ris2"]["pending"] == 1
     assert counts["hook"]["pending"] == 1  # the update, same body
+
+
+def test_storage_commitment_states(store: tuple[JobStore, Clock]) -> None:
+    s, clock = store
+    for uid in ("7.1", "7.2"):
+        s.record_instance(record(uid, study="7.7"))
+    for job in s.claim_jobs("w", 10, 2, 3):
+        s.complete_job(job.job_id, "w", JobOutcome("negative", 0.1, None, {"k": 1}),
+                       [SendSpec("pacs", DestinationKind.DICOM, f"9.7.{job.job_id}", "a/b.dcm")])
+    c = Commitments(s)
+    claimed = s.claim_sends(60, 10)
+    for send in claimed:
+        c.stored(send.send_id, 60)  # C-STORE success: committing, leased to this dispatcher
+    assert c.claim_due(60, 10) == []
+    ids = sorted(send.send_id for send in claimed)
+    assert c.begin(ids, "2.25.1", 30, 2) == (ids, [])
+    assert c.open_transactions() == {"2.25.1": 2}
+    assert c.study_states(["pacs"]) == {"7.7": "pending"}
+    assert s.status()["outbound"]["pacs"]["committing"] == 2
+
+    committed, failed = (send.object_uid for send in sorted(claimed, key=lambda x: x.send_id))
+    counts = c.record_report("2.25.1", [committed], {failed: "no such object instance (0x0112)"},
+                             {"pacs": 2})
+    assert counts == {"committed": 1, "resend": 1, "dead": 0, "unknown": 0}
+    assert c.studies_of(transaction_uid="2.25.1") == ["7.7"]
+    assert c.is_open("2.25.1") is False
+    outbound = s.status()["outbound"]["pacs"]
+    assert (outbound["sent"], outbound["pending"]) == (1, 1)
+    # the same report again changes nothing
+    assert c.record_report("2.25.1", [committed, failed], {}, {"pacs": 2})["unknown"] == 2
+
+    # the failed object is sent again and asked again; no report comes: asked no more, dead
+    (again,) = s.claim_sends(60, 10)
+    c.stored(again.send_id, 60)
+    assert c.begin([again.send_id], "2.25.2", 30, 2) == ([again.send_id], [])
+    assert c.claim_due(60, 10) == []  # its report is not overdue yet
+    clock.now += 31
+    (due,) = c.claim_due(60, 10)
+    assert c.begin([due.send_id], "2.25.3", 30, 2) == ([], [due.send_id])
+    assert c.study_states(["pacs"]) == {"7.7": "dead"}
+    assert c.study_states(["other"]) == {} and c.study_states([]) == {}
+    (dead,) = s.dead_letters()["sends"]
+    assert dead["error"] == "no storage commitment report within 30 s after 2 request(s)"
+    # replay: stored and asked again, its requests counted afresh
+    assert s.replay("sends") == 1
+    (replayed,) = s.claim_sends(60, 10)
+    c.stored(replayed.send_id, 60)
+    assert c.begin([replayed.send_id], "2.25.4", 30, 2) == ([replayed.send_id], [])
