@@ -206,6 +206,7 @@ class Dispatcher:
         send_files_as_encoded()
         self._context: dict[int, tuple[int | None, str | None]] = {}
         self.commitments = Commitments(store)
+        self._leftovers_checked = False
         #: the N-EVENT-REPORT handler's context (bound to the dispatcher's associations)
         self.report_context = ReportContext(
             store,
@@ -445,7 +446,15 @@ class Dispatcher:
                 assoc.release()
 
     def _request_due_commitments(self) -> int:
-        """Ask again for committing objects whose report is overdue (or never requested)."""
+        """Ask again for committing objects whose report is overdue (or never requested).
+
+        Without a commitment destination only the first sweep looks (objects left
+        committing at a destination whose ``storage_commitment`` was since turned off).
+        """
+        if not self.report_context.max_requests:
+            if self._leftovers_checked:
+                return 0
+            self._leftovers_checked = True
         claimed = self.commitments.claim_due(self.settings.lease_s, self.settings.batch_size)
         if not claimed:
             return 0

@@ -104,3 +104,21 @@ def test_destinations_are_a_union_on_kind() -> None:
     )
     again = settings_from_mapping(short.model_dump(mode="json"), environ={})
     assert again.destinations == short.destinations  # dumped and loaded: not added twice
+
+
+def test_storage_commitment_settings_of_a_dicom_destination() -> None:
+    from spine_node.config import settings_from_mapping
+
+    pacs = {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 104}
+    plain = settings_from_mapping({"destinations": [pacs]}, environ={})
+    assert plain.commitment_destinations == {}
+    asked = settings_from_mapping(
+        {"destinations": [{**pacs, "storage_commitment": True, "commitment_retries": 1}]},
+        environ={},
+    )
+    assert asked.commitment_destinations == {"pacs": 2}  # the first request and one retry
+    for key, bad in (("commitment_timeout_s", 0), ("commitment_retries", -1),
+                     ("commitment_report_wait_s", -1.0)):
+        with pytest.raises(ConfigError) as info:
+            settings_from_mapping({"destinations": [{**pacs, key: bad}]}, environ={})
+        assert info.value.key == f"destinations.0.{key}" and info.value.value == bad
