@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spine_node.audit import AuditLog
-from spine_node.config import Hl7Destination, Settings
+from spine_node.config import Settings
 from spine_node.spool import ensure_private_dir, remove_stale_parts
 from spine_node.store import DestinationKind, DestinationRef, JobStore, Monitor, WorkerIdentity
 
@@ -228,7 +228,7 @@ def destination_refs(settings: Settings) -> tuple[DestinationRef, ...]:
 
 def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
     """Create a worker over a loaded cascade."""
-    from spine_node.oru import Hl7Header
+    from spine_node.oru import hl7_headers
     from spine_node.results.builder import ResultOptions, build_results
     from spine_node.study_report import StudyReporter, StudyReportSettings
     from spine_node.worker import Worker, WorkerSettings
@@ -262,9 +262,7 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
         options,
         StudyReportSettings(
             destinations=destination_refs(settings),
-            hl7_headers={
-                d.name: Hl7Header.of(d) for d in settings.destinations if isinstance(d, Hl7Destination)
-            },
+            hl7_headers=hl7_headers(settings.destinations),
         ),
     )
     return Worker(

@@ -151,6 +151,11 @@ class StudyIdentity:
         )
 
 
+def hl7_headers(destinations: Sequence[object]) -> dict[str, Hl7Header]:
+    """The MSH values of each configured HL7 destination, by name."""
+    return {d.name: Hl7Header.of(d) for d in destinations if isinstance(d, Hl7Destination)}
+
+
 def control_id(destination: str, document_uid: str) -> str:
     """The Message Control ID (MSH-10) of one revision's message to one destination.
 
@@ -231,19 +236,65 @@ def build_oru(
     """
     if not isinstance(priority, StudyPriority):
         raise TypeError(f"priority must be a StudyPriority, got {type(priority).__name__}")
+    _check_common(message_control_id, now)
+    if revision < 1:
+        raise ValueError(f"revision must be >= 1, got {revision!r}")
+    status = "F" if revision == 1 else "C"
+    observations: list[Observation] = [
+        (
+            "CWE",
+            codes.STUDY_PRIORITY,
+            _coded(codes.PRIORITY_CODES[priority.level]),
+            "",
+            ABNORMAL_FLAGS[priority.level],
+        )
+    ]
+    if priority.max_score is not None:
+        observations.append(
+            (
+                "NM",
+                codes.PROBABILITY,
+                f"{priority.max_score:.4f}",
+                _coded(codes.UNIT_PROBABILITY),
+                "",
+            )
+        )
+    observations += [
+        ("TX", FINDINGS, escape(findings_text(results)), "", ""),
+        ("ST", ALGORITHM_NAME, escape(model.name), "", ""),
+        ("ST", ALGORITHM_VERSION, escape(model.version), "", ""),
+        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid), "", ""),
+        ("TX", codes.COMMENT, escape(comment_text(priority, model)), "", ""),
+    ]
+    return _message(header, identity, status, message_control_id, now, observations)
+
+
+#: One OBX: value type, observation identifier, escaped value, escaped units, abnormal flag.
+Observation = tuple[str, Code, str, str, str]
+
+
+def _check_common(message_control_id: str, now: datetime) -> None:
     if not isinstance(now, datetime):
         raise TypeError(f"now must be a datetime, got {type(now).__name__}")
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (HL7 DTM carries the UTC offset)")
-    if revision < 1:
-        raise ValueError(f"revision must be >= 1, got {revision!r}")
     if not 1 <= len(message_control_id) <= CONTROL_ID_LENGTH:
         raise ValueError(
             f"message_control_id must be 1 to {CONTROL_ID_LENGTH} characters, "
             f"got {message_control_id!r}"
         )
+
+
+def _message(
+    header: Hl7Header,
+    identity: StudyIdentity,
+    status: str,
+    message_control_id: str,
+    now: datetime,
+    observations: Sequence[Observation],
+) -> str:
+    """MSH, PID, ORC, OBR and one OBX per observation, as ER7 text."""
     stamp = now.strftime("%Y%m%d%H%M%S%z")
-    status = "F" if revision == 1 else "C"
     msh = [
         "MSH",
         "^~\\&",
@@ -278,33 +329,6 @@ def build_oru(
     obr = ["OBR", "1", "", filler, _coded(codes.TRIAGE_RESULT), "", "", stamp]
     obr += [""] * 10 + [filler]  # OBR-8 .. OBR-17 empty; OBR-18 (placer field 1)
     obr += ["", "", "", stamp, "", "RAD", status]  # OBR-19 .. OBR-25
-
-    observations: list[tuple[str, Code, str, str, str]] = [
-        (
-            "CWE",
-            codes.STUDY_PRIORITY,
-            _coded(codes.PRIORITY_CODES[priority.level]),
-            "",
-            ABNORMAL_FLAGS[priority.level],
-        )
-    ]
-    if priority.max_score is not None:
-        observations.append(
-            (
-                "NM",
-                codes.PROBABILITY,
-                f"{priority.max_score:.4f}",
-                _coded(codes.UNIT_PROBABILITY),
-                "",
-            )
-        )
-    observations += [
-        ("TX", FINDINGS, escape(findings_text(results)), "", ""),
-        ("ST", ALGORITHM_NAME, escape(model.name), "", ""),
-        ("ST", ALGORITHM_VERSION, escape(model.version), "", ""),
-        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid), "", ""),
-        ("TX", codes.COMMENT, escape(comment_text(priority, model)), "", ""),
-    ]
     obx = [
         ["OBX", str(i), vtype, _coded(code), "", value, units, "", flag, "", "", status, "", "",
          stamp]
@@ -312,6 +336,46 @@ def build_oru(
     ]
     segments = [msh, pid, orc, obr, *obx]
     return "\r".join("|".join(fields).rstrip("|") for fields in segments) + "\r"
+
+
+def build_ignored_oru(
+    header: Hl7Header,
+    identity: StudyIdentity,
+    reason: str,
+    *,
+    message_control_id: str,
+    now: datetime,
+) -> str:
+    """Build the ORU^R01 of a study none of whose objects is analysed ("ignored").
+
+    No model ran, so the message has no score and no model observations: the flag
+    (``SN-103`` Ignored), the reason, the Study Instance UID and the comment.
+
+    Parameters
+    ----------
+    header, identity : Hl7Header, StudyIdentity
+        As for :func:`build_oru`.
+    reason : str
+        Why the object was not analysed (``sop_classes`` reason, e.g. "not an image").
+    message_control_id : str
+        MSH-10, 1 to 20 characters.
+    now : datetime.datetime
+        Time of the message; timezone-aware.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As for :func:`build_oru`.
+    """
+    _check_common(message_control_id, now)
+    comment = f"AI triage: ignored (not analysed). {codes.NOT_FOR_DIAGNOSTIC_USE}."
+    observations: list[Observation] = [
+        ("CWE", codes.STUDY_PRIORITY, _coded(codes.IGNORED), "", ""),
+        ("TX", FINDINGS, escape(f"ignored: {reason or 'not analysed'}"), "", ""),
+        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid), "", ""),
+        ("TX", codes.COMMENT, escape(comment), "", ""),
+    ]
+    return _message(header, identity, "F", message_control_id, now, observations)
 
 
 def comment_text(priority: StudyPriority, model: ModelInfo) -> str:

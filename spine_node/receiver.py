@@ -43,7 +43,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -134,6 +134,9 @@ class ReceiverContext:
         Queue out-of-scope images anyway, so that they get a "not processed" report.
     audit : AuditLog or None
         Where every received object is recorded.
+    report_ignored : callable or None
+        ``(study_instance_uid, stored file, reason)``, called for an object stored without
+        a job: tells the RIS about a study the AI ignores (``ris.IgnoredStudyReporter``).
     """
 
     store: JobStore
@@ -142,6 +145,7 @@ class ReceiverContext:
     intended_modalities: tuple[str, ...] = ("CR", "DX")
     report_out_of_scope: bool = False
     audit: AuditLog | None = None
+    report_ignored: Callable[[str, Path, str], object] | None = None
 
 
 def _peer(assoc: Any) -> tuple[str, str, str]:
@@ -386,6 +390,13 @@ def _store(event: evt.Event, ctx: ReceiverContext, cmd_class: str, cmd_instance:
             "C-STORE from %s: stored, no job (%s: %s)", calling_ae, kind.category.label,
             kind.reason, extra=fields,
         )
+        if ctx.report_ignored is not None:
+            try:
+                ctx.report_ignored(study_uid, ctx.spool_dir / relative,
+                                   f"{kind.category.label}: {kind.reason}")
+            except Exception as exc:  # the object is stored; the RIS message is best effort
+                logger.warning("study ignored, but its HL7 message was not queued: %s", exc,
+                               extra=fields)
         return _Stored(STATUS_SUCCESS, "stored", f"{kind.category.label}: {kind.reason}", study_uid)
     if outcome == "own":
         (ctx.spool_dir / relative).unlink(missing_ok=True)
@@ -401,6 +412,16 @@ def _store(event: evt.Event, ctx: ReceiverContext, cmd_class: str, cmd_instance:
     logger.info("C-STORE from %s: instance already received, not queued again", calling_ae,
                 extra=fields)
     return _Stored(STATUS_SUCCESS, "duplicate", "already received", study_uid)
+
+
+def _ignored_reporter(settings: Settings, store: JobStore) -> Callable[[str, Path, str], object] | None:
+    """The RIS "ignored" report when HL7 destinations are configured (imported only then)."""
+    if not any(d.kind == "hl7" for d in settings.destinations):
+        return None
+    from spine_node.oru import hl7_headers
+    from spine_node.ris import IgnoredStudyReporter
+
+    return IgnoredStudyReporter(store, settings.outbox_dir, hl7_headers(settings.destinations)).report
 
 
 # --------------------------------------------------------------------------------------------
@@ -597,6 +618,7 @@ def start_receiver(
         intended_modalities=settings.intended_modalities,
         report_out_of_scope=settings.report_out_of_scope,
         audit=audit or AuditLog(settings.audit_path),
+        report_ignored=_ignored_reporter(settings, store),
     )
     policy = NegotiationPolicy.from_settings(settings)
     handlers: list[Any] = [

@@ -1894,6 +1894,28 @@ class Monitor:
 
         return self.store._run(send_context)
 
+    def study_known_to_ris(self, study_instance_uid: str) -> bool:
+        """Whether a study has a job (its revisions tell the RIS) or an HL7 send already."""
+
+        def known(s: Session) -> bool:
+            job = s.scalar(
+                select(Job.id)
+                .join(Instance, Instance.id == Job.instance_id)
+                .where(Instance.study_instance_uid == study_instance_uid)
+                .limit(1)
+            )
+            if job is not None:
+                return True
+            sent = s.scalar(
+                select(Outbound.id)
+                .where(Outbound.study_instance_uid == study_instance_uid)
+                .where(Outbound.kind == DestinationKind.HL7.value)
+                .limit(1)
+            )
+            return sent is not None
+
+        return self.store._run(known)
+
     def study_delivery(
         self,
         study_instance_uids: Sequence[str] | None = None,

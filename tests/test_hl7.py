@@ -230,3 +230,16 @@ def test_an_older_revision_never_reaches_the_ris_after_a_newer_one(
         assert store.status()["outbound"]["ris"]["superseded"] == 2
     finally:
         store.close()
+
+
+def test_ignored_study_message() -> None:
+    from spine_node.oru import build_ignored_oru
+
+    msg = hl7.parse(build_ignored_oru(
+        Hl7Header("A", "", "", ""), StudyIdentity.of("1.2.3", reference_dataset(_source())),
+        "out of scope: modality CT | not CR/DX", message_control_id="IGN1", now=NOW))
+    obx = _obx(msg)
+    assert list(obx) == ["SN-102", "121071", "110180", "121106"]  # no score, no model
+    assert _field(msg, "OBX", 5, 1, nth=1) == "SN-103" and _field(msg, "OBX", 8, nth=1) == ""
+    assert _field(msg, "OBX", 5, nth=2) == "ignored: out of scope: modality CT | not CR/DX"
+    assert _field(msg, "PID", 3) == "ID|^~&42" and _field(msg, "OBR", 25) == "F"

@@ -200,3 +200,34 @@ def test_ris_gets_each_revision_after_naks_silence_and_replay(node: Node, tmp_pa
     assert body["revision"] == 2 and body["delivery"] == {"ris": "done", "commitment": None}
     out = node.cli("worklist").stdout
     assert any(node.study in line and " done " in line for line in out.splitlines())
+
+
+def test_ris_told_once_when_the_ai_ignores_a_study(node: Node, tmp_path: Path) -> None:
+    """A CT image (outside the intended use) of a new study: one "ignored" message, not two."""
+    from tests.nodekit import CTImageStorage, make_image
+
+    study = generate_uid()
+    before = len(node.ris.messages())
+    done = node.status()["delivery"]["ris"]["studies"]["done"]
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"ct{i}.dcm"
+        ds = make_image(path, study_uid=study, sop_class=CTImageStorage, modality="CT", seed=i)
+        ds.PatientName, ds.PatientID, ds.AccessionNumber = PATIENT_NAME, PATIENT_ID, ACCESSION
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    assert storescu(node.settings.port, paths[:1]).returncode == 0
+    wait_for(lambda: len(node.ris.messages()) == before + 1, timeout=60)
+    msg = hl7.parse(node.ris.messages()[before])
+    assert _field(msg, "PID", 3) == PATIENT_ID and _field(msg, "OBR", 3) == ACCESSION
+    assert (_field(msg, "PID", 5, 1), _field(msg, "PID", 5, 2)) == ("O|Brien&Co", "Jo~hn")
+    assert _obx(msg, "SN-102") == "SN-103" and _obx(msg, "SN-102", 5, 2) == "Ignored: not analysed"
+    assert _obx(msg, "SN-102", 8) == ""  # no abnormal flag: nothing was analysed
+    assert _obx(msg, "121071").startswith("ignored: ")
+    assert _obx(msg, "110180") == study
+    assert "111001" not in [_field(msg, "OBX", 3, nth=i)  # no model ran
+                            for i in range(1, len(msg.segments("OBX")) + 1)]
+    wait_for(lambda: node.status()["delivery"]["ris"]["studies"]["done"] == done + 1, timeout=60)
+    queued = sum(node.status()["outbound"]["ris"].values())
+    assert storescu(node.settings.port, paths[1:]).returncode == 0  # queued, if at all, in the
+    assert sum(node.status()["outbound"]["ris"].values()) == queued  # C-STORE: nothing more

@@ -58,6 +58,8 @@ VERTEBRAL_COLLAPSE = _private("SN-006", "Vertebral collapse")
 TRIAGE_RESULT = _private("SN-100", "Spine radiograph AI triage")
 NOT_PROCESSED = _private("SN-101", "Not processed")
 STUDY_PRIORITY = _private("SN-102", "Study AI triage priority")
+#: HL7 study flag when no object of the study is analysed (not images, out of scope)
+IGNORED = _private("SN-103", "Ignored: not analysed")
 MEYERDING_GRADE = _private("SN-110", "Meyerding grade")
 #: One code per grade of the one vocabulary (``types.MEYERDING_GRADES``): SN-111 .. SN-115.
 MEYERDING_GRADES: Mapping[str, Code] = {
@@ -142,6 +144,7 @@ def all_codes() -> tuple[Code, ...]:
         TRIAGE_RESULT,
         NOT_PROCESSED,
         STUDY_PRIORITY,
+        IGNORED,
         MEYERDING_GRADE,
     )
     seen: dict[tuple[str, str], Code] = {}
