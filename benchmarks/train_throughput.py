@@ -5,8 +5,10 @@ first (not timed):
 
 * ``loader``: images/s of the training data pipeline alone (cache read + augmentation +
   collation), the old way (``DataLoader`` without workers, ``augment_batch`` image by image in
-  the main loop) against the new one (``AugmentedDataset`` in ``--workers`` loader workers).
-  On a GPU the pipeline must keep up with the model, so this is the CPU-bound part.
+  the main loop) against the new one (``AugmentedDataset`` in ``--workers`` loader workers),
+  and the batched augmentation (``augment_batch_device``, what CUDA runs use) timed on the CPU
+  on already loaded batches. On a GPU the pipeline must keep up with the model, so this is
+  the CPU-bound part.
 * ``train``: one epoch of :func:`training.train_classifier.train_fold` (``--arch`` at
   ``--input-size``, full-size by default, random weights), images/s over the whole call with a
   4-image validation set, and the loop's own per-epoch figure when the code records it.
@@ -90,6 +92,15 @@ def loader_mode(args: argparse.Namespace, records: Any, prep: Any) -> dict[str, 
                 num_workers=workers,
             )
             out[f"workers_{workers}_images_per_s"] = round(run(loader, False), 1)
+    if hasattr(tc, "augment_batch_device"):  # batched augmentation, here on the CPU
+        plain = DataLoader(dataset, batch_size=args.batch, collate_fn=tc._collate)
+        batches = [b[0] for b in plain]
+        gen = torch.Generator().manual_seed(0)
+        n, t0 = 0, time.perf_counter()
+        for _ in range(args.rounds):
+            for x in batches:
+                n += int(tc.augment_batch_device(x, aug, gen).shape[0])
+        out["batched_augment_cpu_images_per_s"] = round(n / (time.perf_counter() - t0), 1)
     return out
 
 

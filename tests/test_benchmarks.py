@@ -105,3 +105,22 @@ def test_inference_benchmark_on_a_tiny_bundle_prints_stages_ratios_and_flops() -
     assert per_view < 58
     assert cascade == pytest.approx(5 * per_view + detector, rel=0.01)
     assert "GFLOP/s" in out
+
+
+def test_train_throughput_benchmark_prints_both_loader_paths(tmp_path: Path) -> None:
+    proc = run_script(
+        "train_throughput.py", "--mode", "loader", "--images", "8", "--size", "128x96",
+        "--input-size", "48", "--batch", "2", "--rounds", "1", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    import json
+
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in (
+        "legacy_main_loop_images_per_s",
+        "workers_0_images_per_s",
+        "workers_2_images_per_s",
+        "batched_augment_cpu_images_per_s",
+    ):
+        assert result[key] > 0, result
+    assert float(result["load_before"]) >= 0 and result["cpus"] >= 1
