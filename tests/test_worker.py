@@ -44,6 +44,7 @@ def test_worker_processes_reports_and_queues_sends_in_the_real_store(
         tmp_path, bundle=str(tiny_bundle_copy), device="cpu", decode_isolation=False,
         job_max_attempts=2, worker_batch_size=2,
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}],
+        results={"heatmap": True, "heatmap_method": "layercam"},  # the optional heatmap series
     )
     prepare_data_dir(settings)
     store = open_store(settings)
@@ -89,5 +90,10 @@ def test_worker_processes_reports_and_queues_sends_in_the_real_store(
         assert store.status()["outbound"]["pacs"]["pending"] >= len(objects) + 3
         # the killer's report was made from the header: no overlay of its pixels
         assert len(records[killer_uid].objects) == 1
+        # SR, overlay and heatmap for the analysed image; no heatmap where nothing was analysed
+        series = [int(dcmread(settings.outbox_dir / relative_name(u)).SeriesNumber)
+                  for u in records[spine_uid].objects]
+        assert series == [9901, 9902, 9904]
+        assert len(records[ct_uid].objects) <= 2
     finally:
         store.close()
