@@ -93,8 +93,8 @@ def test_destinations_are_a_union_on_kind() -> None:
     assert [type(d) for d in settings.destinations] == [DicomDestination, WebhookDestination]
     assert settings.dicom_destinations == (settings.destinations[0],)
     assert settings.destination("ris").timeout_s == 30.0  # type: ignore[union-attr]
-    with pytest.raises(ConfigError, match=r"destinations\.0.*'hl7'"):
-        settings_from_mapping({"destinations": [{"kind": "hl7", "name": "x"}]}, environ={})
+    with pytest.raises(ConfigError, match=r"destinations\.0.*'fax'"):
+        settings_from_mapping({"destinations": [{"kind": "fax", "name": "x"}]}, environ={})
     with pytest.raises(ConfigError, match=r"destinations\.0\.url"):
         settings_from_mapping({"destinations": [{**hook, "url": "ftp://x"}]}, environ={})
     # the shorthand is one webhook destination named "webhook", read in one place
@@ -122,3 +122,21 @@ def test_storage_commitment_settings_of_a_dicom_destination() -> None:
         with pytest.raises(ConfigError) as info:
             settings_from_mapping({"destinations": [{**pacs, key: bad}]}, environ={})
         assert info.value.key == f"destinations.0.{key}" and info.value.value == bad
+
+
+def test_hl7_destination() -> None:
+    from spine_node.config import Hl7Destination, settings_from_mapping
+
+    ris = {"kind": "hl7", "name": "ris", "host": "ris.example", "port": 2575}
+    (dest,) = settings_from_mapping({"destinations": [ris]}, environ={}).destinations
+    assert isinstance(dest, Hl7Destination)
+    assert (dest.sending_application, dest.receiving_application, dest.processing_id,
+            dest.message_profile, dest.timeout_s) == ("SPINENODE", "", "P", "", 30.0)
+    assert settings_from_mapping({"destinations": [ris]}, environ={}).dicom_destinations == ()
+    with pytest.raises(ConfigError, match=r"destinations\.0\.processing_id = 'X'"):
+        settings_from_mapping({"destinations": [{**ris, "processing_id": "X"}]}, environ={})
+    with pytest.raises(ConfigError, match=r"destinations\.0\.host"):
+        settings_from_mapping({"destinations": [{"kind": "hl7", "name": "x", "port": 1}]},
+                              environ={})
+    with pytest.raises(ConfigError, match=r"destinations\.0\.timeout_s"):
+        settings_from_mapping({"destinations": [{**ris, "timeout_s": 0}]}, environ={})
