@@ -386,6 +386,30 @@ class RunningNode:
         self.store.close()
 
 
+def schedule_drift_check(scheduler: Any, settings: Settings, store: JobStore, cascade: Any) -> None:
+    """Check score drift every ``monitoring.check_interval_s`` in a worker process.
+
+    The reference is the worker's bundle's (``manifest.score_reference``; a bundle without
+    one gives "no reference"). Several workers may check: the alarm state in the database
+    makes the WARNING appear once per crossing.
+    """
+    from spine_node.monitoring import drift_check_job
+
+    manifest = getattr(cascade, "manifest", None)
+    reference = getattr(manifest, "score_reference", None)
+    threshold = getattr(manifest, "threshold", None)
+    scheduler.add_job(
+        drift_check_job,
+        "interval",
+        seconds=settings.monitoring.check_interval_s,
+        args=[store, reference, settings.monitoring, threshold],
+        id="drift",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+    )
+
+
 def _listen(settings: Settings, store: JobStore) -> Any:
     """Start the receiver; a port that cannot be bound is a :class:`StartupError`."""
     from spine_node.receiver import start_receiver
@@ -470,6 +494,8 @@ def start_node(
                     audit=AuditLog(settings.audit_path),
                 )
             node.scheduler = start_scheduler(settings, store, dispatcher)
+            if "worker" in roles:
+                schedule_drift_check(node.scheduler, settings, store, cascade)
     except BaseException:
         node.stop()  # what did start is stopped: never a half-running node
         raise
