@@ -294,6 +294,9 @@ class Dispatcher:
         except Hl7DeliveryError as exc:
             self._failed(send, f"HL7 to {dest.host}:{dest.port}: {exc}", exc.detail)
             return
+        except Exception as exc:  # unexpected: retried like any failure, the batch goes on
+            self._failed(send, f"HL7 to {dest.host}:{dest.port}: {type(exc).__name__}: {exc}")
+            return
         self.store.mark_sent(send.send_id)
         logger.info(
             "send %d%s delivered to HL7 destination %s (ACK %s, control ID %s)",

@@ -15,7 +15,8 @@ import asyncio
 from dataclasses import dataclass
 
 import hl7  # type: ignore[import-untyped]
-from hl7.mllp import open_hl7_connection  # type: ignore[import-untyped]
+from hl7.exceptions import HL7Exception  # type: ignore[import-untyped]
+from hl7.mllp import InvalidBlockError, open_hl7_connection  # type: ignore[import-untyped]
 
 #: MSA-1 codes that count as delivered (HL7 table 0008).
 ACCEPTED = frozenset({"AA", "CA"})
@@ -78,6 +79,8 @@ def read_acknowledgment(answer: hl7.Message) -> Acknowledgment:
         msa = answer.segment("MSA")
     except KeyError:
         raise Hl7DeliveryError("the answer has no MSA segment (not an acknowledgment)") from None
+    if len(msa) < 2:
+        raise Hl7DeliveryError("the answer's MSA segment has no acknowledgment code")
     text = [str(msa(3)) if len(msa) > 3 else ""]
     try:
         err = answer.segment("ERR")
@@ -109,8 +112,10 @@ async def _exchange(host: str, port: int, message: str, timeout_s: float) -> hl7
         raise Hl7DeliveryError(f"no acknowledgment from {host}:{port} within {timeout_s:g} s") from None
     except asyncio.IncompleteReadError:
         raise Hl7DeliveryError(f"{host}:{port} closed the connection without an acknowledgment") from None
-    except (OSError, ValueError) as exc:  # reset, or an answer that is no MLLP block / HL7
+    except (OSError, ValueError) as exc:  # a reset connection, or an answer over the limit
         raise Hl7DeliveryError(f"no readable acknowledgment from {host}:{port}: {exc}") from None
+    except (InvalidBlockError, HL7Exception):  # not an MLLP block, or not an HL7 message
+        raise Hl7DeliveryError(f"the answer from {host}:{port} is not an HL7 message") from None
     finally:
         writer.close()
         try:

@@ -2,7 +2,8 @@
 
 Each message received is kept as text; the answer is the next scripted one: ``AA``, ``AE``,
 ``AR``, ``CA``, ``silence`` (no answer; the connection stays open until the sender gives up)
-or ``wrong-id`` (AA for another control ID); ``CODE:text`` adds MSA-3 text to the ACK. Once the
+``wrong-id`` (AA for another control ID), ``garbage`` (an MLLP block that is not HL7) or
+``unframed`` (bytes without the MLLP start block); ``CODE:text`` adds MSA-3 text. Once the
 script is used up it answers ``AA``.
 The ACKs are made by the library (``hl7.Message.create_ack``).
 """
@@ -71,6 +72,14 @@ class MllpListener:
                 if answer == "silence":
                     await reader.read()  # until the sender gives up and closes
                     return
+                if answer == "garbage":
+                    writer.writeblock(b"this is not HL7")
+                    await writer.drain()
+                    continue
+                if answer == "unframed":
+                    writer.write(b"MSA|AA|X\x1c\r")
+                    await writer.drain()
+                    continue
                 if answer == "wrong-id":
                     ack = hl7.parse(str(message.create_ack("AA", message_id="ACK1")).replace(
                         f"MSA|AA|{message.segment('MSH')(10)}", "MSA|AA|NOT-THIS-ONE"))

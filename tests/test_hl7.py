@@ -141,7 +141,8 @@ def test_oru_rejects_bad_arguments() -> None:
 
 @pytest.fixture
 def listener() -> Iterator[MllpListener]:
-    server = MllpListener(["AA", "AE:unknown patient", "AR", "silence", "wrong-id", "CA"]).start()
+    server = MllpListener(["AA", "AE:unknown patient", "AR", "silence", "wrong-id", "garbage",
+                           "unframed", "CA"]).start()
     yield server
     server.stop()
 
@@ -156,12 +157,13 @@ def test_send_message_judges_acknowledgments(listener: MllpListener) -> None:
     with pytest.raises(Hl7DeliveryError, match="ACK AE") as refused:
         send_message("127.0.0.1", listener.port, message, timeout_s=5)
     assert refused.value.detail == "unknown patient" and "unknown" not in str(refused.value)
-    for expected in ("ACK AR", "no acknowledgment", "acknowledges control ID"):
+    for expected in ("ACK AR", "no acknowledgment", "acknowledges control ID",
+                     "not an HL7 message", "not an HL7 message"):
         with pytest.raises(Hl7DeliveryError, match=expected):
             send_message("127.0.0.1", listener.port, message,
                          timeout_s=1 if expected == "no acknowledgment" else 5)
     assert send_message("127.0.0.1", listener.port, message, timeout_s=5).code == "CA"
-    assert listener.messages() == [message] * 6  # each one arrived whole, as built
+    assert listener.messages() == [message] * 8  # each one arrived whole, as built
     with pytest.raises(Hl7DeliveryError, match="no MLLP connection"):
         send_message("127.0.0.1", free_port(), message, timeout_s=5)
 
