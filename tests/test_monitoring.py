@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import logging
 import math
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 
 from spine_node.config import MonitoringSettings
 from spine_node.drift import DriftState, ScoreReference
+from spine_node.metrics import read_metrics
 from spine_node.monitoring import (
     daily_outcomes,
     drift_check_job,
@@ -19,7 +23,14 @@ from spine_node.monitoring import (
     reason_kind,
     score_window,
 )
-from spine_node.store import InstanceRecord, JobOutcome, JobStore
+from spine_node.store import (
+    Backoff,
+    DestinationKind,
+    InstanceRecord,
+    JobOutcome,
+    JobStore,
+    SendSpec,
+)
 
 DAY = 86400.0
 T0 = 1_790_000_000.0  # a fixed UTC instant: 2026-09-21
@@ -36,7 +47,7 @@ class Clock:
 
 
 def _record(store: JobStore, n: int, status: str, score: float | None = None,
-            reason: str | None = None) -> None:
+            reason: str | None = None, send: bool = False) -> None:
     """Receive ``n`` images and finish their jobs with this outcome (the worker's calls)."""
     for _ in range(n):
         i = store.status()["instances"]
@@ -44,13 +55,24 @@ def _record(store: JobStore, n: int, status: str, score: float | None = None,
         store.record_instance(InstanceRecord(uid, "1.2.840.10008.5.1.4.1.1.1", "1.2.3", "1.2.3.0",
                                              "1.2.840.10008.1.2.1", "MOD", f"{uid}.dcm", 10))
         (job,) = store.claim_jobs("w", 60.0, 1, 3)
-        store.complete_job(job.job_id, "w", JobOutcome(status, score, reason, {}), [],
+        sends = [SendSpec("pacs", DestinationKind.DICOM, f"{uid}.9", "x.dcm")] if send else []
+        store.complete_job(job.job_id, "w", JobOutcome(status, score, reason, {}), sends,
                            {"triage": 0.2, "results": 0.05})
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    return JobStore.open(f"sqlite:///{tmp_path / 'q.db'}", clock=Clock(T0))
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[JobStore]:
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'q.db'}"
+    else:
+        url = request.getfixturevalue("pg_url")
+    s = JobStore.open(url, clock=Clock(T0))
+    if request.param == "postgres":
+        with s.engine.begin() as conn:
+            conn.execute(text("TRUNCATE outbound, results, jobs, instances, job_stage_times, "
+                              "drift_alarms RESTART IDENTITY CASCADE"))
+    yield s
+    s.close()
 
 
 def test_drift_warns_once_per_crossing(store: JobStore, caplog: pytest.LogCaptureFixture) -> None:
@@ -104,3 +126,30 @@ def test_daily_rates_and_reasons(store: JobStore) -> None:
     assert reason_kind("image content does not look like a spine radiograph (...)") == (
         "content_gate")
     assert reason_kind("something new") == "other"
+
+
+def test_metrics_read_from_the_database(store: JobStore) -> None:
+    clock = store.clock
+    assert isinstance(clock, Clock)
+    _record(store, 2, "positive", 0.9, send=True)
+    clock.now += 3.0
+    _record(store, 1, "not_processed", reason="image too small (10 x 10 pixels; ...)")
+    (first, second) = store.claim_sends(60.0, 10)
+    clock.now += 4.0
+    store.mark_sent(first.send_id)
+    store.mark_send_failed(second.send_id, "refused", 1, Backoff(1, 1, 0), random.Random(0))
+    store.record_decoder_crash(3)
+    m = read_metrics(store, live_worker_age_s=30)
+    assert m.received["image"] == 3 and m.outcomes["positive"] == 2
+    assert m.outcomes["not_processed"] == 1 and m.not_processed["image_too_small"] == 1
+    assert m.result_latency.count == 3 and m.result_latency.total == pytest.approx(0.0)
+    # the first image was received at T0 and delivered 7 s later: bucket 10 s, not 5 s
+    delivered = m.delivery_latency["pacs"]
+    assert delivered.count == 1 and delivered.total == pytest.approx(7.0)
+    assert dict(delivered.buckets)[5.0] == 0 and dict(delivered.buckets)[10.0] == 1
+    assert m.send_failures == {"pacs": 1} and m.dead_sends == 1
+    assert m.sends[("pacs", "sent")] == 1 and m.decoder_crashes == 1
+    triage = m.stage_seconds["triage"]
+    assert triage.count == 3 and triage.total == pytest.approx(0.6)
+    assert dict(triage.buckets)[0.1] == 0 and dict(triage.buckets)[0.25] == 3
+    assert m.queue_depth == 0 and m.oldest_queued_age_s == 0.0
