@@ -1848,14 +1848,14 @@ class Monitor:
         return self.store._run(prune_workers)
 
     def oldest_pending_send_age(self) -> float | None:
-        """Age in seconds of the oldest send not yet delivered (pending or sending), or None."""
+        """Age in seconds of the oldest send not yet delivered (pending, sending, or stored
+        and waiting for its Storage Commitment report), or None."""
         now = self.store.clock()
+        waiting = [SendState.PENDING.value, SendState.SENDING.value, SendState.COMMITTING.value]
 
         def oldest(s: Session) -> float | None:
             return s.scalar(
-                select(func.min(Outbound.created_at)).where(
-                    Outbound.state.in_([SendState.PENDING.value, SendState.SENDING.value])
-                )
+                select(func.min(Outbound.created_at)).where(Outbound.state.in_(waiting))
             )
 
         first = self.store._run(oldest)

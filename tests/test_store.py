@@ -22,6 +22,7 @@ from spine_node.store import (
     JobState,
     JobStore,
     LeaseLost,
+    Monitor,
     SendSpec,
     SendState,
 )
@@ -387,6 +388,8 @@ def test_storage_commitment_states(store: tuple[JobStore, Clock]) -> None:
     assert c.open_transactions() == {"2.25.1": 2}
     assert c.study_states(["pacs"]) == {"7.7": "pending"}
     assert s.status()["outbound"]["pacs"]["committing"] == 2
+    clock.now += 5
+    assert Monitor(s).oldest_pending_send_age() == 5.0  # stored is not delivered
 
     committed, failed = (send.object_uid for send in sorted(claimed, key=lambda x: x.send_id))
     counts = c.record_report("2.25.1", [committed], {failed: "no such object instance (0x0112)"},
