@@ -18,7 +18,8 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from spine_node.config import (
     CONFIG_PATH_ENV,
@@ -31,8 +32,30 @@ from spine_node.config import (
 )
 from spine_node.logs import JsonFormatter, configure_logging
 from spine_node.sdnotify import Notifier
+from spine_node.status import (
+    STATUS_DEAD,
+    STATUS_NO_WORKER,
+    STATUS_OK,
+    STATUS_STALE_QUEUE,
+    delivery_report,
+)
+from spine_node.status import status_report as _status_report
 
-__all__ = ["JsonFormatter", "build_parser", "configure_logging", "main"]
+if TYPE_CHECKING:
+    from spine_node.store import JobStore
+
+__all__ = [
+    "STATUS_DEAD",
+    "STATUS_NO_WORKER",
+    "STATUS_OK",
+    "STATUS_STALE_QUEUE",
+    "JsonFormatter",
+    "build_parser",
+    "configure_logging",
+    "delivery_report",
+    "main",
+    "status_report",
+]
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -41,11 +64,11 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the node: every role (default) or one."""
-    from spine_node.node import ROLES, start_node
+    from spine_node.node import serve_roles, start_node
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_json, settings.log_phi)
-    roles = ROLES if args.role == "all" else (args.role,)
+    roles = serve_roles(settings) if args.role == "all" else (args.role,)
     if "receiver" in roles:
         from spine_node.transport import IncompatiblePynetdicom, check_pynetdicom
 
@@ -93,82 +116,23 @@ def ready_status(settings: Settings, roles: Sequence[str], node: Any) -> str:
         parts.append(f"worker{model}")
     if "dispatcher" in roles:
         parts.append(f"dispatcher ({len(settings.destinations)} destinations)")
+    if "web" in roles and getattr(node, "web", None) is not None:
+        parts.append(f"web on {settings.web.bind_address}:{node.web.port}")
     return "ready: " + "; ".join(parts)
 
 
-#: ``spine-node status`` exit codes; several problems add up (dead + no worker = 12).
-STATUS_OK = 0
-STATUS_DEAD = 4  # dead jobs or dead sends wait for an operator (spine-node replay)
-STATUS_NO_WORKER = 8  # jobs are waiting and no worker has beaten within 3 heartbeats
-STATUS_STALE_QUEUE = 16  # the oldest queued job or undelivered send is older than allowed
-
-
-def status_report(settings: Settings) -> dict[str, Any]:
-    """Everything ``spine-node status`` shows, with the problems and the exit code."""
+def status_report(settings: Settings, store: JobStore | None = None) -> dict[str, Any]:
+    """Everything ``spine-node status`` shows (:func:`spine_node.status.status_report`), read
+    from ``store`` when given, else from the configured database (opened and closed here)."""
     from spine_node.node import open_store
-    from spine_node.store import Monitor
 
+    if store is not None:
+        return _status_report(settings, store)
     store = open_store(settings)
     try:
-        report = store.status()
-        report["dead"] = store.dead_letters()
-        monitor = Monitor(store)
-        live_age = 3 * settings.heartbeat_s
-        workers = monitor.workers()
-        report["oldest_pending_send_age_s"] = monitor.oldest_pending_send_age()
-        report["delivery"] = delivery_report(
-            monitor.study_delivery(commitment_destinations=settings.commitment_destinations)
-        )
+        return _status_report(settings, store)
     finally:
         store.close()
-    for worker in workers:
-        worker["live"] = worker["last_seen_age_s"] <= live_age
-    report["workers"] = workers
-    jobs = report["jobs"]
-    waiting = jobs.get("queued", 0) + jobs.get("failed", 0) + jobs.get("running", 0)
-    dead_sends = sum(states.get("dead", 0) for states in report["outbound"].values())
-    problems: list[dict[str, Any]] = []
-    code = STATUS_OK
-    if jobs.get("dead", 0) or dead_sends:
-        code += STATUS_DEAD
-        problems.append({"code": STATUS_DEAD, "problem":
-                         f"{jobs.get('dead', 0)} dead jobs, {dead_sends} dead sends "
-                         "(spine-node replay jobs|sends)"})
-    if waiting and not any(w["live"] for w in workers):
-        code += STATUS_NO_WORKER
-        problems.append({"code": STATUS_NO_WORKER, "problem":
-                         f"{waiting} jobs waiting and no live worker "
-                         f"(no heartbeat within {live_age:g} s)"})
-    ages = [a for a in (report["oldest_queued_age_s"], report["oldest_pending_send_age_s"])
-            if a is not None]
-    if ages and max(ages) > settings.status_max_queue_age_s:
-        code += STATUS_STALE_QUEUE
-        problems.append({"code": STATUS_STALE_QUEUE, "problem":
-                         f"oldest queued item is {max(ages):.0f} s old "
-                         f"(status_max_queue_age_s = {settings.status_max_queue_age_s:g})"})
-    report["problems"] = problems
-    report["exit_code"] = code
-    return report
-
-
-def delivery_report(per_study: dict[str, dict[str, str | None]]) -> dict[str, Any]:
-    """Per delivery kind (``ris``, ``commitment``): studies counted by state, and the studies
-    not done."""
-    from spine_node.store import DELIVERY_FIELDS, DeliveryState
-
-    out: dict[str, Any] = {}
-    for kind in DELIVERY_FIELDS:
-        counts = {state.value: 0 for state in DeliveryState}
-        open_studies = []
-        for uid, states in sorted(per_study.items()):
-            state = states.get(kind)
-            if state is None:
-                continue
-            counts[state] += 1
-            if state != DeliveryState.DONE.value:
-                open_studies.append({"study_instance_uid": uid, "state": state})
-        out[kind] = {"studies": counts, "not_done": open_studies[:50]}
-    return out
 
 
 def _ago(seconds: float | None) -> str:
@@ -357,6 +321,65 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    """Record, list or export radiologist feedback; exit 1 for an unknown image."""
+    from spine_node.feedback import (
+        FeedbackEntry,
+        FeedbackSource,
+        Verdict,
+        parse_label,
+        write_csv,
+    )
+    from spine_node.node import open_store
+    from spine_node.store import FeedbackLog, UnknownImage
+
+    settings = _settings(args)
+    store = open_store(settings)
+    try:
+        log = FeedbackLog(store)
+        if args.action == "record":
+            try:
+                entry = FeedbackEntry(
+                    sop_instance_uid=args.sop_instance_uid,
+                    study_instance_uid="?",  # the received image's study is stored
+                    verdict=Verdict(args.verdict),
+                    corrected_label=parse_label(args.label),
+                    lesion=args.lesion,
+                    reader=args.reader or "",
+                    comment=args.comment or "",
+                    source=FeedbackSource.CLI,
+                )
+            except ValueError as exc:
+                raise ConfigError("feedback", args.sop_instance_uid, str(exc)) from None
+            try:
+                stored = log.record(entry)
+            except UnknownImage as exc:
+                print(f"spine-node feedback: {exc.args[0]}", file=sys.stderr)
+                return 1
+            print(f"recorded feedback {stored.feedback_id}: {stored.verdict.value} on "
+                  f"{stored.sop_instance_uid} (AI: {stored.model_status or 'no result'})")
+            return 0
+        entries = log.entries(study_instance_uid=getattr(args, "study", None))
+    finally:
+        store.close()
+    if args.action == "export":
+        n = write_csv(entries, args.csv)
+        print(f"wrote {n} feedback rows to {args.csv}")
+        return 0
+    if args.json:
+        print(json.dumps([e.to_json() for e in entries], indent=2))
+        return 0
+    for e in entries:
+        label = "" if e.corrected_label is None else f" -> {e.corrected_label.value}"
+        lesion = "" if e.lesion is None else f" ({e.lesion})"
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.recorded_at))
+        print(f"{e.feedback_id:>5}  {when}  {e.verdict.value:<8}{label}{lesion}  "
+              f"AI {e.model_status or '-'}  {e.reader or '-'}  {e.sop_instance_uid}")
+    if not entries:
+        print("no feedback recorded")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``spine-node`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -375,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     p = with_config(sub.add_parser("serve", help="run the node"))
-    p.add_argument("--role", choices=["all", "receiver", "worker", "dispatcher"], default="all")
+    p.add_argument("--role", choices=["all", "receiver", "worker", "dispatcher", "web"],
+                   default="all",
+                   help="all: receiver, worker, dispatcher and (when web.enabled) web")
     p.set_defaults(func=cmd_serve)
 
     p = with_config(
@@ -421,6 +446,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("worklist", help="studies ranked by triage priority"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_worklist)
+
+    p = sub.add_parser(
+        "feedback",
+        help="radiologist feedback on results: record, list, export as CSV",
+        description="Agree or disagree with an image's AI result (optionally with the "
+        "corrected label and lesion class); the CSV export is what training/feedback.py reads. "
+        "Exit 1 when the image is unknown.",
+    )
+    actions = p.add_subparsers(dest="action", required=True)
+    q = with_config(actions.add_parser("record", help="record one feedback"))
+    q.add_argument("sop_instance_uid", help="the image's SOP Instance UID")
+    q.add_argument("verdict", choices=["agree", "disagree"])
+    q.add_argument("--label", choices=["normal", "abnormal"],
+                   help="corrected label (with disagree)")
+    from spine_node.labels import LESION_LABELS
+
+    q.add_argument("--lesion", choices=LESION_LABELS, help="lesion class (with --label abnormal)")
+    q.add_argument("--reader", help="who gives it (initials)")
+    q.add_argument("--comment")
+    q.set_defaults(func=cmd_feedback)
+    q = with_config(actions.add_parser("list", help="feedback given, oldest first"))
+    q.add_argument("--study", metavar="UID", help="only this study")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=cmd_feedback)
+    q = with_config(actions.add_parser("export", help="every feedback as CSV"))
+    q.add_argument("--csv", required=True, type=Path, metavar="FILE")
+    q.set_defaults(func=cmd_feedback)
 
     try:
         from spine_node import analyze

@@ -193,6 +193,24 @@ class MonitoringSettings(_Strict):
     history_days: int = Field(default=30, ge=1, le=366)
 
 
+class WebSettings(_Strict):
+    """The web status page (``[web]``): where it listens and who may change state through it.
+
+    ``token_file`` names a file holding the access token (one line; whitespace stripped). With
+    a token, every page needs it (a login form sets a session cookie; API clients send
+    ``Authorization: Bearer TOKEN``) and feedback and replay are enabled; without one, pages
+    are read-only and only a loopback ``bind_address`` is allowed (docs/security.md).
+    """
+
+    enabled: bool = True
+    port: int = Field(default=8480, ge=1, le=65535)
+    bind_address: str = "127.0.0.1"
+    token_file: Path | None = None
+    session_max_age_s: float = Field(default=43200.0, gt=0)
+    show_patient_names: bool = False
+    recent_studies: int = Field(default=50, ge=1, le=1000)
+
+
 class Settings(_Strict):
     """All settings of one node. See ``config/spine-node.toml`` for each key's meaning."""
 
@@ -245,6 +263,7 @@ class Settings(_Strict):
 
     results: ResultsSettings = ResultsSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
+    web: WebSettings = WebSettings()
     destinations: tuple[Destination, ...] = ()
 
     @model_validator(mode="before")

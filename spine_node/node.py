@@ -1,4 +1,4 @@
-"""Assemble the node's roles (receiver, worker, dispatcher) from settings and run them."""
+"""Assemble the node's roles (receiver, worker, dispatcher, web) from settings and run them."""
 
 from __future__ import annotations
 
@@ -21,7 +21,16 @@ from spine_node.store import DestinationKind, DestinationRef, JobStore, Monitor,
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("receiver", "worker", "dispatcher")
+#: The roles that move images: receive, analyse, deliver (``start_node``'s default).
+PIPELINE_ROLES = ("receiver", "worker", "dispatcher")
+#: Every role; ``web`` serves the status page (``[web]``).
+ROLES = (*PIPELINE_ROLES, "web")
+
+
+def serve_roles(settings: Settings) -> tuple[str, ...]:
+    """The roles ``spine-node serve`` starts without ``--role``: the pipeline, and the web
+    page when ``web.enabled``."""
+    return (*PIPELINE_ROLES, "web") if settings.web.enabled else PIPELINE_ROLES
 
 
 class StartupError(RuntimeError):
@@ -289,6 +298,58 @@ def worker_owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def bundle_summary(setting: str | None) -> dict[str, Any] | None:
+    """Name, version, demo flag, intended use and manifest SHA-256 of the configured bundle,
+    for the status page (None when none is configured or its manifest cannot be read)."""
+    from spine_node.models.bundle import BundleError, load_manifest
+
+    try:
+        path = resolve_bundle(setting)
+        manifest = load_manifest(path)
+    except (NoBundle, BundleError, OSError, ValueError):
+        return None
+    return {
+        "name": manifest.name,
+        "version": manifest.version,
+        "demo": bool(manifest.demo),
+        "intended_use": manifest.intended_use,
+        "sha256": bundle_sha256(setting),
+    }
+
+
+def check_web(settings: Settings) -> str | None:
+    """Check the web role's settings before anything starts; return the access token.
+
+    Raises
+    ------
+    StartupError
+        When ``web.bind_address`` is not loopback and no ``web.token_file`` is configured, or
+        the token file cannot be read or holds too short a token.
+    """
+    from spine_node.web.auth import TokenFileError, check_exposure, read_token
+    from spine_node.web.server import is_loopback
+
+    try:
+        check_exposure(settings.web, is_loopback(settings.web.bind_address))
+        return None if settings.web.token_file is None else read_token(settings.web.token_file)
+    except (TokenFileError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
+
+
+def start_web_role(settings: Settings, store: JobStore, token: str | None) -> Any:
+    """Build the web application and bind its port (:class:`StartupError` when it cannot)."""
+    from spine_node.web import create_app, start_web
+    from spine_node.web.auth import Guard
+    from spine_node.web.server import WebStartupError
+
+    guard = Guard(token=token, max_age_s=settings.web.session_max_age_s)
+    app = create_app(settings, store, guard=guard, bundle=bundle_summary(settings.bundle))
+    try:
+        return start_web(settings, app)
+    except WebStartupError as exc:
+        raise StartupError(str(exc)) from None
+
+
 def bundle_sha256(setting: str | None) -> str:
     """SHA-256 of the configured bundle's manifest.json ("" when there is none)."""
     from spine_node.models.bundle import sha256_file
@@ -350,6 +411,7 @@ class RunningNode:
 
     store: JobStore
     server: Any = None
+    web: Any = None
     scheduler: Any = None
     worker_thread: threading.Thread | None = None
     heartbeat_thread: threading.Thread | None = None
@@ -366,12 +428,16 @@ class RunningNode:
         for thread in (self.worker_thread, self.heartbeat_thread):
             if thread is not None and not thread.is_alive():
                 return False
+        if self.web is not None and not self.web.thread.is_alive():
+            return False
         return self.scheduler is None or bool(self.scheduler.running)
 
     def stop(self) -> None:
         """Stop accepting, let the worker finish its batch, stop the sweeps, close the queue."""
         if self.server is not None:
             self.server.shutdown()
+        if self.web is not None:
+            self.web.stop()
         if self.stop_event is not None:
             self.stop_event.set()
         if self.worker_thread is not None:
@@ -425,7 +491,7 @@ def _listen(settings: Settings, store: JobStore) -> Any:
 
 
 def start_node(
-    settings: Settings, roles: tuple[str, ...] = ROLES, cascade: Any = None
+    settings: Settings, roles: tuple[str, ...] = PIPELINE_ROLES, cascade: Any = None
 ) -> RunningNode:
     """Start the requested roles in this process.
 
@@ -434,7 +500,7 @@ def start_node(
     settings : Settings
         Validated settings.
     roles : tuple of str
-        Any of ``receiver``, ``worker``, ``dispatcher``.
+        Any of ``receiver``, ``worker``, ``dispatcher``, ``web`` (default: the first three).
     cascade : optional
         A loaded cascade to use instead of loading the configured bundle.
 
@@ -443,8 +509,10 @@ def start_node(
     StartupError
         Before anything starts, when a role cannot work: the worker's bundle is not configured
         or cannot be loaded (:class:`NoBundle`), the data directory, spool or outbox is not
-        writable, the database cannot be opened, a TLS file cannot be read, or the DICOM port
-        cannot be bound (then nothing else is left running).
+        writable, the database cannot be opened, a TLS file cannot be read, the DICOM port
+        cannot be bound, or the web page would be reachable from other hosts without a token,
+        its token file cannot be read or its port cannot be bound (then nothing else is left
+        running).
     """
     for role in roles:
         if role not in ROLES:
@@ -453,11 +521,14 @@ def start_node(
     check_tls_files(settings, roles)
     if "worker" in roles and cascade is None:
         check_bundle(settings.bundle)  # before the database is created or anything listens
+    token = check_web(settings) if "web" in roles else None
     store = open_store(settings)
     node = RunningNode(store=store)
     try:
         if "receiver" in roles:  # listen first: a port in use stops the node before anything runs
             node.server = _listen(settings, store)
+        if "web" in roles:
+            node.web = start_web_role(settings, store, token)
         if "worker" in roles and cascade is None:
             cascade = load_cascade(settings)
         if "worker" in roles:

@@ -63,6 +63,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from spine_node.feedback import FeedbackEntry
 from spine_node.results.types import Status
 from spine_node.timing import check_stage_seconds
 
@@ -1536,35 +1537,40 @@ class JobStore:
 
         return self._run(study_results)
 
-    def studies(self, commitment_destinations: Collection[str] = ()) -> list[dict[str, Any]]:
-        """Every study with results: first arrival time, its results (for the worklist), how
-        many of its objects were ignored (``ignored``: ``not_image``, ``out_of_scope``), its
-        last queued study summary (``summary``: ``revision``, ``sop_instance_uid``; absent
-        before the first) and where its deliveries stand (``delivery``:
-        :meth:`Monitor.study_delivery`; ``commitment`` over ``commitment_destinations``)."""
+    def studies(
+        self, commitment_destinations: Collection[str] = (), only: Sequence[str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Every study with results (or only those of the Study Instance UIDs ``only``): first
+        arrival time, its results (for the worklist), how many of its objects were ignored
+        (``ignored``: ``not_image``, ``out_of_scope``), its last queued study summary
+        (``summary``: ``revision``, ``sop_instance_uid``; absent before the first) and where
+        its deliveries stand (``delivery``: :meth:`Monitor.study_delivery`; ``commitment``
+        over ``commitment_destinations``)."""
 
         def rows(s: Session) -> list[Any]:
-            return list(
-                s.execute(
-                    select(
-                        Result.study_instance_uid,
-                        Instance.sop_instance_uid,
-                        Instance.received_at,
-                        Result.payload,
-                    )
-                    .join(Instance, Instance.id == Result.instance_id)
-                    .order_by(Instance.received_at)
-                ).all()
+            query = (
+                select(
+                    Result.study_instance_uid,
+                    Instance.sop_instance_uid,
+                    Instance.received_at,
+                    Result.payload,
+                )
+                .join(Instance, Instance.id == Result.instance_id)
+                .order_by(Instance.received_at)
             )
+            if only is not None:
+                query = query.where(Result.study_instance_uid.in_(list(only)))
+            return list(s.execute(query).all())
 
         def ignored(s: Session) -> list[Any]:
-            return list(
-                s.execute(
-                    select(Instance.study_instance_uid, Instance.category, func.count())
-                    .where(Instance.category != "image")
-                    .group_by(Instance.study_instance_uid, Instance.category)
-                ).all()
+            query = (
+                select(Instance.study_instance_uid, Instance.category, func.count())
+                .where(Instance.category != "image")
+                .group_by(Instance.study_instance_uid, Instance.category)
             )
+            if only is not None:
+                query = query.where(Instance.study_instance_uid.in_(list(only)))
+            return list(s.execute(query).all())
 
         studies: dict[str, dict[str, Any]] = {}
         for study_uid, sop_uid, received_at, payload in self._run(rows):
@@ -1583,15 +1589,14 @@ class JobStore:
                 studies[study_uid]["ignored"][category] = n
 
         def summaries(s: Session) -> list[Any]:
-            return list(
-                s.execute(
-                    select(
-                        StudyState.study_instance_uid,
-                        StudyState.queued_revision,
-                        StudyState.document_uid,
-                    ).where(StudyState.queued_revision > 0)
-                ).all()
-            )
+            query = select(
+                StudyState.study_instance_uid,
+                StudyState.queued_revision,
+                StudyState.document_uid,
+            ).where(StudyState.queued_revision > 0)
+            if only is not None:
+                query = query.where(StudyState.study_instance_uid.in_(list(only)))
+            return list(s.execute(query).all())
 
         for study_uid, revision, document_uid in self._run(summaries):
             if study_uid in studies:
@@ -1603,6 +1608,95 @@ class JobStore:
         for study_uid, entry in studies.items():
             entry["delivery"] = delivery[study_uid]
         return list(studies.values())
+
+    def recent_study_uids(self, limit: int, offset: int = 0) -> list[str]:
+        """Study Instance UIDs of the studies received last (newest last arrival first).
+
+        Parameters
+        ----------
+        limit, offset : int
+            Page size and how many newer studies to skip.
+        """
+
+        def recent_study_uids(s: Session) -> list[str]:
+            last = func.max(Instance.received_at).label("last")
+            rows = s.execute(
+                select(Instance.study_instance_uid, last)
+                .group_by(Instance.study_instance_uid)
+                .order_by(last.desc(), Instance.study_instance_uid)
+                .limit(limit)
+                .offset(offset)
+            ).all()
+            return [str(uid) for uid, _ in rows]
+
+        return self._run(recent_study_uids)
+
+    def count_studies(self) -> int:
+        """How many distinct studies were received."""
+
+        def count_studies(s: Session) -> int:
+            return int(
+                s.scalar(select(func.count(func.distinct(Instance.study_instance_uid)))) or 0
+            )
+
+        return self._run(count_studies)
+
+    def study_images(self, study_uids: Sequence[str]) -> list[dict[str, Any]]:
+        """Every object received for these studies, with its job and result (if any).
+
+        Returns
+        -------
+        list of dict
+            In order of arrival: ``study_instance_uid``, ``series_instance_uid``,
+            ``sop_instance_uid``, ``sop_class_uid``, ``category`` (``image``, ``not_image``,
+            ``out_of_scope``), ``category_reason``, ``received_at``, ``spool_path`` (None when
+            removed by retention), ``job_state`` (None: no job), ``attempts``, ``last_error``
+            and ``result`` (the stored result payload, or None).
+        """
+
+        def study_images(s: Session) -> list[dict[str, Any]]:
+            rows = s.execute(
+                select(Instance, Job.state, Job.attempts, Job.last_error, Result.payload)
+                .outerjoin(Job, Job.instance_id == Instance.id)
+                .outerjoin(Result, Result.job_id == Job.id)
+                .where(Instance.study_instance_uid.in_(list(study_uids)))
+                .order_by(Instance.received_at, Instance.id)
+            ).all()
+            return [
+                {
+                    "study_instance_uid": inst.study_instance_uid,
+                    "series_instance_uid": inst.series_instance_uid,
+                    "sop_instance_uid": inst.sop_instance_uid,
+                    "sop_class_uid": inst.sop_class_uid,
+                    "category": inst.category,
+                    "category_reason": inst.category_reason,
+                    "received_at": inst.received_at,
+                    "spool_path": None if inst.spool_deleted_at is not None else inst.spool_path,
+                    "job_state": state,
+                    "attempts": attempts,
+                    "last_error": last_error,
+                    "result": None if payload is None else json.loads(payload),
+                }
+                for inst, state, attempts, last_error, payload in rows
+            ]
+
+        return self._run(study_images)
+
+    def result_objects(self, sop_instance_uid: str) -> list[str]:
+        """SOP Instance UIDs of the result objects made for an image (SR first; empty when it
+        has no result)."""
+
+        def result_objects(s: Session) -> list[str]:
+            payload = s.scalar(
+                select(Result.payload)
+                .join(Instance, Instance.id == Result.instance_id)
+                .where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+            if payload is None:
+                return []
+            return [str(uid) for uid in json.loads(payload).get("objects", ())]
+
+        return self._run(result_objects)
 
     def deliverable_spool(self, older_than: float) -> list[tuple[int, str]]:
         """Instances whose job is terminal, all sends delivered, received before ``older_than``."""
@@ -2460,3 +2554,134 @@ def resent_with_new_content(store: JobStore, sop_instance_uid: str, path: Path) 
     with open(path, "rb") as handle:
         digest = hashlib.file_digest(handle, "sha256").hexdigest()
     return Monitor(store).resent_with_new_content(sop_instance_uid, digest)
+
+
+class FeedbackRow(Base):
+    """One radiologist feedback on one image's result (:class:`spine_node.feedback.FeedbackEntry`)."""
+
+    __tablename__ = "feedback"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(128), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(128), index=True)
+    verdict: Mapped[str] = mapped_column(String(16))
+    corrected_label: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    lesion: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    model_status: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    model_score: Mapped[float | None] = mapped_column(Float, nullable=True)
+    reader: Mapped[str] = mapped_column(String(128), default="")
+    comment: Mapped[str] = mapped_column(Text, default="")
+    source: Mapped[str] = mapped_column(String(16))
+    recorded_at: Mapped[float] = mapped_column(Float, index=True)
+
+
+class UnknownImage(KeyError):
+    """No image with this SOP Instance UID was received (message names it)."""
+
+
+class FeedbackLog:
+    """Radiologist feedback in the queue database: recorded, listed, the latest per image.
+
+    Parameters
+    ----------
+    store : JobStore
+        The open queue.
+    """
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+
+    def record(self, entry: FeedbackEntry) -> FeedbackEntry:
+        """Store a feedback; the image's study, AI status and score are taken from the database.
+
+        Parameters
+        ----------
+        entry : FeedbackEntry
+            ``sop_instance_uid``, ``verdict``, ``corrected_label``, ``lesion``, ``reader``,
+            ``comment`` and ``source`` are used; ``study_instance_uid`` may be any non-empty
+            placeholder (the received image's study is stored).
+
+        Returns
+        -------
+        FeedbackEntry
+            As stored, with ``feedback_id``, ``recorded_at``, the study and the AI result.
+
+        Raises
+        ------
+        UnknownImage
+            When no image with that SOP Instance UID was received.
+        """
+        if not isinstance(entry, FeedbackEntry):
+            raise TypeError(f"entry must be a FeedbackEntry, got {type(entry).__name__}")
+        now = self.store.clock()
+
+        def record(s: Session) -> FeedbackRow:
+            found = s.execute(
+                select(Instance.study_instance_uid, Result.status, Result.score)
+                .outerjoin(Result, Result.instance_id == Instance.id)
+                .where(Instance.sop_instance_uid == entry.sop_instance_uid)
+            ).first()
+            if found is None:
+                raise UnknownImage(f"no image with SOP Instance UID {entry.sop_instance_uid!r}")
+            study, status, score = found
+            row = FeedbackRow(
+                sop_instance_uid=entry.sop_instance_uid,
+                study_instance_uid=study,
+                verdict=entry.verdict.value,
+                corrected_label=None if entry.corrected_label is None
+                else entry.corrected_label.value,
+                lesion=entry.lesion,
+                model_status=status,
+                model_score=score,
+                reader=entry.reader,
+                comment=entry.comment,
+                source=entry.source.value,
+                recorded_at=now,
+            )
+            s.add(row)
+            s.flush()
+            return row
+
+        return _feedback_entry(self.store._run(record))
+
+    def entries(
+        self,
+        study_instance_uid: str | None = None,
+        sop_instance_uids: Sequence[str] | None = None,
+        limit: int | None = None,
+    ) -> list[FeedbackEntry]:
+        """Feedback given, oldest first (of one study, or of these images, when given)."""
+
+        def entries(s: Session) -> list[FeedbackRow]:
+            query = select(FeedbackRow).order_by(FeedbackRow.id)
+            if study_instance_uid is not None:
+                query = query.where(FeedbackRow.study_instance_uid == study_instance_uid)
+            if sop_instance_uids is not None:
+                query = query.where(FeedbackRow.sop_instance_uid.in_(list(sop_instance_uids)))
+            if limit is not None:
+                query = query.limit(limit)
+            return list(s.scalars(query))
+
+        return [_feedback_entry(row) for row in self.store._run(entries)]
+
+    def latest(self, sop_instance_uids: Sequence[str]) -> dict[str, FeedbackEntry]:
+        """The last feedback of each of these images that has one."""
+        return {e.sop_instance_uid: e for e in self.entries(sop_instance_uids=sop_instance_uids)}
+
+
+def _feedback_entry(row: FeedbackRow) -> FeedbackEntry:
+    return FeedbackEntry.from_json(
+        {
+            "feedback_id": row.id,
+            "recorded_at": row.recorded_at,
+            "study_instance_uid": row.study_instance_uid,
+            "sop_instance_uid": row.sop_instance_uid,
+            "verdict": row.verdict,
+            "corrected_label": row.corrected_label,
+            "lesion": row.lesion,
+            "model_status": row.model_status,
+            "model_score": row.model_score,
+            "reader": row.reader,
+            "comment": row.comment,
+            "source": row.source,
+        }
+    )

@@ -77,6 +77,7 @@ def node_settings(tmp_path: Path, **overrides: Any) -> Settings:
         "worker_poll_s": 0.1,
         "send_backoff_base_s": 0.2,
         "send_backoff_max_s": 1.0,
+        "web": {"port": free_port()},  # `serve` without --role starts the page too
     }
     data.update(overrides)
     return settings_from_mapping(data, environ={})

@@ -1,0 +1,322 @@
+"""The web status page of a running node (in-process, demo bundle, DCMTK storescu and
+storescp): what it shows, its overlay thumbnails, feedback, replay, and its security rules
+(token, session, CSRF, loopback-only without a token, no file outside the data directory).
+
+One node for the module: every role plus the page, a PACS that receives the results and a
+second destination that is down (its sends die, so there are dead letters to replay).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from pydicom import dcmread
+
+from spine_node.cli import main
+from spine_node.node import RunningNode, StartupError, start_node
+from spine_node.spool import relative_name
+from spine_node.store import FeedbackLog
+from spine_node.web import create_app, start_web
+from spine_node.web.auth import CSRF_FIELD, SESSION_COOKIE, Guard
+from spine_node.web.files import OutsideDataDir, inside
+from tests.nodekit import (
+    CTImageStorage,
+    StoreSCP,
+    free_port,
+    make_image,
+    node_settings,
+    storescu,
+    wait_for,
+    write_config,
+)
+
+SAMPLES = Path(__file__).resolve().parents[1] / "spine_node" / "samples"
+INDEX = json.loads((SAMPLES / "index.json").read_text())
+TOKEN = "web-test-token-0123456789abcdef"
+
+
+@dataclass
+class Web:
+    node: RunningNode
+    base: str
+    settings: Any
+    config: Path
+    ct_uid: str
+    tmp: Path
+
+    def get(self, path: str, **kw: Any) -> httpx.Response:
+        return httpx.get(self.base + path, timeout=30, **kw)
+
+    def bearer(self, path: str) -> httpx.Response:
+        return self.get(path, headers={"Authorization": f"Bearer {TOKEN}"})
+
+    @contextmanager
+    def login(self) -> Iterator[httpx.Client]:
+        with httpx.Client(base_url=self.base, timeout=30) as client:
+            r = client.post("/login", data={"token": TOKEN, "next": "/"})
+            assert r.status_code == 303 and SESSION_COOKIE in r.cookies
+            yield client
+
+
+def csrf_of(html: str) -> str:
+    match = re.search(rf'name="{CSRF_FIELD}" value="([0-9a-f]+)"', html)
+    assert match, "no CSRF token in the page"
+    return match.group(1)
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
+    tmp = tmp_path_factory.mktemp("web")
+    pacs = StoreSCP(tmp / "pacs").start()
+    token_file = tmp / "web-token"
+    token_file.write_text(TOKEN + "\n")
+    settings = node_settings(
+        tmp, bundle="demo", device="cpu", send_max_attempts=1,
+        web={"port": free_port(), "token_file": str(token_file)},
+        destinations=[
+            {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port},
+            {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()},
+        ],
+    )
+    config = write_config(tmp / "node.toml", settings)
+    node = start_node(settings, ("receiver", "worker", "dispatcher", "web"))
+    try:
+        ct = tmp / "ct.dcm"
+        ct_uid = str(make_image(ct, sop_class=CTImageStorage, modality="CT").SOPInstanceUID)
+        files = [SAMPLES / item["file"] for item in INDEX] + [ct]
+        assert storescu(settings.port, files).returncode == 0
+
+        def settled() -> bool:
+            status = node.store.status()
+            dead = status["outbound"].get("down", {}).get("dead", 0)
+            return sum(status["results"].values()) == len(INDEX) and dead > 0
+
+        wait_for(settled, timeout=240, interval=0.5)
+        yield Web(node, f"http://127.0.0.1:{node.web.port}", settings, config, ct_uid, tmp)
+    finally:
+        node.stop()
+        pacs.stop()
+
+
+def test_status_page_shows_queue_destinations_dead_letters_and_bundle(web: Web) -> None:
+    r = web.bearer("/")
+    assert r.status_code == 200
+    page = r.text
+    assert "spine-node-demo" in page and "demo-2" in page and "not for clinical use" in page
+    from spine_node.node import bundle_sha256
+
+    assert bundle_sha256("demo") in page  # the manifest hash
+    assert re.search(r"<td>pacs</td>", page) and re.search(r"<td>down</td>", page)
+    assert 'id="queue-depth"' in page and 'id="oldest-queued"' in page
+    assert "dead sends" in page  # the problem line, as `spine-node status` says it
+    assert re.search(r"<td>send</td><td>\d+</td><td>down</td>", page)
+
+
+def test_studies_page_shows_each_images_outcome_score_and_findings(web: Web) -> None:
+    page = web.bearer("/studies").text
+    stored = {uid: p for uid, p in web.node.store.study_results(INDEX[0]["study_instance_uid"])}
+    stored.update(web.node.store.study_results(INDEX[1]["study_instance_uid"]))
+    for item in INDEX:
+        uid = item["sop_instance_uid"]
+        row = re.search(rf'<tr class="image" data-sop="{re.escape(uid)}">(.*?)</tr>', page, re.S)
+        assert row, uid
+        status = stored[uid]["status"]
+        assert f'data-outcome="{status}"' in row.group(1)
+        if stored[uid]["score"] is not None:
+            assert f"{stored[uid]['score']:.3f}" in row.group(1)
+        for finding in stored[uid]["findings"]:
+            assert finding["display_label"] in row.group(1)
+    ct_row = re.search(rf'data-sop="{re.escape(web.ct_uid)}">(.*?)</tr>', page, re.S)
+    assert ct_row and 'data-outcome="ignored"' in ct_row.group(1)
+    assert "CT" in ct_row.group(1)  # the reason names the modality out of scope
+
+
+def test_overlay_thumbnail_is_a_small_png_of_the_secondary_capture(web: Web) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    uid = INDEX[1]["sop_instance_uid"]
+    r = web.bearer(f"/overlay/{uid}.png")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    image = Image.open(BytesIO(r.content))
+    assert max(image.size) <= 240 and image.mode in ("RGB", "L")
+    assert web.bearer("/overlay/1.2.3.4.png").status_code == 404  # unknown image
+
+
+def test_patient_names_are_hidden_unless_the_setting_shows_them(web: Web) -> None:
+    names = {str(dcmread(SAMPLES / item["file"]).PatientName) for item in INDEX}
+    shown = {n.replace("^", " ").strip() for n in names}
+    page = web.bearer("/studies").text + web.bearer("/").text
+    assert not any(n in page or n.split("^")[0] in page for n in names)
+    settings = web.settings.model_copy(
+        update={"web": web.settings.web.model_copy(update={"show_patient_names": True,
+                                                           "port": 0})})
+    server = start_web(settings, create_app(settings, web.node.store))
+    try:
+        page = httpx.get(f"http://127.0.0.1:{server.port}/studies", timeout=30).text
+    finally:
+        server.stop()
+    assert any(n in page for n in shown)
+
+
+def test_pages_need_the_token(web: Web) -> None:
+    r = web.get("/studies?page=1")
+    assert r.status_code == 303 and r.headers["location"].startswith("/login?next=")
+    assert web.get("/", headers={"Authorization": "Bearer wrong-token"}).status_code == 401
+    assert web.get(f"/overlay/{INDEX[1]['sop_instance_uid']}.png").status_code == 303
+    r = httpx.post(web.base + "/login", data={"token": "wrong", "next": "/"})
+    assert r.status_code == 401 and SESSION_COOKIE not in r.cookies
+    forged = "9999999999.abcd.0123"
+    assert web.get("/", cookies={SESSION_COOKIE: forged}).status_code == 303
+    with web.login() as client:
+        assert client.get("/").status_code == 200
+    # a login never redirects off the server
+    r = httpx.post(web.base + "/login", data={"token": TOKEN, "next": "https://evil.example/"})
+    assert r.status_code == 303 and r.headers["location"] == "/"
+
+
+def test_feedback_from_the_page_needs_session_and_csrf(web: Web) -> None:
+    sop = INDEX[0]["sop_instance_uid"]
+    study = INDEX[0]["study_instance_uid"]
+    form = {"sop_instance_uid": sop, "verdict": "disagree", "corrected_label": "abnormal",
+            "lesion": "Osteophytes", "reader": "RB"}
+    log = FeedbackLog(web.node.store)
+    before = len(log.entries())
+    assert httpx.post(web.base + "/feedback", data=form).status_code == 401
+    with web.login() as client, web.login() as other:
+        page = client.get(f"/studies/{study}").text
+        csrf = csrf_of(page)
+        assert client.post("/feedback", data=form).status_code == 403  # no CSRF token
+        assert client.post("/feedback", data={**form, CSRF_FIELD: "0" * 64}).status_code == 403
+        other_csrf = csrf_of(other.get(f"/studies/{study}").text)
+        assert client.post("/feedback", data={**form, CSRF_FIELD: other_csrf}).status_code == 403
+        r = client.post("/feedback", data={**form, CSRF_FIELD: csrf},
+                        headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403
+        assert len(log.entries()) == before  # nothing refused was stored
+        r = client.post("/feedback", data={**form, CSRF_FIELD: csrf})
+        assert r.status_code == 303 and r.headers["location"].startswith(f"/studies/{study}")
+        (entry,) = log.entries()[before:]
+        assert (entry.verdict.value, entry.corrected_label and entry.corrected_label.value,
+                entry.lesion, entry.reader, entry.source.value) == (
+            "disagree", "abnormal", "Osteophytes", "RB", "web")
+        assert entry.model_status in ("positive", "negative", "not_processed")
+        assert "Osteophytes" in client.get(f"/studies/{study}").text
+        bad = client.post("/feedback", data={**form, "lesion": "Fracture", CSRF_FIELD: csrf})
+        assert bad.status_code == 422 and "lesion must be one of" in bad.text
+        r = client.post("/feedback", data={**form, "sop_instance_uid": "1.2.3", CSRF_FIELD: csrf})
+        assert r.status_code == 404
+
+
+def test_feedback_by_api_client_with_the_bearer_token(web: Web) -> None:
+    sop = INDEX[2]["sop_instance_uid"]
+    r = httpx.post(web.base + "/feedback", data={"sop_instance_uid": sop, "verdict": "agree"},
+                   headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 201 and r.json()["verdict"] == "agree"
+    assert FeedbackLog(web.node.store).latest([sop])[sop].feedback_id == r.json()["feedback_id"]
+
+
+def test_replay_of_a_dead_send_from_the_page(web: Web) -> None:
+    dead = web.node.store.dead_letters()["sends"]
+    assert dead
+    send_id = dead[0]["send_id"]
+    form = {"what": "sends", "id": str(send_id)}
+    with web.login() as client:
+        assert client.post("/replay", data=form).status_code == 403  # no CSRF token
+        csrf = csrf_of(client.get("/").text)
+        r = client.post("/replay", data={**form, CSRF_FIELD: csrf})
+        assert r.status_code == 303
+        from spine_node.store import Monitor
+
+        assert Monitor(web.node.store).states_of("sends", (send_id,))[send_id] != "dead"
+        r = client.post("/replay", data={"what": "sends", "id": "999999", CSRF_FIELD: csrf})
+        assert r.status_code == 409
+
+
+def test_no_endpoint_serves_a_file_outside_the_data_dir(web: Web, tmp_path: Path) -> None:
+    data = web.settings.data_dir
+    outbox = web.settings.outbox_dir
+    with pytest.raises(OutsideDataDir):
+        inside(outbox, "../../../etc/passwd", data)
+    with pytest.raises(OutsideDataDir):
+        inside(outbox, "/etc/passwd", data)
+    assert inside(outbox, "ab/../cd.dcm", data) == (outbox / "cd.dcm").resolve()
+    for path in ("/overlay/..%2F..%2F..%2Fetc%2Fpasswd.png", "/overlay/%2Fetc%2Fpasswd.png",
+                 "/studies/..%2F..%2Fetc%2Fpasswd", "/../../etc/passwd",
+                 "/static/../../etc/passwd", "/templates/base.html"):
+        r = web.bearer(path)
+        assert r.status_code == 404, path
+        assert "root:" not in r.text
+    # an overlay in the outbox replaced by a symlink to a file outside: refused
+    uid = INDEX[2]["sop_instance_uid"]
+    objects = web.node.store.result_objects(uid)
+    sc = [o for o in objects if (outbox / relative_name(o)).is_file()
+          and str(dcmread(outbox / relative_name(o), stop_before_pixels=True).SOPClassUID)
+          == "1.2.840.10008.5.1.4.1.1.7"]
+    assert sc, objects
+    target = outbox / relative_name(sc[0])
+    outside = tmp_path / "outside.dcm"
+    shutil.copy(target, outside)
+    target.unlink()
+    target.symlink_to(outside)
+    fresh = start_web(web.settings.model_copy(
+        update={"web": web.settings.web.model_copy(update={"port": 0})}),
+        create_app(web.settings, web.node.store, guard=Guard(TOKEN, 60.0)))
+    try:
+        r = httpx.get(f"http://127.0.0.1:{fresh.port}/overlay/{uid}.png",
+                      headers={"Authorization": f"Bearer {TOKEN}"}, timeout=30)
+    finally:
+        fresh.stop()
+    assert r.status_code == 404
+
+
+def test_feedback_cli_record_list_export(web: Web, tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from training.feedback import read_feedback_csv, reference_labels
+
+    sop = INDEX[1]["sop_instance_uid"]
+    config = str(web.config)
+    assert main(["feedback", "record", sop, "disagree", "--label", "normal", "--reader", "CLI",
+                 "--config", config]) == 0
+    assert "recorded feedback" in capsys.readouterr().out
+    assert main(["feedback", "record", "1.2.3.4", "agree", "--config", config]) == 1
+    assert "no image with SOP Instance UID" in capsys.readouterr().err
+    assert main(["feedback", "record", sop, "agree", "--label", "normal",
+                 "--config", config]) == 2  # a corrected label goes with disagree
+    assert main(["feedback", "list", "--json", "--config", config]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert any(e["sop_instance_uid"] == sop and e["source"] == "cli" for e in listed)
+    csv_path = tmp_path / "feedback.csv"
+    assert main(["feedback", "export", "--csv", str(csv_path), "--config", config]) == 0
+    entries = read_feedback_csv(csv_path)
+    assert [e.to_json() for e in entries] == listed
+    labels = {lab.sop_instance_uid: lab for lab in reference_labels(entries)}
+    assert labels[sop].abnormal is False  # the CLI's disagreement is the last word
+
+
+def test_non_loopback_address_without_a_token_refuses_to_start(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = node_settings(tmp_path, web={"bind_address": "0.0.0.0", "port": free_port()})
+    with pytest.raises(StartupError, match="no authentication is configured"):
+        start_node(settings, ("web",))
+    config = write_config(tmp_path / "node.toml", settings)
+    assert main(["serve", "--role", "web", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "web.bind_address = '0.0.0.0'" in err and "web.token_file" in err
+    short = tmp_path / "short-token"
+    short.write_text("abc\n")
+    for token_file, reason in ((tmp_path / "missing", "cannot be read"), (short, "at least 16")):
+        settings = node_settings(tmp_path, web={"bind_address": "0.0.0.0", "port": free_port(),
+                                                "token_file": str(token_file)})
+        with pytest.raises(StartupError, match=reason):
+            start_node(settings, ("web",))
