@@ -320,3 +320,41 @@ def test_non_loopback_address_without_a_token_refuses_to_start(
                                                 "token_file": str(token_file)})
         with pytest.raises(StartupError, match=reason):
             start_node(settings, ("web",))
+
+
+def test_web_unit_serves_the_page_as_systemd_starts_it(web: Web, tmp_path: Path) -> None:
+    """``spine-node-web.service``'s command line and environment (paths mapped) serve the
+    same database's page on its own port, and stop cleanly on SIGTERM."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_units_start import SYSTEMD, _base_env, unit_invocation
+
+    settings = web.settings.model_copy(
+        update={"web": web.settings.web.model_copy(update={"port": free_port()})})
+    config = write_config(tmp_path / "web.toml", settings)
+    cmd, env = unit_invocation(SYSTEMD / "spine-node-web.service", "0", venv=Path(sys.prefix),
+                               config=config, state=settings.data_dir)
+    assert cmd[-2:] == ["--role", "web"]
+    log = tmp_path / "web.log"
+    with open(log, "wb") as handle:
+        proc = subprocess.Popen(cmd, env={**_base_env(), **env}, stdout=subprocess.DEVNULL,
+                                stderr=handle)
+    try:
+        def page() -> httpx.Response | None:
+            assert proc.poll() is None, log.read_text()
+            try:
+                return httpx.get(f"http://127.0.0.1:{settings.web.port}/studies", timeout=5,
+                                 headers={"Authorization": f"Bearer {TOKEN}"})
+            except httpx.TransportError:
+                return None
+
+        r = wait_for(page, timeout=60, interval=0.3)
+        assert r.status_code == 200 and INDEX[0]["sop_instance_uid"] in r.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
