@@ -24,6 +24,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import evt
 
+from spine_node.audit import AuditLog, AuditRecord, Direction
 from spine_node.store import Commitments, DeliveryState, JobStore
 
 logger = logging.getLogger(__name__)
@@ -219,10 +220,40 @@ class ReportContext:
         Requests per object of each commitment destination
         (``Settings.commitment_destinations``): a failed object with requests left is sent
         again, otherwise it is dead.
+    audit : AuditLog or None
+        Where each reported object is recorded (outcome ``committed`` or
+        ``commitment_failed``, the Transaction UID in the detail).
     """
 
     store: JobStore
     max_requests: Mapping[str, int]
+    audit: AuditLog | None = None
+
+
+def _audit(ctx: ReportContext, event: evt.Event, report: CommitmentReport) -> None:
+    """One audit record per object the report names (the peer's words, as reported)."""
+    if ctx.audit is None:
+        return
+    assoc = event.assoc
+    other = assoc.requestor if assoc.is_acceptor else assoc.acceptor
+    outcomes = [(ref, "committed", "") for ref in report.committed] + [
+        (ref, "commitment_failed", f"{failure_text(why)}; ") for ref, why in report.failed
+    ]
+    for ref, outcome, why in outcomes:
+        ctx.audit.append(
+            AuditRecord(
+                time=AuditRecord.now(),
+                direction=Direction.SENT,
+                peer=f"{other.address}:{other.port}",
+                calling_ae=str(assoc.requestor.ae_title).strip(),
+                called_ae=str(assoc.acceptor.ae_title).strip(),
+                sop_class_uid=ref.sop_class_uid,
+                sop_instance_uid=ref.sop_instance_uid,
+                study_instance_uid="",
+                outcome=outcome,
+                detail=f"{why}storage commitment transaction {report.transaction_uid}",
+            )
+        )
 
 
 def announce_settled(
@@ -286,6 +317,7 @@ def handle_report(event: evt.Event, ctx: ReportContext) -> tuple[int, Dataset | 
             "storage commitment report %s not recorded: %s", report.transaction_uid, exc
         )
         return STATUS_PROCESSING_FAILURE, None
+    _audit(ctx, event, report)
     try:
         announce_settled(
             ctx.store,

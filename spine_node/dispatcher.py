@@ -215,6 +215,7 @@ class Dispatcher:
                 for d in destinations
                 if isinstance(d, DicomDestination) and d.storage_commitment
             },
+            audit,
         )
 
     def run_once(self) -> int:

@@ -630,7 +630,7 @@ def start_receiver(
         (evt.EVT_ACCEPTED, handle_accepted),
     ]
     if settings.commitment_destinations:
-        report_ctx = ReportContext(store, settings.commitment_destinations)
+        report_ctx = ReportContext(store, settings.commitment_destinations, ctx.audit)
         handlers.append((evt.EVT_N_EVENT_REPORT, handle_report, [report_ctx]))
         allowed = set(settings.allowed_calling_aes)
         for dest in settings.dicom_destinations:

@@ -152,6 +152,15 @@ def _last_hook_commitment(hooks: HookServer) -> str | None:
     return received[-1].json()["delivery"]["commitment"] if received else None
 
 
+def _audited(settings: Settings, outcome: str) -> Counter[str]:
+    """How often the audit trail records ``outcome`` for each object."""
+    return Counter(
+        record["sop_instance_uid"]
+        for record in map(json.loads, settings.audit_path.read_text().splitlines())
+        if record["outcome"] == outcome
+    )
+
+
 def test_results_committed_across_a_restart_and_after_a_resend(
     tmp_path: Path, orthanc: Orthanc, hooks: HookServer
 ) -> None:
@@ -208,6 +217,9 @@ def test_results_committed_across_a_restart_and_after_a_resend(
         srs = {uid for uid, modality in results.items() if modality == SR_MODALITY}
         assert srs and all(stored[uid] == 2 for uid in srs)
         assert all(stored[uid] == 1 for uid in set(results) - srs)
+        # the audit trail: Orthanc's word on each object (every SR failed before it committed)
+        assert set(_audited(settings, "committed")) == set(results)
+        assert set(_audited(settings, "commitment_failed")) == srs
         assert Commitments(node.store).study_states(["orthanc"]) == {STUDY_RESEND: "done"}
         assert Commitments(node.store).open_transactions() == {}
         (row,) = build_worklist(node.store.studies(["orthanc"]))
