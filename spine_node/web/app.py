@@ -96,6 +96,7 @@ def _make_templates() -> Jinja2Templates:
     templates.env.filters["when"] = _when
     templates.env.filters["score"] = _score
     templates.env.filters["quote"] = lambda s: quote(str(s), safe="")
+    templates.env.filters["lesion"] = lambda s: display_label(str(s))
     return templates
 
 

@@ -149,8 +149,8 @@ def recent_studies(store: JobStore, limit: int, offset: int = 0) -> list[dict[st
     Returns
     -------
     list of dict
-        ``study_instance_uid``, ``priority`` (the worklist's, or ``"waiting"`` before the
-        first result), ``max_score``, ``arrival`` (first object), ``last_arrival``,
+        ``study_instance_uid``, ``priority`` (the worklist's; before the first result
+        ``"ignored"`` when every object is ignored, else ``"waiting"``), ``max_score``, ``arrival`` (first object), ``last_arrival``,
         ``counts`` (Outcome value -> number of objects), ``images`` (list of ImageRow) and
         ``spool_paths`` (its received files still kept, relative to the spool).
     """
@@ -181,10 +181,16 @@ def studies_view(store: JobStore, uids: Sequence[str]) -> list[dict[str, Any]]:
         counts: dict[str, int] = {}
         for row in rows:
             counts[row.outcome.value] = counts.get(row.outcome.value, 0) + 1
+        if listed:
+            priority = listed["priority"]
+        elif rows and all(r.outcome is Outcome.IGNORED for r in rows):
+            priority = Outcome.IGNORED.value  # nothing in it is analysed
+        else:
+            priority = Outcome.WAITING.value
         out.append(
             {
                 "study_instance_uid": uid,
-                "priority": listed["priority"] if listed else Outcome.WAITING.value,
+                "priority": priority,
                 "max_score": listed["max_score"] if listed else None,
                 "summary_revision": listed["summary_revision"] if listed else None,
                 "arrival": min(r.received_at for r in rows) if rows else None,
