@@ -1,44 +1,56 @@
-"""Inference benchmark: latency per cascade stage, PyTorch eager against ONNX Runtime.
+"""Inference benchmark: the cascade on every backend and precision, against the FLOP limit.
 
-Stages, each timed on its own (median over images x repeats, after one warm-up call):
+For each path (backend x precision) the machine supports, this times, median over images x
+repeats after one warm-up call:
 
-* decode: ``dcmread`` of the received bytes + :func:`spine_node.imaging.decode`
-  (modality/VOI LUT, polarity; JPEG 2000 lossless by default, as VinDr-SpineXR ships);
-* preparation: :func:`spine_node.imaging.prepare_array` (CLAHE, triage resize, letterbox);
-* TTA views: :func:`spine_node.models.triage.tta_views` with the bundle's view count;
-* each triage member on its TTA batch (``views x 1 x S x S``), per backend;
-* the detector (network + NMS) on one letterboxed image, per backend;
-* end to end: :meth:`spine_node.pipeline.Cascade.analyze` on all images in one call, per
-  backend (the detector runs only on images the triage calls positive).
+* each triage member on its TTA batch (``views x 1 x S x S``, one forward);
+* the detector (network + NMS) on one letterboxed image;
+* a positive image through the cascade (:meth:`spine_node.pipeline.Cascade.analyze_prepared`
+  on one prepared image: TTA views, the three members, the vote, the detector, findings);
+* with ``--batch N`` also N prepared images in one call (images/s).
 
-The FLOPs of every member and of the detector are counted on the actual models
-(``torch.utils.flop_counter``; ultralytics-thop as well for the detector) and printed next to
-the method's reference (about 58 GFLOPs per view for the three members at 384 px, 86.9 GFLOPs
-for YOLO11-L at 640 px), together with the achieved GFLOP/s of each stage.
+FLOPs are counted on the actual models (``torch.utils.flop_counter``, a multiply-add is 2;
+ultralytics-thop for the detector too). The machine's matrix-multiply peak is measured at each
+precision (``torch.matmul`` of 2048 x 2048 matrices on every thread, best of several runs);
+the FLOP limit of a positive image is its FLOPs over that peak, and every model stage prints
+its achieved GFLOP/s and its ratio to the limit (1.0 = at the peak). Decode (``dcmread`` +
+:func:`spine_node.imaging.decode`), preparation and TTA views are timed once (no model).
+
+Paths: ``torch-fp32`` and ``torch-bf16`` (PyTorch, channels_last on the CPU, bf16 autocast),
+``onnxruntime-fp32``, ``openvino-fp32`` and ``openvino-bf16`` (OpenVINO on the bundle's ONNX
+exports, ``INFERENCE_PRECISION_HINT``); bf16 only where the CPU has native bf16; on CUDA
+``torch-fp32``, ``torch-fp16``, ``torch-bf16`` (and ``onnxruntime-fp32`` with its CUDA provider).
+The models run through the node's own backend modules (:func:`spine_node.pipeline.build_backend`)
+without the bundle's agreement check: this measures speed, ``spine-train check-precision``
+measures agreement.
 
 Bundles: ``--bundle DIR``; ``--real-archs`` builds a random-weight bundle of the real members
 (timm densenet121 / tf_efficientnetv2_s / resnet50 at 384 px, ``pretrained=False``) and YOLO11-L
 (``yolo11l.yaml``, 7 classes, 640 px) with ONNX exports, no download; by default the embedded
 demo bundle when it exists, else a tiny random bundle.
 
+``--json FILE`` writes every figure, and for the best path ``positive_image_s``,
+``flop_limit_s`` (at that path's precision), ``precision`` and ``backend``.
+
 Run from the repository root::
 
-    .venv/bin/python benchmarks/inference.py                       # demo or tiny bundle, CPU
-    .venv/bin/python benchmarks/inference.py --real-archs --images 1 --repeats 2
+    .venv/bin/python benchmarks/inference.py                           # demo bundle, CPU
+    .venv/bin/python benchmarks/inference.py --real-archs --json /tmp/inference.json
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
 import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,8 +63,16 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_
 
 from spine_node.imaging import PreparedImage, PrepParams, decode, prepare_array
 from spine_node.models.bundle import Manifest, MemberSpec, load_manifest
-from spine_node.models.detector import Detector, RawHead, TorchDetectorNet, load_yolo_module
-from spine_node.models.triage import TorchMembers, load_member, tta_views
+from spine_node.models.detector import Detector, RawHead, load_yolo_module
+from spine_node.models.runtime import (
+    Backend,
+    Precision,
+    RuntimeChoice,
+    cpu_flags,
+    has_native_bf16,
+    installed_backends,
+)
+from spine_node.models.triage import TriageEnsemble, load_member, tta_views
 from spine_node.offline import configure_offline
 
 log = logging.getLogger(__name__)
@@ -68,39 +88,64 @@ REAL_MEMBERS = (
 )
 REAL_TRIAGE_SIZE = 384
 REAL_DETECT_SIZE = 640
-SHARED = "shared"
+#: Goal (issue 13): a positive image within this factor of the FLOP limit at its precision.
+GOAL_RATIO = 1.2
 
 
 @dataclass(frozen=True)
-class Stage:
-    """Timings of one stage on one backend.
+class RunPath:
+    """One way to run the models: a backend at a precision."""
 
-    Attributes
-    ----------
-    name : str
-        Stage name (``"decode"``, ``"member densenet"``, ...).
-    backend : str
-        ``"torch"``, ``"onnx"`` or ``"shared"`` (stages without a model).
-    seconds : tuple of float
-        One wall time per timed call.
-    flops : float or None
-        Floating-point operations of one call, when the stage runs a model.
-    """
-
-    name: str
-    backend: str
-    seconds: tuple[float, ...]
-    flops: float | None = None
+    backend: Backend
+    precision: Precision
 
     @property
-    def median_s(self) -> float:
-        """Median wall time of one call in seconds."""
-        return statistics.median(self.seconds)
+    def name(self) -> str:
+        """``backend-precision``."""
+        return f"{self.backend.value}-{self.precision.value}"
+
+
+@dataclass
+class PathResult:
+    """What one path measured (seconds per call, medians)."""
+
+    path: RunPath
+    peak_gflops: float
+    limit_s: float
+    stages: list[tuple[str, float, float | None]] = field(default_factory=list)  # name, s, FLOPs
+    positive_image_s: float = float("nan")
+    batch_images_per_s: float | None = None
+    error: str | None = None
 
     @property
-    def gflops_per_s(self) -> float | None:
-        """Achieved GFLOP/s of the median call, when FLOPs are known."""
-        return None if self.flops is None else self.flops / self.median_s / 1e9
+    def ratio(self) -> float:
+        """Positive image time over the FLOP limit."""
+        return self.positive_image_s / self.limit_s
+
+    def to_json(self) -> dict[str, Any]:
+        """Figures of this path."""
+        return {
+            "path": self.path.name,
+            "backend": self.path.backend.value,
+            "precision": self.path.precision.value,
+            "matmul_peak_gflops": round(self.peak_gflops, 1),
+            "flop_limit_s": round(self.limit_s, 4),
+            "positive_image_s": round(self.positive_image_s, 4),
+            "ratio_to_limit": round(self.ratio, 3),
+            "batch_images_per_s": self.batch_images_per_s,
+            "stages": [
+                {
+                    "name": name,
+                    "ms": round(sec * 1e3, 2),
+                    "gflops_per_s": None if flops is None else round(flops / sec / 1e9, 1),
+                    "ratio_to_limit": None
+                    if flops is None
+                    else round(sec / (flops / (self.peak_gflops * 1e9)), 3),
+                }
+                for name, sec, flops in self.stages
+            ],
+            "error": self.error,
+        }
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -287,69 +332,6 @@ def choose_bundle(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
     return out, "tiny random bundle (no demo bundle in spine_node/demo_bundle)"
 
 
-# ---------------------------------------------------------------------------- backends
-
-
-def ort_session(path: Path, providers: Sequence[str], threads: int | None) -> Any:
-    """An ONNX Runtime session configured like the node's, with an optional thread count."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads:
-        options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
-
-
-class OrtMember:
-    """One member on ONNX Runtime: ``image (N,1,S,S)`` -> ``logit``, ``embedding``."""
-
-    def __init__(self, path: Path, providers: Sequence[str], threads: int | None) -> None:
-        self.session = ort_session(path, providers, threads)
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Return the logits of a batch."""
-        logit, _ = self.session.run(["logit", "embedding"], {"image": batch})
-        return np.asarray(logit, np.float32).reshape(-1)
-
-
-class TorchMember:
-    """One member on PyTorch eager, through the node's :class:`TorchMembers` runner."""
-
-    def __init__(self, name: str, module: torch.nn.Module, device: torch.device) -> None:
-        self.runner = TorchMembers({name: module}, device)  # type: ignore[dict-item]
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        """Return the logits of a batch."""
-        ((logit, _),) = self.runner.run(batch)
-        return logit
-
-
-class OrtDetectorNet:
-    """The detector's raw head on ONNX Runtime (the node's ``OnnxDetectorNet`` with threads)."""
-
-    def __init__(self, path: Path, providers: Sequence[str], threads: int | None) -> None:
-        self.session = ort_session(path, providers, threads)
-
-    def raw(self, batch: np.ndarray) -> np.ndarray:
-        """Return the raw head output for a batch."""
-        (out,) = self.session.run(["raw"], {"image": np.ascontiguousarray(batch, np.float32)})
-        return np.asarray(out, np.float32)
-
-
-def ort_providers(device: torch.device) -> tuple[list[str], str | None]:
-    """Providers for ``device`` and a note when CUDA was asked for but ORT lacks it."""
-    import onnxruntime as ort
-
-    if device.type == "cuda":
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
-        return [
-            "CPUExecutionProvider"
-        ], "ONNX Runtime has no CUDAExecutionProvider: onnx runs on the CPU"
-    return ["CPUExecutionProvider"], None
-
-
 # ---------------------------------------------------------------------------- measuring
 
 
@@ -385,131 +367,6 @@ def thop_gflops(model: torch.nn.Module, imgsz: int) -> float:
     return float(get_flops(copy.deepcopy(model).float().cpu(), imgsz))
 
 
-def shared_stages(
-    inputs: Sequence[bytes], prep: PrepParams, views: int, repeats: int
-) -> tuple[list[Stage], list[PreparedImage]]:
-    """Time decode, preparation and TTA views; return the stages and the prepared images."""
-    decode_s: list[float] = []
-    prep_s: list[float] = []
-    tta_s: list[float] = []
-    prepared: list[PreparedImage] = []
-    for raw in inputs:
-        source = decode(read(raw))
-        decode_s += time_calls(partial(_decode_bytes, raw), repeats)
-        prep_s += time_calls(partial(prepare_array, source.pixels, prep), repeats)
-        image = prepare_array(source.pixels, prep)
-        tta_s += time_calls(partial(tta_views, image.triage, views), repeats)
-        prepared.append(image)
-    stages = [
-        Stage("decode (dcmread + decode)", SHARED, tuple(decode_s)),
-        Stage("preparation (CLAHE, resize, letterbox)", SHARED, tuple(prep_s)),
-        Stage(f"TTA views ({views})", SHARED, tuple(tta_s)),
-    ]
-    return stages, prepared
-
-
-def model_stages(
-    backend: str,
-    bundle: Path,
-    manifest: Manifest,
-    device: torch.device,
-    prepared: Sequence[PreparedImage],
-    flops: Mapping[str, float],
-    repeats: int,
-    threads: int | None,
-) -> list[Stage]:
-    """Time every member on its TTA batch and the detector on one image, on ``backend``."""
-    views = manifest.tta_views
-    batches = [
-        np.ascontiguousarray(tta_views(img.triage, views)[:, None], dtype=np.float32)
-        for img in prepared
-    ]
-    stages = []
-    providers, _ = ort_providers(device)
-    for spec in manifest.members:
-        member: Callable[[np.ndarray], np.ndarray]
-        if backend == "torch":
-            member = TorchMember(spec.name, load_member(spec, bundle), device)
-        else:
-            member = OrtMember(bundle / str(spec.onnx), providers, threads)
-        seconds: list[float] = []
-        for batch in batches:
-            logits = member(batch)
-            if not np.all(np.isfinite(logits)):
-                log.warning("member %s (%s) gave non-finite logits", spec.name, backend)
-            seconds += time_calls(partial(member, batch), repeats, warmup=0)
-        stages.append(
-            Stage(
-                f"member {spec.name} ({views} views)",
-                backend,
-                tuple(seconds),
-                flops[spec.name] * views,
-            )
-        )
-    net: TorchDetectorNet | OrtDetectorNet
-    if backend == "torch":
-        net = TorchDetectorNet(load_yolo_module(bundle / manifest.detector.weights), device)
-    else:
-        net = OrtDetectorNet(bundle / str(manifest.detector.onnx), providers, threads)
-    detector = Detector(net, manifest.detector)
-    seconds = []
-    for img in prepared:
-        seconds += time_calls(partial(detector, img.detect[None]), repeats)
-    stages.append(Stage("detector (network + NMS)", backend, tuple(seconds), flops["detector"]))
-    return stages
-
-
-def _set_ort_threads(cascade: Any, bundle: Path, device: str, threads: int) -> None:
-    """Re-create a loaded cascade's ONNX Runtime sessions with ``threads`` intra-op threads.
-
-    The node's runners take the library default (one thread per core); ``torch.set_num_threads``
-    has no ONNX counterpart, so the benchmark swaps the sessions to compare like with like.
-    """
-    runner = getattr(cascade.triage, "runner", None)
-    net = getattr(cascade.detector, "net", None)
-    if not hasattr(runner, "sessions") or not hasattr(net, "session"):
-        log.warning("cannot set ONNX Runtime threads on this cascade: library default kept")
-        return
-    providers, _ = ort_providers(torch.device(device))
-    manifest = cascade.manifest
-    runner.sessions = {  # type: ignore[union-attr]
-        m.name: ort_session(bundle / str(m.onnx), providers, threads) for m in manifest.members
-    }
-    net.session = ort_session(bundle / str(manifest.detector.onnx), providers, threads)  # type: ignore[union-attr]
-
-
-def end_to_end(
-    backend: str,
-    bundle: Path,
-    device: str,
-    inputs: Sequence[bytes],
-    repeats: int,
-    threads: int | None = None,
-) -> tuple[list[float], int]:
-    """Wall times of ``Cascade.analyze`` on all inputs at once (fresh parse each call).
-
-    Returns
-    -------
-    (list of float, int)
-        Seconds per call and the number of images the detector ran on.
-    """
-    from spine_node.pipeline import Cascade
-    from spine_node.results.types import Status
-
-    cascade = Cascade.load(bundle, device=device, backend=backend)
-    if backend == "onnx" and threads:
-        _set_ort_threads(cascade, bundle, device, threads)
-    results = cascade.analyze([read(raw) for raw in inputs])
-    positives = sum(1 for r in results if r.status == Status.POSITIVE)
-    if cascade.manifest.detector.gate == "soft":
-        positives = sum(1 for r in results if r.status != Status.NOT_PROCESSED)
-    refused = [r.reason for r in results if r.status == Status.NOT_PROCESSED]
-    if refused:
-        log.warning("%d image(s) not processed by the cascade: %s", len(refused), refused[0])
-    seconds = time_calls(lambda: cascade.analyze([read(raw) for raw in inputs]), repeats, warmup=0)
-    return seconds, positives
-
-
 def member_flops(bundle: Path, manifest: Manifest) -> tuple[dict[str, float], float]:
     """FLOPs per view of each member and per image of the detector; plus thop's detector GFLOPs."""
     out = {}
@@ -522,72 +379,166 @@ def member_flops(bundle: Path, manifest: Manifest) -> tuple[dict[str, float], fl
     return out, thop_gflops(yolo, imgsz)
 
 
+def matmul_peak(
+    precision: Precision, device: torch.device, *, n: int = 2048, runs: int = 5
+) -> float:
+    """Best ``torch.matmul`` rate in GFLOP/s of two ``n x n`` matrices at ``precision``.
+
+    On the CPU every thread of torch's pool takes part (oneDNN / MKL; bf16 through AVX512-BF16
+    or AMX where present), so the figure is the machine's practical dense-algebra ceiling.
+    """
+    dtype = {Precision.FP32: torch.float32, Precision.BF16: torch.bfloat16,
+             Precision.FP16: torch.float16}[precision]  # fmt: skip
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    reps = 4 if device.type == "cpu" else 50
+    best = float("inf")
+    for _ in range(runs + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2.0 * n**3 / best / 1e9
+
+
+def shared_stages(
+    inputs: Sequence[bytes], prep: PrepParams, views: int, repeats: int
+) -> tuple[list[tuple[str, float]], list[PreparedImage]]:
+    """Time decode, preparation and TTA views; return ``(name, median s)`` and the images."""
+    decode_s: list[float] = []
+    prep_s: list[float] = []
+    tta_s: list[float] = []
+    prepared: list[PreparedImage] = []
+    for raw in inputs:
+        source = decode(read(raw))
+        decode_s += time_calls(partial(_decode_bytes, raw), repeats)
+        prep_s += time_calls(partial(prepare_array, source.pixels, prep), repeats)
+        image = prepare_array(source.pixels, prep)
+        tta_s += time_calls(partial(tta_views, image.triage, views), repeats)
+        prepared.append(image)
+    stages = [
+        ("decode (dcmread + decode)", statistics.median(decode_s)),
+        ("preparation (CLAHE, resize, letterbox)", statistics.median(prep_s)),
+        (f"TTA views ({views})", statistics.median(tta_s)),
+    ]
+    return stages, prepared
+
+
+def paths_for(device: torch.device, manifest: Manifest, flags: frozenset[str]) -> list[RunPath]:
+    """Every path this machine and bundle support, slowest family first."""
+    installed = installed_backends()
+    onnx = all(m.onnx for m in manifest.members) and bool(manifest.detector.onnx)
+    out = []
+    if device.type == "cuda":
+        out += [RunPath(Backend.TORCH, p) for p in (Precision.FP32, Precision.FP16, Precision.BF16)]
+        if onnx and Backend.ONNXRUNTIME in installed:
+            out.append(RunPath(Backend.ONNXRUNTIME, Precision.FP32))
+        return out
+    bf16 = has_native_bf16(flags)
+    out.append(RunPath(Backend.TORCH, Precision.FP32))
+    if bf16:
+        out.append(RunPath(Backend.TORCH, Precision.BF16))
+    if onnx and Backend.ONNXRUNTIME in installed:
+        out.append(RunPath(Backend.ONNXRUNTIME, Precision.FP32))
+    if onnx and Backend.OPENVINO in installed:
+        out.append(RunPath(Backend.OPENVINO, Precision.FP32))
+        if bf16:
+            out.append(RunPath(Backend.OPENVINO, Precision.BF16))
+    return out
+
+
+def _single_member_runner(path: RunPath, bundle: Path, spec: MemberSpec, device: str) -> Any:
+    from spine_node.models.backend_onnxruntime import OnnxMembers, providers_for
+    from spine_node.models.backend_openvino import OpenVinoMembers
+    from spine_node.models.backend_torch import TorchMembers
+
+    if path.backend is Backend.TORCH:
+        return TorchMembers(
+            {spec.name: load_member(spec, bundle)}, torch.device(device), path.precision
+        )
+    if path.backend is Backend.OPENVINO:
+        return OpenVinoMembers({spec.name: bundle / str(spec.onnx)}, path.precision)
+    return OnnxMembers({spec.name: bundle / str(spec.onnx)}, providers_for(device.split(":")[0]))
+
+
+def measure_path(
+    path: RunPath,
+    bundle: Path,
+    manifest: Manifest,
+    device: str,
+    prepared: Sequence[PreparedImage],
+    flops: dict[str, float],
+    peak: float,
+    repeats: int,
+    batch: int,
+) -> PathResult:
+    """Time the members, the detector and a positive image through the cascade on ``path``."""
+    from spine_node.pipeline import Cascade, build_backend
+
+    views = manifest.tta_views
+    image_flops = sum(flops[m.name] for m in manifest.members) * views + flops["detector"]
+    result = PathResult(path, peak, image_flops / (peak * 1e9))
+    batches = [np.ascontiguousarray(tta_views(img.triage, views)[:, None]) for img in prepared]
+    for spec in manifest.members:
+        runner = _single_member_runner(path, bundle, spec, device)
+        seconds: list[float] = []
+        for b in batches:
+            seconds += time_calls(partial(runner.run, b), repeats)
+        result.stages.append(
+            (
+                f"member {spec.name} ({views} views)",
+                statistics.median(seconds),
+                flops[spec.name] * views,
+            )
+        )
+        del runner
+    runtime = RuntimeChoice(path.backend, path.precision, device)
+    runner, net = build_backend(runtime, bundle, manifest)
+    detector = Detector(net, manifest.detector, max_batch=max(batch, 1))
+    seconds = []
+    for img in prepared:
+        seconds += time_calls(partial(detector, img.detect[None]), repeats)
+    result.stages.append(
+        ("detector (network + NMS)", statistics.median(seconds), flops["detector"])
+    )
+    # a positive image through the cascade: threshold 0, no content gate (random weights)
+    cascade = Cascade(
+        manifest=replace(manifest, threshold=0.0),
+        triage=TriageEnsemble(
+            runner, manifest.ensemble_weights, views, max_batch=max(batch, 1) * views
+        ),
+        detector=detector,
+        content_gate=None,
+    )
+    seconds = []
+    for i, img in enumerate(prepared):
+        seconds += time_calls(partial(cascade.analyze_prepared, [f"1.2.3.{i}"], [img]), repeats)
+    result.positive_image_s = statistics.median(seconds)
+    result.stages.append(
+        ("positive image (Cascade.analyze_prepared)", result.positive_image_s, image_flops)
+    )
+    if batch > 1:
+        many = [prepared[i % len(prepared)] for i in range(batch)]
+        uids = [f"1.2.3.{i}" for i in range(batch)]
+        s = statistics.median(time_calls(partial(cascade.analyze_prepared, uids, many), repeats))
+        result.batch_images_per_s = round(batch / s, 3)
+    return result
+
+
 # ---------------------------------------------------------------------------- report
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:10.1f}"
-
-
-def print_report(
-    stages: Sequence[Stage],
-    backends: Sequence[str],
-    e2e: Mapping[str, tuple[list[float], int]],
-    n_images: int,
-    print_fn: Callable[[str], None] = print,
-) -> None:
-    """Print the stage table, sums, images/s and the onnx/torch ratios."""
-    by_key = {(s.name, s.backend): s for s in stages}
-    names = list(dict.fromkeys(s.name for s in stages))
-    head = f"{'stage':<42}" + "".join(f"{b + ' ms':>12}{b + ' GFLOP/s':>16}" for b in backends)
-    print_fn(head)
-    totals = dict.fromkeys(backends, 0.0)
-    for name in names:
-        row = f"{name:<42}"
-        for b in backends:
-            s = by_key.get((name, b)) or by_key.get((name, SHARED))
-            if s is None:
-                row += f"{'-':>12}{'':>16}"
-                continue
-            totals[b] += s.median_s
-            rate = s.gflops_per_s
-            row += _ms(s.median_s).rjust(12) + (
-                f"{rate:16.1f}" if rate is not None else f"{'':>16}"
-            )
-        print_fn(row)
-    row = f"{'sum of stages per image (detector always)':<42}"
-    for b in backends:
-        row += _ms(totals[b]).rjust(12) + f"{'':>16}"
-    print_fn(row)
-    for b in backends:
-        print_fn(f"images/s {b} (sum of stages) = {1.0 / totals[b]:.3f}")
-    for b in backends:
-        if b in e2e:
-            seconds, positives = e2e[b]
-            med = statistics.median(seconds)
-            print_fn(
-                f"images/s {b} (Cascade.analyze, {n_images} images per call, detector ran on "
-                f"{positives}) = {n_images / med:.3f}"
-            )
-    if "torch" in backends and "onnx" in backends:
-        print_fn("ratios are speed-ups of ONNX Runtime over PyTorch eager (>1: onnx faster)")
-        for name in names:
-            t, o = by_key.get((name, "torch")), by_key.get((name, "onnx"))
-            if t is not None and o is not None:
-                print_fn(f"ratio onnx/torch {name} = {t.median_s / o.median_s:.2f}x")
-        print_fn(f"ratio onnx/torch sum of stages = {totals['torch'] / totals['onnx']:.2f}x")
-        if "torch" in e2e and "onnx" in e2e:
-            ratio = statistics.median(e2e["torch"][0]) / statistics.median(e2e["onnx"][0])
-            print_fn(f"ratio onnx/torch Cascade.analyze = {ratio:.2f}x")
 
 
 def print_flops(
     manifest: Manifest,
-    flops: Mapping[str, float],
+    flops: dict[str, float],
     yolo_thop: float,
     print_fn: Callable[[str], None] = print,
-) -> None:
-    """Print the measured FLOPs against the method's reference figures."""
+) -> float:
+    """Print the measured FLOPs against the method's figures; return GFLOPs per positive image."""
     sizes = sorted({m.input_size for m in manifest.members})
     per_view = sum(flops[m.name] for m in manifest.members) / 1e9
     parts = ", ".join(f"{m.name} ({m.arch}) {flops[m.name] / 1e9:.4g}" for m in manifest.members)
@@ -602,11 +553,28 @@ def print_flops(
         f"ultralytics-thop, at {manifest.detector.imgsz} px (spec: {SPEC_DETECTOR_GFLOPS} for YOLO11-L at 640)"
     )
     views = manifest.tta_views
+    total = per_view * views + det
     print_fn(
-        f"GFLOPs cascade per image = {per_view * views + det:.4g} ({views} views x {per_view:.4g} "
+        f"GFLOPs cascade per positive image = {total:.4g} ({views} views x {per_view:.4g} "
         f"+ detector {det:.4g}; spec: {views} x {SPEC_MEMBERS_GFLOPS_PER_VIEW:.0f} + "
         f"{SPEC_DETECTOR_GFLOPS} = {views * SPEC_MEMBERS_GFLOPS_PER_VIEW + SPEC_DETECTOR_GFLOPS:.1f})"
     )
+    return total
+
+
+def print_path(r: PathResult, print_fn: Callable[[str], None] = print) -> None:
+    """One path's table: ms, GFLOP/s and ratio to the limit per stage."""
+    print_fn(
+        f"path {r.path.name}: matmul peak {r.peak_gflops:.1f} GFLOP/s {r.path.precision.value}, "
+        f"FLOP limit of a positive image {r.limit_s * 1e3:.1f} ms"
+    )
+    print_fn(f"  {'stage':<44}{'ms':>10}{'GFLOP/s':>10}{'x limit':>10}")
+    for name, sec, fl in r.stages:
+        rate = "" if fl is None else f"{fl / sec / 1e9:10.1f}"
+        ratio = "" if fl is None else f"{sec / (fl / (r.peak_gflops * 1e9)):10.2f}"
+        print_fn(f"  {name:<44}{sec * 1e3:10.1f}{rate:>10}{ratio:>10}")
+    if r.batch_images_per_s is not None:
+        print_fn(f"  batched images/s ({r.path.name}) = {r.batch_images_per_s:.3f}")
 
 
 # ---------------------------------------------------------------------------- main
@@ -620,21 +588,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     which.add_argument("--real-archs", action="store_true",
                        help="random-weight real-size members (384 px) and YOLO11-L (640 px)")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--images", type=int, default=3, help="test images (default 3)")
-    p.add_argument(
-        "--repeats", type=int, default=3, help="timed calls per image and stage (default 3)"
-    )
-    p.add_argument(
-        "--image-size", type=int, default=2300, help="side of the test radiographs (default 2300)"
-    )
+    p.add_argument("--images", type=int, default=2, help="test images (default 2)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed calls per image and stage (default 3)")  # fmt: skip
+    p.add_argument("--image-size", type=int, default=2300,
+                   help="side of the test radiographs (default 2300)")  # fmt: skip
     p.add_argument("--uncompressed", action="store_true",
                    help="send uncompressed images instead of JPEG 2000 lossless")  # fmt: skip
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for PyTorch and ONNX Runtime (default: each library's default)")  # fmt: skip
-    p.add_argument("--no-end-to-end", action="store_true", help="skip the Cascade.analyze timing")
+                   help="CPU threads (default: every core, torch's and each library's default)")  # fmt: skip
+    p.add_argument("--paths", default=None,
+                   help="comma-separated paths to run, e.g. openvino-bf16,torch-fp32 (default: all)")  # fmt: skip
+    p.add_argument("--batch", type=int, default=1,
+                   help="also time this many images in one cascade call (images/s)")  # fmt: skip
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="write the figures here")
     args = p.parse_args(argv)
-    if args.images < 1 or args.repeats < 1 or args.image_size < 32:
-        p.error("--images and --repeats must be >= 1, --image-size >= 32")
+    if args.images < 1 or args.repeats < 1 or args.image_size < 32 or args.batch < 1:
+        p.error("--images, --repeats and --batch must be >= 1, --image-size >= 32")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be >= 1, got {args.threads}")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -649,49 +619,104 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
     device = torch.device(args.device)
+    flags = cpu_flags()
     with tempfile.TemporaryDirectory(prefix="spine-inference-") as tmp:
-        work = Path(tmp)
-        bundle, origin = choose_bundle(args, work)
+        bundle, origin = choose_bundle(args, Path(tmp))
         manifest = load_manifest(bundle)
-        backends = ["torch"]
-        providers, note = ort_providers(device)
-        if all(m.onnx for m in manifest.members) and manifest.detector.onnx:
-            backends.append("onnx")
-        else:
-            note = "the bundle has no ONNX exports: onnx skipped"
-        t0 = time.perf_counter()
+        paths = paths_for(device, manifest, flags)
+        if args.paths:
+            wanted = [w.strip() for w in args.paths.split(",") if w.strip()]
+            unknown = [w for w in wanted if w not in {p.name for p in paths}]
+            if unknown:
+                print(f"inference.py: paths {unknown} not supported here; "
+                      f"supported: {[p.name for p in paths]}", file=sys.stderr)  # fmt: skip
+                return 2
+            paths = [p for p in paths if p.name in wanted]
         inputs = [
             make_radiograph(args.image_size, seed=i, compress=not args.uncompressed)
             for i in range(args.images)
         ]
         syntax = "uncompressed" if args.uncompressed else "JPEG 2000 lossless"
-        print(
-            f"inference benchmark: {manifest.name} {manifest.version} ({origin}); "
-            f"device {device}; {args.images} image(s) {args.image_size}x{args.image_size} {syntax} "
-            f"(made in {time.perf_counter() - t0:.1f} s); {args.repeats} repeat(s); "
-            f"torch {torch.__version__} threads {torch.get_num_threads()}, onnxruntime providers "
-            f"{providers} threads {args.threads or 'default'}; {os.cpu_count()} CPUs, "
-            f"load average {os.getloadavg()[0]:.1f}"
+        load = os.getloadavg()
+        header = (
+            f"inference benchmark: {manifest.name} {manifest.version} ({origin}); device "
+            f"{device}; {args.images} image(s) {args.image_size}x{args.image_size} {syntax}; "
+            f"{args.repeats} repeat(s); torch {torch.__version__} threads "
+            f"{torch.get_num_threads()}; {os.cpu_count()} CPUs, native bf16 "
+            f"{'yes' if has_native_bf16(flags) else 'no'}; load average {load[0]:.1f} "
+            f"(other work on the machine slows every figure)"
         )
-        if note:
-            print(f"note: {note}")
+        print(header)
         flops, yolo_thop = member_flops(bundle, manifest)
-        print_flops(manifest, flops, yolo_thop)
+        gflops = print_flops(manifest, flops, yolo_thop)
         prep = PrepParams(**dict(manifest.prep))
-        stages, prepared = shared_stages(inputs, prep, manifest.tta_views, args.repeats)
-        for backend in backends:
-            stages += model_stages(
-                backend, bundle, manifest, device, prepared, flops, args.repeats, args.threads
+        shared, prepared = shared_stages(inputs, prep, manifest.tta_views, args.repeats)
+        print("shared stages (no model), median ms:")
+        for name, sec in shared:
+            print(f"  {name:<44}{sec * 1e3:10.1f}")
+        peaks = {p: matmul_peak(p, device) for p in sorted({q.precision for q in paths})}
+        for prec, peak in peaks.items():
+            print(f"matmul peak {prec.value} = {peak:.1f} GFLOP/s (2048 x 2048, "
+                  f"{torch.get_num_threads()} threads); FLOP limit of a positive image "
+                  f"{gflops / peak:.3f} s")  # fmt: skip
+        results: list[PathResult] = []
+        for path in paths:
+            try:
+                r = measure_path(path, bundle, manifest, str(device), prepared, flops,
+                                 peaks[path.precision], args.repeats, args.batch)  # fmt: skip
+            except Exception as exc:  # one library failing must not hide the others
+                log.warning("path %s failed: %s", path.name, exc, exc_info=True)
+                r = PathResult(path, peaks[path.precision], gflops / peaks[path.precision])
+                r.error = f"{type(exc).__name__}: {exc}"
+                print(f"path {path.name}: failed ({r.error})")
+                continue
+            print_path(r)
+            results.append(r)
+        if not results:
+            print("no path ran", file=sys.stderr)
+            return 1
+        for r in results:
+            print(f"positive image {r.path.name} = {r.positive_image_s:.3f} s (limit "
+                  f"{r.limit_s:.3f} s at {r.path.precision.value}; ratio {r.ratio:.2f}x)")  # fmt: skip
+        best = min(results, key=lambda r: r.positive_image_s)
+        fp32 = [r for r in results if r.path.precision is Precision.FP32]
+        best_fp32 = min(fp32, key=lambda r: r.positive_image_s) if fp32 else None
+        print(
+            f"best path: {best.path.name} positive_image_s={best.positive_image_s:.3f} "
+            f"flop_limit_s={best.limit_s:.3f} ratio={best.ratio:.2f}x (goal <= {GOAL_RATIO}x: "
+            f"{'met' if best.ratio <= GOAL_RATIO else 'NOT met'})"
+        )
+        if best_fp32 is not None:
+            print(
+                f"best fp32 path: {best_fp32.path.name} positive_image_s="
+                f"{best_fp32.positive_image_s:.3f} flop_limit_s={best_fp32.limit_s:.3f} ratio="
+                f"{best_fp32.ratio:.2f}x (goal <= {GOAL_RATIO}x: "
+                f"{'met' if best_fp32.ratio <= GOAL_RATIO else 'NOT met'})"
             )
-        e2e = {}
-        if not args.no_end_to_end:
-            for backend in backends:
-                e2e[backend] = end_to_end(
-                    backend, bundle, args.device, inputs, args.repeats, args.threads
-                )
-        print(f"median latency per image and stage over {args.images} image(s) x {args.repeats}:")
-        print_report(stages, backends, e2e, args.images)
+        if args.json is not None:
+            document = {
+                "header": header,
+                "bundle": f"{manifest.name} {manifest.version}",
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "native_bf16": has_native_bf16(flags),
+                "load_average": [round(v, 2) for v in load],
+                "gflops_per_positive_image": round(gflops, 3),
+                "matmul_peak_gflops": {p.value: round(v, 1) for p, v in peaks.items()},
+                "shared_stages_ms": {n: round(s * 1e3, 2) for n, s in shared},
+                "paths": [r.to_json() for r in results],
+                "backend": best.path.backend.value,
+                "precision": best.path.precision.value,
+                "positive_image_s": round(best.positive_image_s, 4),
+                "flop_limit_s": round(best.limit_s, 4),
+                "ratio_to_limit": round(best.ratio, 3),
+                "fp32": None if best_fp32 is None else best_fp32.to_json(),
+            }
+            args.json.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+            print(f"figures written to {args.json}")
     return 0
 
 

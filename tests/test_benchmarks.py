@@ -5,6 +5,7 @@ These check that the benchmarks work and report what they claim, never how fast 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -65,46 +66,57 @@ def test_ingest_benchmark_refuses_bad_options() -> None:
     assert "--images and --rounds must be >= 1" in proc.stderr
 
 
-def test_inference_benchmark_on_a_tiny_bundle_prints_stages_ratios_and_flops() -> None:
+def test_inference_benchmark_prints_paths_limits_and_writes_json(tmp_path: Path) -> None:
+    from spine_node.models.runtime import cpu_flags, has_native_bf16
+
+    paths = ["torch-fp32", "onnxruntime-fp32", "openvino-fp32"]
+    if has_native_bf16(cpu_flags()):
+        paths.append("openvino-bf16")
+    out_json = tmp_path / "inference.json"
     proc = run_script(
         "inference.py", "--images", "1", "--repeats", "1", "--image-size", "96", "--threads", "1",
+        "--paths", ",".join(paths), "--batch", "2", "--json", str(out_json),
     )  # fmt: skip
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr + out
     header = out.splitlines()[0]
     assert "1 image(s) 96x96 JPEG 2000 lossless" in header
-    assert "threads 1" in header
-    stages = (
-        "decode (dcmread + decode)",
-        "preparation (CLAHE, resize, letterbox)",
-        "TTA views (",
-        "member densenet (",
-        "member efficientnet (",
-        "member resnet (",
-        "detector (network + NMS)",
-        "sum of stages per image",
-    )
-    for stage in stages:
-        assert re.search(rf"^{re.escape(stage)}.*\d", out, flags=re.MULTILINE), stage
-    for backend in ("torch", "onnx"):
-        assert number(rf"^images/s {backend} \(sum of stages\) = ([\d.]+)", out) > 0
-        analyze = rf"^images/s {backend} \(Cascade.analyze, 1 images per call, detector ran on \d\)"
-        assert number(analyze + r" = ([\d.]+)", out) > 0
-    for stage in (
-        "member densenet",
-        "detector (network + NMS)",
-        "sum of stages",
-        "Cascade.analyze",
-    ):
-        assert number(rf"^ratio onnx/torch {re.escape(stage)}.* = ([\d.]+)x", out) > 0
-    # FLOPs are counted on the actual (tiny) models and shown next to the method's figures
+    assert "threads 1" in header and "load average" in header
+    for stage in ("decode (dcmread + decode)", "preparation (CLAHE, resize, letterbox)"):
+        assert re.search(rf"^  {re.escape(stage)}\s+{NUM}$", out, flags=re.MULTILINE), stage
+    for prec in {p.split("-")[1] for p in paths}:
+        assert number(rf"^matmul peak {prec} = ({NUM}) GFLOP/s", out) > 0
+    for path in paths:
+        assert re.search(rf"^path {path}: matmul peak {NUM} GFLOP/s", out, flags=re.MULTILINE)
+        seconds = number(rf"^positive image {path} = ({NUM}) s \(limit", out)
+        limit = number(rf"^positive image {path} = {NUM} s \(limit ({NUM}) s", out)
+        ratio = number(rf"^positive image {path} = .*ratio ({NUM})x\)", out)
+        assert ratio == pytest.approx(seconds / limit, rel=0.02)
+        assert number(rf"^  batched images/s \({path}\) = ({NUM})", out) > 0
+    for stage in ("member densenet (5 views)", "detector (network + NMS)"):
+        # ms, GFLOP/s and ratio to the limit on every model stage
+        assert re.search(rf"^  {re.escape(stage)}\s+{NUM}\s+{NUM}\s+{NUM}$", out, flags=re.MULTILINE)
+    assert re.search(r"^best path: \S+ positive_image_s=", out, flags=re.MULTILINE)
+    # FLOPs are counted on the actual (demo or tiny) models, next to the method's figures
     per_view = number(rf"^GFLOPs members per view = ({NUM}) measured \(spec: about 58", out)
     detector = number(rf"^GFLOPs detector = ({NUM}) measured", out)
-    cascade = number(rf"^GFLOPs cascade per image = ({NUM})", out)
-    assert "(spec: 86.9 for YOLO11-L at 640)" in out
-    assert per_view < 58
+    cascade = number(rf"^GFLOPs cascade per positive image = ({NUM})", out)
     assert cascade == pytest.approx(5 * per_view + detector, rel=0.01)
-    assert "GFLOP/s" in out
+    doc = json.loads(out_json.read_text())
+    assert {p["path"] for p in doc["paths"]} == set(paths)
+    best = min(doc["paths"], key=lambda p: p["positive_image_s"])
+    assert (doc["backend"], doc["precision"]) == (best["backend"], best["precision"])
+    assert doc["positive_image_s"] == best["positive_image_s"] > 0
+    assert doc["flop_limit_s"] == pytest.approx(
+        doc["gflops_per_positive_image"] / doc["matmul_peak_gflops"][doc["precision"]], rel=0.01
+    )
+    assert doc["fp32"]["precision"] == "fp32"
+
+
+def test_inference_benchmark_refuses_an_unknown_path() -> None:
+    proc = run_script("inference.py", "--paths", "tensorrt-int8", "--image-size", "64")
+    assert proc.returncode == 2
+    assert "not supported here" in proc.stderr
 
 
 def test_train_throughput_benchmark_prints_both_loader_paths(tmp_path: Path) -> None:
