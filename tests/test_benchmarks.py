@@ -136,3 +136,33 @@ def test_train_throughput_benchmark_prints_both_loader_paths(tmp_path: Path) -> 
     ):
         assert result[key] > 0, result
     assert float(result["load_before"]) >= 0 and result["cpus"] >= 1
+
+
+def test_latency_benchmark_runs_the_node_against_storescp(tmp_path: Path) -> None:
+    out_json = tmp_path / "latency.json"
+    proc = run_script(
+        "latency.py", "--images", "2", "--rows", "384", "--columns", "320", "--batch-size", "2",
+        "--json", str(out_json), timeout=600,
+    )  # fmt: skip
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr + out
+    assert "2 DX images 384x320 16-bit uncompressed" in out
+    assert re.search(r"^node: spine-node-demo \S+, backend \w+, precision \w+, device cpu", out,
+                     flags=re.MULTILINE), out  # fmt: skip
+    p50 = number(rf"^acknowledgement -> last result object at the PACS, all 2: p50 ({NUM}) s", out)
+    p95 = number(rf"^acknowledgement -> .* all 2: p50 {NUM} s, p95 ({NUM}) s", out)
+    assert 0 < p50 <= p95
+    assert number(rf"^images/s through the worker .* = ({NUM})", out) > 0
+    assert re.search(r"^median seconds per image: decode .*triage .*detector .*sending", out,
+                     flags=re.MULTILINE)  # fmt: skip
+    doc = json.loads(out_json.read_text())
+    assert doc["n_images"] == 2 and len(doc["per_image"]) == 2
+    for image in doc["per_image"]:
+        assert image["sent"] == image["objects"] >= 1  # every result object reached the PACS
+        assert image["at_pacs"] >= image["result_at"] >= image["ack"]
+        assert image["status"] in ("positive", "negative"), image  # analysed, not refused
+        assert {"decode", "gate", "triage", "results"} <= set(image["stages"])
+    if doc["n_positive"]:
+        share = doc["outside_share_positive"]["median"]
+        assert 0 < share < 1
+        assert "outside the models, positive images" in out
