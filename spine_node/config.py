@@ -123,6 +123,9 @@ class Hl7Destination(_Strict):
     The application and facility names fill MSH-3 to MSH-6 (escaped per HL7, so any text
     is safe); ``processing_id`` is MSH-11 (P production, T training, D debugging) and
     ``message_profile``, when given, MSH-21 (the profile identifier the RIS expects).
+    ``charset`` is MSH-18 and the encoding of the bytes (HL7 table 0211): ``"UNICODE UTF-8"``
+    sends names in any script as UTF-8; ``"ASCII"`` leaves MSH-18 empty and transliterates
+    (``Müller`` -> ``Muller``; characters with no ASCII letter become ``?``).
     """
 
     kind: Literal["hl7"]
@@ -135,6 +138,7 @@ class Hl7Destination(_Strict):
     receiving_facility: str = Field(default="", max_length=227)
     processing_id: Literal["P", "T", "D"] = "P"
     message_profile: str = Field(default="", max_length=427)
+    charset: Literal["UNICODE UTF-8", "ASCII"] = "UNICODE UTF-8"
     timeout_s: float = Field(default=30.0, gt=0)
 
 

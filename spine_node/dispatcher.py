@@ -286,8 +286,9 @@ class Dispatcher:
             return
         try:
             # bytes, not read_text: universal newlines would turn the segment separators (CR)
-            # into line feeds
-            message = (self.outbox_dir / send.path).read_bytes().decode("ascii")
+            # into line feeds; UTF-8 reads both character sets (ASCII is a subset), and
+            # send_message checks the text against the message's MSH-18
+            message = (self.outbox_dir / send.path).read_bytes().decode("utf-8")
             ack = send_message(dest.host, dest.port, message, dest.timeout_s)
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             self._failed(send, f"HL7 message unreadable: {exc}")

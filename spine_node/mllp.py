@@ -6,7 +6,9 @@ bounded by the destination's ``timeout_s``. Only an ACK whose MSA-1 is ``AA`` (a
 accept; or ``CA``, commit accept, from an engine in enhanced mode that took the message
 over) and whose MSA-2 echoes our Message Control ID counts as delivered; ``AE`` / ``AR`` /
 ``CE`` / ``CR``, another control ID, an unreadable answer, a refused connection and a
-timeout are failures the dispatcher retries with backoff, then makes dead.
+timeout are failures the dispatcher retries with backoff, then makes dead. The bytes on the
+wire are in the message's own character set (MSH-18: UTF-8, or ASCII when empty); the answer
+is read as UTF-8, unreadable bytes replaced.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 import hl7  # type: ignore[import-untyped]
 from hl7.exceptions import HL7Exception  # type: ignore[import-untyped]
 from hl7.mllp import InvalidBlockError, open_hl7_connection  # type: ignore[import-untyped]
+
+from spine_node.oru import CODECS
 
 #: MSA-1 codes that count as delivered (HL7 table 0008).
 ACCEPTED = frozenset({"AA", "CA"})
@@ -67,6 +71,27 @@ def message_control_id(message: str) -> str:
         raise ValueError(f"not an HL7 message with an MSH segment: {exc}") from None
 
 
+def message_codec(message: str) -> str:
+    """The Python codec of an ER7 message's character set (MSH-18; empty: ASCII).
+
+    Raises
+    ------
+    ValueError
+        When MSH-18 names a character set the node does not send, or the message has
+        characters that set cannot hold.
+    """
+    msh = hl7.parse(message).segment("MSH")
+    charset = str(msh(18)) if len(msh) > 18 else ""
+    codec = CODECS.get(charset)
+    if codec is None:
+        raise ValueError(f"MSH-18 {charset!r} is not one of {sorted(CODECS)}")
+    try:
+        message.encode(codec)
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the message has characters outside MSH-18 {charset!r}: {exc}") from None
+    return codec
+
+
 def read_acknowledgment(answer: hl7.Message) -> Acknowledgment:
     """The MSA of a parsed answer.
 
@@ -94,7 +119,9 @@ def read_acknowledgment(answer: hl7.Message) -> Acknowledgment:
     )
 
 
-async def _exchange(host: str, port: int, message: str, timeout_s: float) -> hl7.Message:
+async def _exchange(
+    host: str, port: int, message: str, codec: str, timeout_s: float
+) -> hl7.Message:
     try:
         reader, writer = await asyncio.wait_for(
             open_hl7_connection(host, port, encoding="utf-8", encoding_errors="replace"),
@@ -105,6 +132,7 @@ async def _exchange(host: str, port: int, message: str, timeout_s: float) -> hl7
     except OSError as exc:
         raise Hl7DeliveryError(f"no MLLP connection to {host}:{port}: {exc}") from None
     try:
+        writer.encoding = codec  # the bytes in the message's own character set (MSH-18)
         writer.writemessage(message)
         await asyncio.wait_for(writer.drain(), timeout_s)
         return await asyncio.wait_for(reader.readmessage(), timeout_s)
@@ -146,12 +174,13 @@ def send_message(host: str, port: int, message: str, timeout_s: float) -> Acknow
     Hl7DeliveryError
         No connection, no (readable) ACK in time, a negative ACK or another control ID.
     ValueError
-        When ``message`` has no MSH segment.
+        When ``message`` has no MSH segment, or characters its MSH-18 cannot hold.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     expected = message_control_id(message)
-    answer = asyncio.run(_exchange(host, port, message, timeout_s))
+    codec = message_codec(message)
+    answer = asyncio.run(_exchange(host, port, message, codec, timeout_s))
     ack = read_acknowledgment(answer)
     if ack.code not in ACCEPTED:
         raise Hl7DeliveryError(f"ACK {ack.code or '(empty MSA-1)'}", ack.text)

@@ -6,17 +6,27 @@ images, and the destination's MSH values; stored in the outbox and sent as it is
 dispatcher (``mllp``), so a retry or ``replay`` sends the same bytes with the same Message
 Control ID. Every value taken from the source or the configuration is escaped with the
 python-hl7 library (``hl7.Message.escape``: field ``|``, component ``^``, repetition ``~``,
-escape ``\\`` and subcomponent ``&`` become ``\\F\\ \\S\\ \\R\\ \\E\\ \\T\\``; characters
-outside printable ASCII become ``\\Xhh\\``), so no text can break the message structure.
+escape ``\\`` and subcomponent ``&`` become ``\\F\\ \\S\\ \\R\\ \\E\\ \\T\\``, ASCII control
+characters ``\\Xhh\\``), so no text can break the message structure.
+
+The character set is the destination's (MSH-18, HL7 table 0211): ``UNICODE UTF-8`` (the
+default) keeps every other character as it is and the message goes out as UTF-8 bytes;
+``ASCII`` (MSH-18 empty, the HL7 default) transliterates Latin letters to their base letters
+(``Müller`` -> ``Muller``, ``ß`` -> ``ss``) and replaces any other non-ASCII character with
+``?``. HL7's ``\\Xhh\\`` names bytes of the message's own character set, and ASCII has no
+bytes for such characters, so they are never written as ``\\Xhh\\``.
 ``docs/conformance.md`` lists the segments and fields.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from enum import StrEnum
 
 import hl7  # type: ignore[import-untyped]
 from pydicom.dataset import Dataset
@@ -47,27 +57,95 @@ CONTROL_ID_LENGTH = 20
 _ENCODING = hl7.parse("MSH|^~\\&|")
 
 
-def escape(text: str) -> str:
-    """Escape ``text`` for one HL7 component (python-hl7 ``Message.escape``).
+class CharacterSet(StrEnum):
+    """The character set of a destination's messages (MSH-18, HL7 table 0211)."""
+
+    UTF8 = "UNICODE UTF-8"
+    ASCII = "ASCII"
+
+    @property
+    def msh18(self) -> str:
+        """MSH-18 as written: empty for ASCII (the HL7 default), else the table 0211 term."""
+        return "" if self is CharacterSet.ASCII else self.value
+
+    @property
+    def codec(self) -> str:
+        """The Python codec of the bytes on the wire."""
+        return "ascii" if self is CharacterSet.ASCII else "utf-8"
+
+
+#: Python codec per MSH-18 value as received (empty: ASCII, the HL7 default).
+CODECS = {"": "ascii", "ASCII": "ascii", "UNICODE UTF-8": "utf-8"}
+#: Letters that Unicode does not decompose into an ASCII base letter.
+_LATIN = str.maketrans({"ß": "ss", "ẞ": "SS", "Æ": "AE", "æ": "ae", "Œ": "OE", "œ": "oe",
+                        "Ø": "O", "ø": "o", "Đ": "D", "đ": "d", "Ł": "L", "ł": "l",
+                        "Þ": "TH", "þ": "th", "Ð": "D", "ð": "d", "ı": "i"})
+#: Runs of characters escaped here, not by the library: controls (but CR) and non-ASCII.
+_OWN = re.compile(r"[^\x20-\x7e\r]+")
+
+
+def to_ascii(text: str) -> str:
+    """``text`` in ASCII: Latin letters without their diacritics, anything else ``?``.
+
+    Compatibility decomposition (NFKD) drops diacritics (``é`` -> ``e``) and folds
+    compatibility forms (``ﬁ`` -> ``fi``); a few letters have their usual spelling (``ß`` ->
+    ``ss``, ``æ`` -> ``ae``, ``ø`` -> ``o``, ``ł`` -> ``l``). Every other non-ASCII character
+    (e.g. Hangul, kana, Han) becomes one ``?`` each.
+    """
+    folded = unicodedata.normalize("NFKD", text.translate(_LATIN))
+    kept = "".join(c for c in folded if not unicodedata.combining(c))
+    return "".join(c if c < "\x80" else "?" for c in unicodedata.normalize("NFC", kept))
+
+
+def escape(text: str, charset: CharacterSet = CharacterSet.UTF8) -> str:
+    """Escape ``text`` for one HL7 component in the message character set ``charset``.
+
+    The delimiters, the escape character and carriage returns are escaped with python-hl7
+    (``Message.escape``); control characters become ``\\Xhh..\\`` (hex of their bytes in
+    ``charset``, HL7 v2.5.1 section 2.7.5). In ``UNICODE UTF-8`` every other character stays
+    as it is; in ``ASCII`` the text is transliterated first (:func:`to_ascii`).
 
     Raises
     ------
     TypeError
         When ``text`` is not a string.
+    ValueError
+        When ``charset`` is not a CharacterSet value.
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    return str(_ENCODING.escape(text)) if text else ""
+    charset = CharacterSet(charset)
+    if charset is CharacterSet.ASCII:
+        text = to_ascii(text)
+    parts: list[str] = []
+    start = 0
+    for run in _OWN.finditer(text):
+        if run.start() > start:
+            parts.append(str(_ENCODING.escape(text[start : run.start()])))
+        parts.append("".join(_own(c, charset) for c in run.group()))
+        start = run.end()
+    if start < len(text):
+        parts.append(str(_ENCODING.escape(text[start:])))
+    return "".join(parts)
 
 
-def _components(*values: str) -> str:
+def _own(char: str, charset: CharacterSet) -> str:
+    """A character the library would write as ``\\X`` + its code point: itself (UTF-8), or
+    ``\\Xhh..\\`` with the hex of its bytes in ``charset`` when it is a control character."""
+    if unicodedata.category(char) in ("Cc", "Cs"):
+        data = char.encode(charset.codec, "surrogatepass")
+        return f"\\X{data.hex().upper()}\\"
+    return char
+
+
+def _components(charset: CharacterSet, *values: str) -> str:
     """One field from raw component values (each escaped), trailing empties dropped."""
-    return "^".join(escape(v) for v in values).rstrip("^")
+    return "^".join(escape(v, charset) for v in values).rstrip("^")
 
 
-def _coded(code: Code) -> str:
+def _coded(code: Code, charset: CharacterSet = CharacterSet.UTF8) -> str:
     """A CWE field: identifier ^ text ^ coding system."""
-    return _components(code.value, code.meaning, code.scheme_designator)
+    return _components(charset, code.value, code.meaning, code.scheme_designator)
 
 
 @dataclass(frozen=True)
@@ -82,6 +160,8 @@ class Hl7Header:
         MSH-11: ``P`` production, ``T`` training, ``D`` debugging.
     message_profile : str
         MSH-21 (empty: not sent).
+    charset : CharacterSet
+        The message character set (MSH-18) and encoding of the bytes on the wire.
     """
 
     sending_application: str
@@ -90,10 +170,17 @@ class Hl7Header:
     receiving_facility: str
     processing_id: str = "P"
     message_profile: str = ""
+    charset: CharacterSet = CharacterSet.UTF8
 
     def __post_init__(self) -> None:
         if self.processing_id not in ("P", "T", "D"):
             raise ValueError(f"processing_id must be P, T or D, got {self.processing_id!r}")
+        if not isinstance(self.charset, CharacterSet):
+            object.__setattr__(self, "charset", CharacterSet(self.charset))
+
+    def encode(self, message: str) -> bytes:
+        """The bytes of a message built for this destination (its character set)."""
+        return message.encode(self.charset.codec)
 
     @classmethod
     def of(cls, destination: Hl7Destination) -> Hl7Header:
@@ -105,6 +192,7 @@ class Hl7Header:
             destination.receiving_facility,
             destination.processing_id,
             destination.message_profile,
+            CharacterSet(destination.charset),
         )
 
 
@@ -166,12 +254,31 @@ def control_id(destination: str, document_uid: str) -> str:
     return digest[:CONTROL_ID_LENGTH].upper()
 
 
-def _xpn(dicom_name: str) -> str:
-    """HL7 XPN (family^given^middle^suffix^prefix) from a DICOM PN (prefix before suffix)."""
+def _xpn(dicom_name: str, charset: CharacterSet) -> str:
+    """HL7 XPN (family^given^middle^suffix^prefix) from a DICOM PN (prefix before suffix).
+
+    A name with ideographic or phonetic groups (DICOM PS3.5 6.2.1.2) becomes one repetition
+    per group, each with its name representation code (XPN-8, HL7 table 4000: ``A``
+    alphabetic, ``I`` ideographic, ``P`` phonetic); in ASCII only the alphabetic group is sent
+    (the others have no ASCII letters).
+    """
     if not dicom_name:
         return ""
     name = PersonName(dicom_name)
-    return _components(
+    groups = [("A", name.alphabetic)]
+    if charset is not CharacterSet.ASCII:
+        groups += [("I", name.ideographic), ("P", name.phonetic)]
+    groups = [(code, text) for code, text in groups if text]
+    if [code for code, _ in groups] in ([], ["A"]):
+        return _components(charset, *_person(name))
+    return "~".join(
+        _components(charset, *_person(PersonName(text)), "", "", code) for code, text in groups
+    )
+
+
+def _person(name: PersonName) -> tuple[str, str, str, str, str]:
+    """XPN-1 to XPN-5 (family, given, middle, suffix, prefix) of the first group of ``name``."""
+    return (
         name.family_name, name.given_name, name.middle_name, name.name_suffix, name.name_prefix
     )
 
@@ -240,11 +347,12 @@ def build_oru(
     if revision < 1:
         raise ValueError(f"revision must be >= 1, got {revision!r}")
     status = "F" if revision == 1 else "C"
+    cs = header.charset
     observations: list[Observation] = [
         (
             "CWE",
             codes.STUDY_PRIORITY,
-            _coded(codes.PRIORITY_CODES[priority.level]),
+            _coded(codes.PRIORITY_CODES[priority.level], cs),
             "",
             ABNORMAL_FLAGS[priority.level],
         )
@@ -255,16 +363,16 @@ def build_oru(
                 "NM",
                 codes.PROBABILITY,
                 f"{priority.max_score:.4f}",
-                _coded(codes.UNIT_PROBABILITY),
+                _coded(codes.UNIT_PROBABILITY, cs),
                 "",
             )
         )
     observations += [
-        ("TX", FINDINGS, escape(findings_text(results)), "", ""),
-        ("ST", ALGORITHM_NAME, escape(model.name), "", ""),
-        ("ST", ALGORITHM_VERSION, escape(model.version), "", ""),
-        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid), "", ""),
-        ("TX", codes.COMMENT, escape(comment_text(priority, model)), "", ""),
+        ("TX", FINDINGS, escape(findings_text(results), cs), "", ""),
+        ("ST", ALGORITHM_NAME, escape(model.name, cs), "", ""),
+        ("ST", ALGORITHM_VERSION, escape(model.version, cs), "", ""),
+        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid, cs), "", ""),
+        ("TX", codes.COMMENT, escape(comment_text(priority, model), cs), "", ""),
     ]
     return _message(header, identity, status, message_control_id, now, observations)
 
@@ -295,42 +403,46 @@ def _message(
 ) -> str:
     """MSH, PID, ORC, OBR and one OBX per observation, as ER7 text."""
     stamp = now.strftime("%Y%m%d%H%M%S%z")
+    cs = header.charset
     msh = [
         "MSH",
         "^~\\&",
-        escape(header.sending_application),
-        escape(header.sending_facility),
-        escape(header.receiving_application),
-        escape(header.receiving_facility),
+        escape(header.sending_application, cs),
+        escape(header.sending_facility, cs),
+        escape(header.receiving_application, cs),
+        escape(header.receiving_facility, cs),
         stamp,
         "",
         "^".join(MESSAGE_TYPE),
-        escape(message_control_id),
+        escape(message_control_id, cs),
         header.processing_id,
         VERSION,
-        *[""] * 8,  # MSH-13 .. MSH-20: original acknowledgment mode (MSH-15/16 empty)
-        escape(header.message_profile),
+        *[""] * 5,  # MSH-13 .. MSH-17: original acknowledgment mode (MSH-15/16 empty)
+        cs.msh18,  # MSH-18 character set
+        "",  # MSH-19 principal language
+        "",  # MSH-20 alternate character set handling scheme
+        escape(header.message_profile, cs),
     ]
     pid = [
         "PID",
         "1",
         "",
-        _components(identity.patient_id, "", "", identity.issuer_of_patient_id)
+        _components(cs, identity.patient_id, "", "", identity.issuer_of_patient_id)
         if identity.patient_id
         else "",
         "",
-        _xpn(identity.patient_name),
+        _xpn(identity.patient_name, cs),
         "",
-        escape(identity.birth_date),
-        escape(identity.sex),
+        escape(identity.birth_date, cs),
+        escape(identity.sex, cs),
     ]
-    filler = escape(identity.accession_number)
+    filler = escape(identity.accession_number, cs)
     orc = ["ORC", "RE", "", filler, "", "CM"]
-    obr = ["OBR", "1", "", filler, _coded(codes.TRIAGE_RESULT), "", "", stamp]
+    obr = ["OBR", "1", "", filler, _coded(codes.TRIAGE_RESULT, cs), "", "", stamp]
     obr += [""] * 10 + [filler]  # OBR-8 .. OBR-17 empty; OBR-18 (placer field 1)
     obr += ["", "", "", stamp, "", "RAD", status]  # OBR-19 .. OBR-25
     obx = [
-        ["OBX", str(i), vtype, _coded(code), "", value, units, "", flag, "", "", status, "", "",
+        ["OBX", str(i), vtype, _coded(code, cs), "", value, units, "", flag, "", "", status, "", "",
          stamp]
         for i, (vtype, code, value, units, flag) in enumerate(observations, start=1)
     ]
@@ -368,12 +480,13 @@ def build_ignored_oru(
         As for :func:`build_oru`.
     """
     _check_common(message_control_id, now)
+    cs = header.charset
     comment = f"AI triage: ignored (not analysed). {codes.NOT_FOR_DIAGNOSTIC_USE}."
     observations: list[Observation] = [
-        ("CWE", codes.STUDY_PRIORITY, _coded(codes.IGNORED), "", ""),
-        ("TX", FINDINGS, escape(f"ignored: {reason or 'not analysed'}"), "", ""),
-        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid), "", ""),
-        ("TX", codes.COMMENT, escape(comment), "", ""),
+        ("CWE", codes.STUDY_PRIORITY, _coded(codes.IGNORED, cs), "", ""),
+        ("TX", FINDINGS, escape(f"ignored: {reason or 'not analysed'}", cs), "", ""),
+        ("ST", STUDY_INSTANCE_UID, escape(identity.study_instance_uid, cs), "", ""),
+        ("TX", codes.COMMENT, escape(comment, cs), "", ""),
     ]
     return _message(header, identity, "F", message_control_id, now, observations)
 

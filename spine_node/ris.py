@@ -79,7 +79,7 @@ class IgnoredStudyReporter:
                 header, identity, reason, message_control_id=control_id(name, key), now=now
             )
             relative = relative_name(f"{name}\0{key}", ".hl7")
-            write_durable(self.outbox_dir, relative, message.encode("ascii"))
+            write_durable(self.outbox_dir, relative, header.encode(message))
             sends.append(SendSpec(name, DestinationKind.HL7, key, relative, study_instance_uid))
         self.store.add_sends(sends)
         logger.info(

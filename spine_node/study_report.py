@@ -227,7 +227,7 @@ class StudyReporter:
             digest = hashlib.sha256(snapshot.study_instance_uid.encode()).hexdigest()
             key = f"hl7:sha256:{digest}:{snapshot.revision}"
         relative = relative_name(f"{destination}\0{key}", ".hl7")
-        write_durable(self.outbox_dir, relative, message.encode("ascii"))
+        write_durable(self.outbox_dir, relative, header.encode(message))
         return key, relative
 
     def _webhook_body(self, snapshot: StudySnapshot, document_uid: str) -> tuple[str, str]:

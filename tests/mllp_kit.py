@@ -1,6 +1,7 @@
 """An MLLP listener playing the RIS: python-hl7's asyncio server (``hl7.mllp``) on loopback.
 
-Each message received is kept as text; the answer is the next scripted one: ``AA``, ``AE``,
+Each message received is kept as bytes and as text (decoded as UTF-8, which covers both
+character sets the node sends); the answer is the next scripted one: ``AA``, ``AE``,
 ``AR``, ``CA``, ``silence`` (no answer; the connection stays open until the sender gives up)
 ``wrong-id`` (AA for another control ID), ``garbage`` (an MLLP block that is not HL7) or
 ``unframed`` (bytes without the MLLP start block); ``CODE:text`` adds MSA-3 text. Once the
@@ -25,6 +26,7 @@ class MllpListener:
     def __init__(self, script: Sequence[str] = ()) -> None:
         self.script = list(script)
         self.received: list[str] = []
+        self.blocks: list[bytes] = []
         self.answers: list[str] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -58,14 +60,21 @@ class MllpListener:
         with self._lock:
             return list(self.received)
 
+    def raw(self) -> list[bytes]:
+        """The MLLP blocks received, as bytes (what a RIS decodes per MSH-18)."""
+        with self._lock:
+            return list(self.blocks)
+
     async def _on_client(self, reader: Any, writer: Any) -> None:
         try:
             while True:
                 try:
-                    message = await reader.readmessage()
+                    block = await reader.readblock()
                 except asyncio.IncompleteReadError:
                     return  # the sender closed the connection
+                message = hl7.parse(block, encoding="utf-8")  # MSH-18: UTF-8 or ASCII
                 with self._lock:
+                    self.blocks.append(block)
                     self.received.append(str(message))
                     answer = self.script.pop(0) if self.script else "AA"
                     self.answers.append(answer)

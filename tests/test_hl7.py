@@ -14,7 +14,16 @@ import pytest
 from pydicom import Dataset
 
 from spine_node.mllp import Hl7DeliveryError, send_message
-from spine_node.oru import Hl7Header, StudyIdentity, build_oru, control_id
+from spine_node.oru import (
+    _ENCODING,
+    CODECS,
+    CharacterSet,
+    Hl7Header,
+    StudyIdentity,
+    build_oru,
+    control_id,
+    escape,
+)
 from spine_node.results.priority import study_priority
 from spine_node.results.reference import reference_dataset
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
@@ -245,3 +254,84 @@ def test_ignored_study_message() -> None:
     assert _field(msg, "OBX", 5, 1, nth=1) == "SN-103" and _field(msg, "OBX", 8, nth=1) == ""
     assert _field(msg, "OBX", 5, nth=2) == "ignored: out of scope: modality CT | not CR/DX"
     assert _field(msg, "PID", 3) == "ID|^~&42" and _field(msg, "OBR", 25) == "F"
+
+
+# Names as the source DICOM holds them (F12: ISO 2022 Korean and Japanese; German in Latin-1).
+NAMES = {
+    "german": ("ISO_IR 100", "Müller-Groß^Jörg^Ätzel"),
+    "korean": (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+    "japanese": (["ISO 2022 IR 13", "ISO 2022 IR 87"], "ﾔﾏﾀﾞ^ﾀﾛｳ=山田^太郎=やまだ^たろう"),
+}
+
+
+@pytest.fixture(scope="module")
+def ris() -> Iterator[MllpListener]:
+    server = MllpListener().start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("charset", list(CharacterSet))
+@pytest.mark.parametrize("case", sorted(NAMES))
+def test_names_cross_in_the_destinations_character_set(
+    case: str, charset: CharacterSet, ris: MllpListener, tmp_path: Path
+) -> None:
+    """The name read from the source (ISO 2022 on disk) reaches the RIS in MSH-18's character
+    set: UTF-8 bytes with every group as a PID-5 repetition, or ASCII transliterated; parsed
+    back with python-hl7 from the bytes the MLLP listener received."""
+    from pydicom.valuerep import PersonName
+
+    from tests.results_kit import dx_source, write_and_read
+
+    dicom_charset, name = NAMES[case]
+    source = dx_source(charset=dicom_charset)
+    source.PatientName = name
+    source = write_and_read(source, tmp_path / "source.dcm")
+    if case != "german":
+        assert b"\x1b" in (tmp_path / "source.dcm").read_bytes()  # ISO 2022 escapes on disk
+    result = _positive()
+    header = Hl7Header("SPINENODE", "", "RIS", "", charset=charset)
+    text = build_oru(header, StudyIdentity.of("1.2.3", reference_dataset(source)),
+                     study_priority([(result.sop_instance_uid, result)]), [result],
+                     ModelInfo("m", "1"), revision=1, message_control_id="CS1", now=NOW)
+    send_message("127.0.0.1", ris.port, text, timeout_s=5)
+    raw = ris.raw()[-1]
+    msg = hl7.parse(raw, encoding=CODECS[charset.msh18])
+    assert _field(msg, "MSH", 18) == ("" if charset is CharacterSet.ASCII else "UNICODE UTF-8")
+    repetitions = str(msg.segment("PID")(5)).count("~") + 1
+    groups = PersonName(name).components
+    if charset is CharacterSet.UTF8:
+        assert raw.decode("utf-8") == text  # the wire holds the UTF-8 bytes of the message
+        assert repetitions == len(groups)
+        for rep, (group, code) in enumerate(zip(map(PersonName, groups), "AIP"[: len(groups)], strict=True), start=1):
+            assert str(msg.extract_field("PID", 1, 5, rep, 1)) == group.family_name
+            assert str(msg.extract_field("PID", 1, 5, rep, 2)) == group.given_name
+            if len(groups) > 1:
+                assert str(msg.extract_field("PID", 1, 5, rep, 8)) == code
+        assert PersonName(groups[0]).family_name.encode("utf-8") in raw
+    else:
+        assert max(raw) < 0x80  # nothing but ASCII on the wire
+        family, given = (str(msg.extract_field("PID", 1, 5, 1, c)) for c in (1, 2))
+        if case == "german":
+            assert (family, given, _field(msg, "PID", 5, 3)) == ("Muller-Gross", "Jorg", "Atzel")
+        elif case == "korean":
+            assert (family, given) == ("Hong", "Gildong")  # the alphabetic group only
+        else:  # half-width katakana has no ASCII letters
+            assert set(family) == {"?"} and set(given) == {"?"}
+        assert repetitions == 1  # one repetition: the ideographic and phonetic groups are not sent
+
+
+def test_escape_in_each_character_set() -> None:
+    ascii_ = CharacterSet.ASCII
+    assert escape("Łódź|Ærø^ß", ascii_) == "Lodz\\F\\AEro\\S\\ss"
+    assert escape("홍~길동", ascii_) == "?\\R\\??"
+    assert escape("홍~길동") == "홍\\R\\길동"
+    assert escape("a\nb\tc") == "a\\X0A\\b\\X09\\c"  # hex of the bytes, zero-padded
+    assert _ENCODING.unescape(escape("a\nb|c&d\\e")) == "a\nb|c&d\\e"
+    with pytest.raises(ValueError, match="ISO-8859"):
+        escape("x", "ISO-8859")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="text must be a str"):
+        escape(b"x")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="MSH-18"):  # an ASCII message must hold only ASCII
+        send_message("127.0.0.1", free_port(), "MSH|^~\\&|A||||||ORU^R01|X|P|2.5.1\rPID|1||é\r",
+                     timeout_s=1)
