@@ -117,6 +117,7 @@ def real_archs_bundle(work: Path) -> tuple[Path, str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from inference import build_real_bundle  # benchmarks/inference.py
 
+    from spine_node.models.runtime import Backend, installed_backends
     from training.phantom import write_phantom_dataset
     from training.precision import check_bundle_precision
 
@@ -125,7 +126,9 @@ def real_archs_bundle(work: Path) -> tuple[Path, str]:
     phantom = work / "phantom"
     write_phantom_dataset(phantom, n_images=16, seed=5, balanced=True, size=(768, 512),
                           test_fraction=0.5)  # fmt: skip
-    checks = check_bundle_precision(bundle, phantom)
+    # the node's auto path on the CPU (OpenVINO when installed); PyTorch's check is slow here
+    backend = Backend.OPENVINO if Backend.OPENVINO in installed_backends() else Backend.TORCH
+    checks = check_bundle_precision(bundle, phantom, backends=[backend])
     summary = "; ".join(("passed " if c.passed else "FAILED ") + c.summary() for c in checks)
     return bundle, f"real architectures, random weights, threshold 0; bf16 check: {summary}"
 

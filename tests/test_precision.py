@@ -236,3 +236,23 @@ def test_batched_images_score_as_single_images(
                 one.member_probs[name][0], abs=1e-4
             )
         np.testing.assert_allclose(together.embeddings[i], one.embeddings[0], atol=1e-3)
+
+
+def test_torch_backend_runs_bf16_autocast_and_refuses_fp16_on_the_cpu(tiny_bundle: Path) -> None:
+    import torch
+
+    from spine_node.models.backend_torch import TorchMembers
+    from spine_node.models.triage import load_member
+
+    manifest = load_manifest(tiny_bundle)
+    members = {m.name: load_member(m, tiny_bundle) for m in manifest.members}
+    batch = np.random.default_rng(3).random((4, 1, 64, 64), dtype=np.float32)
+    fp32 = TorchMembers(members, torch.device("cpu"), Precision.FP32).run(batch)
+    bf16 = TorchMembers(members, torch.device("cpu"), Precision.BF16).run(batch)
+    assert TorchMembers(members, torch.device("cpu")).channels_last  # the CPU's fast layout
+    for (l32, e32), (l16, e16) in zip(fp32, bf16, strict=True):
+        assert l16.dtype == np.float32 and e16.shape == e32.shape
+        assert not np.array_equal(l16, l32)  # bf16 arithmetic really ran
+        np.testing.assert_allclose(1 / (1 + np.exp(-l16)), 1 / (1 + np.exp(-l32)), atol=0.05)
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        TorchMembers(members, torch.device("cpu"), Precision.FP16)

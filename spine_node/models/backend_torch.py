@@ -2,7 +2,8 @@
 
 CPU: weights and inputs in channels_last memory format (oneDNN's fast convolution layout);
 ``bf16`` runs under ``torch.autocast("cpu", torch.bfloat16)``. CUDA: ``fp16`` or ``bf16`` under
-``torch.autocast("cuda")``. Outputs always come back as float32 NumPy arrays.
+``torch.autocast("cuda")``, channels_last with them (tensor-core convolutions are NHWC).
+Outputs always come back as float32 NumPy arrays.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ def _autocast(device: torch.device, precision: Precision) -> contextlib.Abstract
     if precision is Precision.FP16 and device.type != "cuda":
         raise ValueError(f"precision fp16 needs a CUDA device, got {device}")
     return torch.autocast(device_type=device.type, dtype=_AUTOCAST_DTYPE[precision])
+
+
+def _default_channels_last(
+    device: torch.device, precision: Precision, wanted: bool | None
+) -> bool:
+    if wanted is not None:
+        return wanted
+    return device.type == "cpu" or precision is not Precision.FP32
 
 
 def _prepare(module: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -65,7 +74,7 @@ class TorchMembers:
     precision : Precision
         fp32, bf16 (CPU or CUDA autocast) or fp16 (CUDA autocast).
     channels_last : bool, optional
-        channels_last memory format; default: on the CPU.
+        channels_last memory format; default: on the CPU, and on CUDA at fp16/bf16.
     """
 
     def __init__(
@@ -80,7 +89,7 @@ class TorchMembers:
         self.device = torch.device(device)
         self.precision = Precision(precision)
         _autocast(self.device, self.precision)  # fails early for fp16 on the CPU
-        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        self.channels_last = _default_channels_last(self.device, self.precision, channels_last)
         self.members = {
             name: _prepare(m, self.device, self.channels_last) for name, m in members.items()
         }
@@ -110,7 +119,7 @@ class TorchDetectorNet:
         self.device = torch.device(device)
         self.precision = Precision(precision)
         _autocast(self.device, self.precision)
-        self.channels_last = self.device.type == "cpu" if channels_last is None else channels_last
+        self.channels_last = _default_channels_last(self.device, self.precision, channels_last)
         self.head = _prepare(RawHead(model), self.device, self.channels_last)
 
     def raw(self, batch: np.ndarray) -> np.ndarray:
