@@ -14,7 +14,6 @@ Metric names follow the Prometheus naming conventions (``spine_node_`` prefix, b
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -442,26 +441,3 @@ METRIC_NAMES = (
     "spine_node_score_window_positive_ratio",
 )
 
-
-def load_bundle_info(setting: str | None) -> BundleInfo | None:
-    """The configured bundle's identity, threshold and drift reference (None: no usable bundle).
-
-    Every file's hash is verified (:func:`spine_node.node.check_bundle`); a missing or damaged
-    bundle gives None, so the metrics still serve the queue's figures.
-    """
-    from spine_node.models.bundle import manifest_from_json
-    from spine_node.node import NoBundle, check_bundle
-
-    try:
-        path, digest = check_bundle(setting)
-    except NoBundle:
-        return None
-    manifest = manifest_from_json(json.loads((path / "manifest.json").read_text(encoding="utf-8")))
-    return BundleInfo(
-        name=manifest.name,
-        version=manifest.version,
-        sha256=digest,
-        demo=manifest.demo,
-        threshold=manifest.threshold,
-        score_reference=manifest.score_reference,
-    )

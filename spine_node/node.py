@@ -12,12 +12,15 @@ import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spine_node.audit import AuditLog
 from spine_node.config import Settings
 from spine_node.spool import ensure_private_dir, remove_stale_parts
 from spine_node.store import DestinationKind, DestinationRef, JobStore, Monitor, WorkerIdentity
+
+if TYPE_CHECKING:
+    from spine_node.metrics import BundleInfo
 
 logger = logging.getLogger(__name__)
 
@@ -317,6 +320,30 @@ def bundle_summary(setting: str | None) -> dict[str, Any] | None:
     }
 
 
+def bundle_info(setting: str | None) -> BundleInfo | None:
+    """The configured bundle as the metrics and monitoring see it: identity, threshold and
+    drift reference (None when none is configured or it does not verify).
+
+    Every file's hash is verified (:func:`check_bundle`).
+    """
+    from spine_node.metrics import BundleInfo
+    from spine_node.models.bundle import load_manifest
+
+    try:
+        path, digest = check_bundle(setting)
+    except NoBundle:
+        return None
+    manifest = load_manifest(path)
+    return BundleInfo(
+        name=manifest.name,
+        version=manifest.version,
+        sha256=digest,
+        demo=manifest.demo,
+        threshold=manifest.threshold,
+        score_reference=manifest.score_reference,
+    )
+
+
 def check_web(settings: Settings) -> str | None:
     """Check the web role's settings before anything starts; return the access token.
 
@@ -343,7 +370,8 @@ def start_web_role(settings: Settings, store: JobStore, token: str | None) -> An
     from spine_node.web.server import WebStartupError
 
     guard = Guard(token=token, max_age_s=settings.web.session_max_age_s)
-    app = create_app(settings, store, guard=guard, bundle=bundle_summary(settings.bundle))
+    app = create_app(settings, store, guard=guard, bundle=bundle_summary(settings.bundle),
+                     bundle_info=bundle_info(settings.bundle))
     try:
         return start_web(settings, app)
     except WebStartupError as exc:

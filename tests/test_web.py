@@ -1,6 +1,7 @@
 """The web status page of a running node (in-process, demo bundle, DCMTK storescu and
 storescp): what it shows, its overlay thumbnails, feedback, replay, and its security rules
-(token, session, CSRF, loopback-only without a token, no file outside the data directory).
+(token, session, CSRF, loopback-only without a token, no file outside the data directory);
+its Prometheus metrics scraped after C-STORE, health and readiness, the monitoring page.
 
 One node for the module: every role plus the page, a PACS that receives the results and a
 second destination that is down (its sends die, so there are dead letters to replay).
@@ -329,7 +330,7 @@ def test_web_unit_serves_the_page_as_systemd_starts_it(web: Web, tmp_path: Path)
     import subprocess
     import sys
 
-    from tests.test_units_start import SYSTEMD, _base_env, unit_invocation
+    from tests.test_units_start import SYSTEMD, NotifySocket, _base_env, unit_invocation
 
     settings = web.settings.model_copy(
         update={"web": web.settings.web.model_copy(update={"port": free_port()})})
@@ -338,6 +339,8 @@ def test_web_unit_serves_the_page_as_systemd_starts_it(web: Web, tmp_path: Path)
                                config=config, state=settings.data_dir)
     assert cmd[-2:] == ["--role", "web"]
     log = tmp_path / "web.log"
+    notify = NotifySocket()  # what systemd passes to a Type=notify unit with WatchdogSec=
+    env |= {"NOTIFY_SOCKET": notify.name, "WATCHDOG_USEC": "2000000"}
     with open(log, "wb") as handle:
         proc = subprocess.Popen(cmd, env={**_base_env(), **env}, stdout=subprocess.DEVNULL,
                                 stderr=handle)
@@ -352,9 +355,128 @@ def test_web_unit_serves_the_page_as_systemd_starts_it(web: Web, tmp_path: Path)
 
         r = wait_for(page, timeout=60, interval=0.3)
         assert r.status_code == 200 and INDEX[0]["sop_instance_uid"] in r.text
+        # READY=1 once listening (STATUS names the web port), then watchdog pings
+        wait_for(lambda: notify.of(proc.pid, "WATCHDOG"), timeout=30, interval=0.2)
+        assert notify.of(proc.pid, "READY") == ["1"]
+        assert any(f"web on 127.0.0.1:{settings.web.port}" in line
+                   for line in notify.of(proc.pid, "STATUS"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
+        assert notify.of(proc.pid, "STOPPING") == ["1"]
     finally:
+        notify.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+
+
+def _families(text: str) -> dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    family = sample.removesuffix("_total").removesuffix("_count").removesuffix("_sum")
+    family = family.removesuffix("_bucket")
+    (value,) = [s.value for s in families[family].samples
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())]
+    return float(value)
+
+
+def test_metrics_scraped_after_c_store(web: Web) -> None:
+    from spine_node.metrics import METRIC_NAMES
+    from spine_node.models.bundle import load_manifest
+    from spine_node.node import demo_bundle_path
+
+    assert web.get("/metrics").status_code == 303  # a token is configured: scrapes need it
+    r = web.bearer("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = _families(r.text)  # prometheus_client's own parser
+    assert set(families) == {name.removesuffix("_total") for name in METRIC_NAMES}
+    n = len(INDEX)
+    assert _value(families, "spine_node_instances_received_total", category="image") == n
+    assert _value(families, "spine_node_instances_received_total", category="out_of_scope") == 1
+    outcomes = {s.labels["outcome"]: s.value for s in families["spine_node_job_outcomes"].samples}
+    assert outcomes["positive"] + outcomes["negative"] + outcomes["not_processed"] == n
+    assert _value(families, "spine_node_result_latency_seconds_count") == n
+    assert _value(families, "spine_node_result_latency_seconds_bucket", le="+Inf") == n
+    # each image's objects reached the PACS; the "down" destination failed (kept after replay)
+    delivered = _value(families, "spine_node_delivery_latency_seconds_count", destination="pacs")
+    assert delivered >= n
+    assert _value(families, "spine_node_send_failures_total", destination="down") >= 1
+    assert _value(families, "spine_node_send_failures_total", destination="pacs") == 0
+    scored = outcomes["positive"] + outcomes["negative"]
+    assert _value(families, "spine_node_inference_stage_seconds_count", stage="triage") >= scored
+    assert _value(families, "spine_node_inference_stage_seconds_count", stage="results") == n
+    assert _value(families, "spine_node_inference_stage_seconds_sum", stage="triage") > 0
+    assert _value(families, "spine_node_queue_depth") == 0
+    assert _value(families, "spine_node_workers_live") == 1
+    assert _value(families, "spine_node_decoder_crashes_total") == 0
+    manifest = load_manifest(demo_bundle_path())
+    assert _value(families, "spine_node_bundle_info", name=manifest.name,
+                  version=manifest.version, demo="true") == 1
+
+
+def test_health_and_readiness(web: Web) -> None:
+    r = web.get("/healthz")  # no token needed: no patient data
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    r = web.get("/readyz")
+    assert r.status_code == 200 and r.json()["ready"] is True
+    assert set(r.json()["checks"].values()) == {"ok"}
+    spool = web.settings.spool_dir
+    moved = spool.with_name("spool-moved")
+    spool.rename(moved)
+    try:
+        spool.write_text("not a directory")
+        r = web.get("/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False
+        checks = r.json()["checks"]
+        assert "spool directory" in checks["spool"] and checks["database"] == "ok"
+    finally:
+        spool.unlink()
+        moved.rename(spool)
+    assert web.get("/readyz").status_code == 200
+
+
+def test_monitoring_page_compares_scores_with_the_bundles_reference(web: Web,
+                                                                    tmp_path: Path) -> None:
+    import numpy as np
+
+    from spine_node.config import MonitoringSettings
+    from spine_node.drift import psi
+    from spine_node.monitoring import window_scores
+    from spine_node.node import bundle_info, demo_bundle_path
+    from training.export import add_score_reference
+
+    r = web.bearer("/monitoring")
+    assert r.status_code == 200 and 'href="/monitoring"' in r.text
+    assert 'id="positive-chart"' in r.text and 'id="not-processed-chart"' in r.text
+    # a copy of the demo bundle with a synthetic reference (uniform validation scores), served
+    # by a second app over the same database: the page and the metrics show the same PSI
+    bundle = Path(shutil.copytree(demo_bundle_path(), tmp_path / "bundle"))
+    reference = add_score_reference(bundle, (np.arange(200) + 0.5) / 200, "synthetic")
+    assert reference.score_reference is not None
+    settings = web.settings.model_copy(update={
+        "bundle": str(bundle),
+        "monitoring": MonitoringSettings(min_window_images=1, drift_threshold=0.25),
+        "web": web.settings.web.model_copy(update={"port": free_port()}),
+    })
+    server = start_web(settings, create_app(settings, web.node.store,
+                                            guard=Guard(token=TOKEN, max_age_s=600),
+                                            bundle_info=bundle_info(str(bundle))))
+    try:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        base = f"http://127.0.0.1:{server.port}"
+        scores = window_scores(web.node.store, 0.0)
+        expected = psi(reference.score_reference, scores)
+        html = httpx.get(base + "/monitoring", headers=headers, timeout=30).text
+        assert f"PSI {expected:.3f} over {len(scores)} images" in html
+        assert html.count("<svg") == 3 and "synthetic (200 images)" in html
+        assert ("Score drift:" in html) == (expected > 0.25)
+        families = _families(httpx.get(base + "/metrics", headers=headers, timeout=30).text)
+        assert _value(families, "spine_node_score_drift_psi") == pytest.approx(expected)
+        assert _value(families, "spine_node_score_window_images") == len(scores)
+        assert _value(families, "spine_node_score_drift_alert") == float(expected > 0.25)
+    finally:
+        server.stop()

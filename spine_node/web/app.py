@@ -23,11 +23,13 @@ from fastapi.templating import Jinja2Templates
 from spine_node.config import Settings
 from spine_node.feedback import FeedbackEntry, FeedbackSource, Verdict, parse_label
 from spine_node.labels import LESION_LABELS, display_label
+from spine_node.metrics import BundleInfo
 from spine_node.spool import relative_name
 from spine_node.store import FeedbackLog, JobStore, UnknownImage
 from spine_node.web import pages
 from spine_node.web.auth import CSRF_FIELD, SESSION_COOKIE, Guard
 from spine_node.web.files import OutsideDataDir, PngCache, inside, overlay_png, patient_name
+from spine_node.web.operations import add_operations_routes
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +117,7 @@ def create_app(
     *,
     guard: Guard | None = None,
     bundle: dict[str, Any] | None = None,
+    bundle_info: BundleInfo | None = None,
 ) -> FastAPI:
     """Build the web application over an open queue.
 
@@ -128,6 +131,9 @@ def create_app(
         Token, session and CSRF checks (default: no token, read-only pages).
     bundle : dict, optional
         The configured bundle's name, version, demo flag and SHA-256 (shown on the page).
+    bundle_info : BundleInfo, optional
+        The configured, verified bundle for the metrics, readiness and drift monitoring
+        (:func:`spine_node.node.bundle_info`; None: no bundle, ``/readyz`` says so).
 
     Returns
     -------
@@ -350,6 +356,9 @@ def create_app(
         logger.info("web: replay %s %d requeued %d", what, ident, n)
         return RedirectResponse("/", status_code=303)
 
+    # /metrics, /healthz, /readyz and the /monitoring page (spine_node/web/operations.py)
+    add_operations_routes(app, settings, store, bundle=bundle_info, viewer=viewer, render=render,
+                          nav=ctx.nav)
     return app
 
 
