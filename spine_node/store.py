@@ -45,6 +45,7 @@ from sqlalchemy import (
     Engine,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -334,6 +335,27 @@ def _add_missing_columns(engine: Engine) -> None:
         for table, column, sql_type in _ADDED_COLUMNS:
             if column not in {c["name"] for c in tables.get_columns(table)}:
                 conn.execute(text(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}"))
+
+
+#: Indexes added after their tables' first release, for ``status`` and the status page
+#: (counts by state per destination and by result status, recent studies by arrival):
+#: part of the tables' metadata (created with them) and created on open when missing.
+_ADDED_INDEXES = (
+    Index("ix_instances_received_at", Instance.received_at),
+    Index("ix_results_status", Result.status),
+    Index("ix_outbound_destination_state", Outbound.destination, Outbound.state),
+)
+
+
+#: :meth:`JobStore.recent_study_uids` reads the newest rows for pages up to this many studies
+#: deep, and groups every study in SQL beyond (both orders are the same).
+_STREAMED_STUDIES = 500
+
+
+def _add_missing_indexes(engine: Engine) -> None:
+    """Create :data:`_ADDED_INDEXES` in a database created before them."""
+    for index in _ADDED_INDEXES:
+        index.create(engine, checkfirst=True)
 
 
 @dataclass(frozen=True)
@@ -659,6 +681,7 @@ class JobStore:
         engine = make_engine(url, busy_timeout_s)
         retry_while_locked(lambda: Base.metadata.create_all(engine), None, "opening the queue")
         retry_while_locked(lambda: _add_missing_columns(engine), None, "opening the queue")
+        retry_while_locked(lambda: _add_missing_indexes(engine), None, "opening the queue")
         return cls(engine, clock)
 
     def close(self) -> None:
@@ -1619,15 +1642,27 @@ class JobStore:
         """
 
         def recent_study_uids(s: Session) -> list[str]:
-            last = func.max(Instance.received_at).label("last")
-            rows = s.execute(
-                select(Instance.study_instance_uid, last)
-                .group_by(Instance.study_instance_uid)
-                .order_by(last.desc(), Instance.study_instance_uid)
-                .limit(limit)
-                .offset(offset)
-            ).all()
-            return [str(uid) for uid, _ in rows]
+            if offset + limit > _STREAMED_STUDIES:  # a deep page: every study, grouped in SQL
+                last = func.max(Instance.received_at).label("last")
+                rows = s.execute(
+                    select(Instance.study_instance_uid, last)
+                    .group_by(Instance.study_instance_uid)
+                    .order_by(last.desc(), Instance.study_instance_uid)
+                    .limit(limit)
+                    .offset(offset)
+                ).all()
+                return [str(uid) for uid, _ in rows]
+            # the newest pages: newest object first (ix_instances_received_at); a study's
+            # first appearance is its last arrival, so only the newest rows are read
+            found: dict[str, None] = {}
+            query = select(Instance.study_instance_uid).order_by(
+                Instance.received_at.desc(), Instance.study_instance_uid
+            )
+            for uid in s.scalars(query.execution_options(yield_per=500)):
+                found.setdefault(uid)
+                if len(found) >= offset + limit:
+                    break
+            return list(found)[offset : offset + limit]
 
         return self._run(recent_study_uids)
 

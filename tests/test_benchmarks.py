@@ -166,3 +166,19 @@ def test_latency_benchmark_runs_the_node_against_storescp(tmp_path: Path) -> Non
         share = doc["outside_share_positive"]["median"]
         assert 0 < share < 1
         assert "outside the models, positive images" in out
+
+
+def test_web_benchmark_prints_each_page_against_the_goal(tmp_path: Path) -> None:
+    proc = run_script("web.py", "--studies", "30", "--requests", "3", "--workdir", str(tmp_path))
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr + out
+    assert "database: 30 studies, 62 objects, 60 results" in out
+    for page in ("/ (status)", "/studies (newest 50)", "/studies?page=1 (oldest)",
+                 "/studies/UID (one study)"):
+        line = next(line for line in out.splitlines() if line.startswith(page))
+        p50, p95, worst, ratio, cpu = (float(v.rstrip("x")) for v in line[len(page):].split())
+        assert 0 < p50 <= p95 <= worst and ratio == pytest.approx(p95 / 200.0, abs=0.01)
+        assert cpu >= 0
+    assert re.search(r"^goal: p95 <= 200 ms per page \((met|NOT met); worst p95/goal = "
+                     rf"{NUM}x, 3 requests per page\)$", out, re.MULTILINE), out
+    assert list(tmp_path.iterdir()) == []  # the work directory is cleaned up

@@ -480,3 +480,21 @@ def test_monitoring_page_compares_scores_with_the_bundles_reference(web: Web,
         assert _value(families, "spine_node_score_drift_alert") == float(expected > 0.25)
     finally:
         server.stop()
+
+
+def test_recent_studies_newest_first_whether_streamed_or_grouped(
+        web: Web, monkeypatch: pytest.MonkeyPatch) -> None:
+    import spine_node.store as store_module
+
+    store = web.node.store
+    streamed = store.recent_study_uids(10)
+    last_arrival = {}
+    for item in store.study_images(streamed):
+        uid = item["study_instance_uid"]
+        last_arrival[uid] = max(last_arrival.get(uid, 0.0), item["received_at"])
+    assert len(streamed) == store.count_studies() == len(INDEX) - 1 + 1  # 2 samples + CT
+    assert [last_arrival[u] for u in streamed] == sorted(last_arrival.values(), reverse=True)
+    assert store.recent_study_uids(1, offset=1) == streamed[1:2]
+    monkeypatch.setattr(store_module, "_STREAMED_STUDIES", 0)
+    assert store.recent_study_uids(10) == streamed
+    assert store.recent_study_uids(1, offset=1) == streamed[1:2]
