@@ -296,7 +296,9 @@ def cmd_worklist(args: argparse.Namespace) -> int:
     settings = _settings(args)
     store = open_store(settings)
     try:
-        rows = build_worklist(store.studies(settings.commitment_destinations))
+        rows = build_worklist(
+            store.studies(settings.commitment_destinations, ignored_studies=True)
+        )
     finally:
         store.close()
     if args.json:
@@ -315,9 +317,11 @@ def cmd_worklist(args: argparse.Namespace) -> int:
             f"{ignored:>7}  {arrived:<19}  {row['delivery']['ris'] or '-':<7}  "
             f"{row['delivery']['commitment'] or '-':<7}  "
             f"{row['study_instance_uid']}"
+            + (f"  ({row['reason']})" if row["reason"] else "")
         )
     if any(row["n_not_image"] or row["n_out_of_scope"] for row in rows):
-        print("ignored: objects that are not images, and images out of scope (not analysed)")
+        print("ignored: objects that are not images, and images out of scope (not analysed); "
+              "a study with priority 'ignored' has no analysed image, the reason in brackets")
     return 0
 
 

@@ -67,10 +67,23 @@ class Category(str, enum.Enum):
         """How ``status`` and the worklist name the category."""
         return _LABELS[self]
 
+    def why(self, reason: str | None) -> str:
+        """Why an object of this category is not analysed, in words: the category, then the
+        classification's reason (e.g. "not an image: Basic Text SR Storage")."""
+        words = _WHY[self]
+        return f"{words}: {reason}" if reason else words
+
 
 _LABELS = {
     Category.IMAGE: "image",
     Category.NOT_IMAGE: "ignored: not an image",
+    Category.OUT_OF_SCOPE: "out of scope",
+}
+
+
+_WHY = {
+    Category.IMAGE: "image",
+    Category.NOT_IMAGE: "not an image",
     Category.OUT_OF_SCOPE: "out of scope",
 }
 

@@ -1561,14 +1561,21 @@ class JobStore:
         return self._run(study_results)
 
     def studies(
-        self, commitment_destinations: Collection[str] = (), only: Sequence[str] | None = None
+        self,
+        commitment_destinations: Collection[str] = (),
+        only: Sequence[str] | None = None,
+        ignored_studies: bool = False,
     ) -> list[dict[str, Any]]:
         """Every study with results (or only those of the Study Instance UIDs ``only``): first
         arrival time, its results (for the worklist), how many of its objects were ignored
         (``ignored``: ``not_image``, ``out_of_scope``), its last queued study summary
         (``summary``: ``revision``, ``sop_instance_uid``; absent before the first) and where
         its deliveries stand (``delivery``: :meth:`Monitor.study_delivery`; ``commitment``
-        over ``commitment_destinations``)."""
+        over ``commitment_destinations``).
+
+        With ``ignored_studies``, also every study whose objects were all recorded without a
+        job (not images, or out of scope) and none of which has a job: ``results`` empty and
+        ``ignored_reasons``, the distinct ``(category, category_reason)`` of its objects."""
 
         def rows(s: Session) -> list[Any]:
             query = (
@@ -1607,6 +1614,8 @@ class JobStore:
                 },
             )
             entry["results"].append((sop_uid, json.loads(payload)))
+        if ignored_studies:
+            self._add_ignored_studies(studies, only)
         for study_uid, category, n in self._run(ignored):
             if study_uid in studies:
                 studies[study_uid]["ignored"][category] = n
@@ -1631,6 +1640,50 @@ class JobStore:
         for study_uid, entry in studies.items():
             entry["delivery"] = delivery[study_uid]
         return list(studies.values())
+
+    def _add_ignored_studies(
+        self, studies: dict[str, dict[str, Any]], only: Sequence[str] | None
+    ) -> None:
+        """Add to ``studies`` those no job exists for, whose objects were all recorded only."""
+
+        def ignored_only(s: Session) -> list[Any]:
+            with_job = (
+                select(Instance.study_instance_uid)
+                .join(Job, Job.instance_id == Instance.id)
+                .distinct()
+            )
+            query = (
+                select(
+                    Instance.study_instance_uid,
+                    Instance.category,
+                    Instance.category_reason,
+                    func.min(Instance.received_at),
+                )
+                .where(Instance.study_instance_uid.not_in(with_job))
+                .group_by(
+                    Instance.study_instance_uid, Instance.category, Instance.category_reason
+                )
+                .order_by(func.min(Instance.received_at))
+            )
+            if only is not None:
+                query = query.where(Instance.study_instance_uid.in_(list(only)))
+            return list(s.execute(query).all())
+
+        for study_uid, category, reason, received_at in self._run(ignored_only):
+            if study_uid in studies and studies[study_uid]["results"]:
+                continue  # results without a job cannot be, but never hide results
+            entry = studies.setdefault(
+                study_uid,
+                {
+                    "study_instance_uid": study_uid,
+                    "arrival": received_at,
+                    "results": [],
+                    "ignored": {"not_image": 0, "out_of_scope": 0},
+                    "ignored_reasons": [],
+                },
+            )
+            entry["arrival"] = min(entry["arrival"], received_at)
+            entry["ignored_reasons"].append((category, reason))
 
     def recent_study_uids(self, limit: int, offset: int = 0) -> list[str]:
         """Study Instance UIDs of the studies received last (newest last arrival first).

@@ -6,12 +6,22 @@ A row's ``priority`` is the study's verdict value (``positive``, ``not_processed
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from typing import Any
 
 from spine_node.results.priority import LEVELS, study_priority
 from spine_node.results.types import ResultRecord, Status
+from spine_node.sop_classes import Category
 from spine_node.store import DELIVERY_FIELDS
+
+
+class Outcome(str, enum.Enum):
+    """Whether the AI analysed a study (``outcome`` of a worklist row)."""
+
+    ANALYSED = "analysed"
+    IGNORED = "ignored"
+
 
 #: Reading order of priority values: positive studies first, then those the AI could not read
 #: (a radiologist must read them unassisted), then negative.
@@ -37,11 +47,18 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         study summary SR revision that states the same priority (None before the first),
         and ``delivery``: per delivery kind (``ris``: the HL7 ORU to the RIS; ``commitment``:
         Storage Commitment of the result objects at the PACS) ``"done"``, ``"pending"``,
-        ``"dead"`` or None (nothing of that kind configured or queued).
-        Ignored objects never change the priority.
+        ``"dead"`` or None (nothing of that kind configured or queued), and ``outcome``:
+        ``"analysed"`` (``reason`` None) or, for a study none of whose objects is analysed
+        (from ``JobStore.studies(ignored_studies=True)``: no results, no job),
+        ``"ignored"`` with ``priority`` ``"ignored"``, no score, no images and ``reason``:
+        why, e.g. "not an image: Basic Text SR Storage" (distinct reasons joined by "; ").
+        Ignored objects never change the priority; ignored studies come last.
     """
     rows = []
     for study in studies:
+        if not study["results"]:
+            rows.append(_ignored_row(study))
+            continue
         records = [ResultRecord.from_json(p) for _, p in study["results"]]
         results = [(r.sop_instance_uid, r.result) for r in records]
         priority = study_priority(results)
@@ -60,6 +77,8 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "summary_revision": study.get("summary", {}).get("revision"),
                 "summary_sop_instance_uid": study.get("summary", {}).get("sop_instance_uid"),
                 "delivery": {k: study.get("delivery", {}).get(k) for k in DELIVERY_FIELDS},
+                "outcome": Outcome.ANALYSED.value,
+                "reason": None,
             }
         )
     rows.sort(
@@ -72,3 +91,24 @@ def build_worklist(studies: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for rank, row in enumerate(rows, start=1):
         row["rank"] = rank
     return rows
+
+
+def _ignored_row(study: dict[str, Any]) -> dict[str, Any]:
+    """The row of a study none of whose objects is analysed (same keys as any row)."""
+    reasons = sorted({Category(c).why(r) for c, r in study.get("ignored_reasons", [])})
+    return {
+        "study_instance_uid": study["study_instance_uid"],
+        "priority": Outcome.IGNORED.value,
+        "max_score": None,
+        "n_images": 0,
+        "n_positive": 0,
+        "n_not_processed": 0,
+        "n_not_image": study.get("ignored", {}).get("not_image", 0),
+        "n_out_of_scope": study.get("ignored", {}).get("out_of_scope", 0),
+        "arrival": study["arrival"],
+        "summary_revision": None,
+        "summary_sop_instance_uid": None,
+        "delivery": {k: study.get("delivery", {}).get(k) for k in DELIVERY_FIELDS},
+        "outcome": Outcome.IGNORED.value,
+        "reason": "; ".join(reasons) or "not analysed",
+    }

@@ -231,3 +231,59 @@ def test_ris_told_once_when_the_ai_ignores_a_study(node: Node, tmp_path: Path) -
     queued = sum(node.status()["outbound"]["ris"].values())
     assert storescu(node.settings.port, paths[1:]).returncode == 0  # queued, if at all, in the
     assert sum(node.status()["outbound"]["ris"].values()) == queued  # C-STORE: nothing more
+
+
+def test_worklist_lists_the_studies_the_ai_ignores(node: Node, tmp_path: Path) -> None:
+    """A CT image and a text SR, each of a new study, are listed "ignored" with the reason;
+    an SR of a study that also has an image (a job) is not, and that study is "analysed"."""
+    from pydicom import Dataset
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian
+
+    from tests.nodekit import CTImageStorage, make_image
+
+    def sr(study: str, path: Path) -> Path:
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = BasicTextSRStorage
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+        ds.Modality, ds.PatientID = "SR", PATIENT_ID
+        ds.save_as(path, enforce_file_format=True)
+        return path
+
+    ct_study, sr_study, mixed = generate_uid(), generate_uid(), generate_uid()
+    make_image(tmp_path / "ct.dcm", study_uid=ct_study, sop_class=CTImageStorage, modality="CT")
+    image = dcmread(SAMPLES / "study-normal-1.dcm")
+    image.StudyInstanceUID, image.SeriesInstanceUID = mixed, generate_uid()
+    image.SOPInstanceUID = image.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    image.save_as(tmp_path / "image.dcm", enforce_file_format=True)
+    files = [tmp_path / "ct.dcm", sr(sr_study, tmp_path / "sr.dcm"), tmp_path / "image.dcm",
+             sr(mixed, tmp_path / "mixed-sr.dcm")]
+    assert storescu(node.settings.port, files).returncode == 0
+
+    def rows() -> dict[str, dict[str, Any]]:
+        listed = json.loads(node.cli("worklist", "--json").stdout)
+        return {r["study_instance_uid"]: r for r in listed}
+
+    now = rows()
+    assert mixed not in now or now[mixed]["outcome"] == "analysed"  # it has a job: not ignored
+    ct, text = now[ct_study], now[sr_study]
+    assert (ct["outcome"], ct["priority"], ct["max_score"], ct["n_images"]) == (
+        "ignored", "ignored", None, 0)
+    assert ct["reason"].startswith("out of scope: modality CT is outside the intended use")
+    assert (ct["n_out_of_scope"], ct["n_not_image"]) == (1, 0)
+    assert (text["outcome"], text["reason"]) == ("ignored", "not an image: Basic Text SR Storage")
+    assert (text["n_not_image"], text["n_out_of_scope"]) == (1, 0)
+    wait_for(lambda: rows()[ct_study]["delivery"]["ris"] == "done", timeout=60)  # "ignored" ORU
+
+    final = wait_for(lambda: (r := rows()).get(mixed) and r, timeout=300)
+    assert (final[mixed]["outcome"], final[mixed]["reason"]) == ("analysed", None)
+    assert final[mixed]["n_not_image"] == 1 and final[mixed]["n_images"] == 1
+    ranked = sorted(final.values(), key=lambda r: r["rank"])
+    outcomes = [r["outcome"] for r in ranked]
+    assert outcomes == sorted(outcomes)  # every analysed study before every ignored one
+    out = node.cli("worklist").stdout
+    line = next(x for x in out.splitlines() if sr_study in x)
+    assert " ignored " in line and line.endswith("(not an image: Basic Text SR Storage)")

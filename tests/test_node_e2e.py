@@ -112,8 +112,10 @@ def test_node_end_to_end_with_status_worklist_and_replay(tmp_path: Path, tiny_bu
         out = subprocess.run([*CLI, "worklist", "--config", str(config), "--json"],
                              capture_output=True, text=True, timeout=60, check=True)
         rows = json.loads(out.stdout)
-        assert [r["rank"] for r in rows] == [1]
-        assert {r["study_instance_uid"] for r in rows} >= {study}
+        assert [r["rank"] for r in rows] == [1, 2]  # the study, then the misrouted CT's
+        assert [r["study_instance_uid"] for r in rows] == [study, str(dcmread(ct).StudyInstanceUID)]
+        assert [r["outcome"] for r in rows] == ["analysed", "ignored"]
+        assert rows[1]["reason"].startswith("out of scope: modality CT")
         assert next(r for r in rows if r["study_instance_uid"] == study)["n_images"] == 3
         table = subprocess.run([*CLI, "status", "--config", str(config)], capture_output=True,
                                text=True, timeout=60, check=True).stdout
