@@ -204,6 +204,10 @@ class WebSettings(_Strict):
     a token, every page needs it (a login form sets a session cookie; API clients send
     ``Authorization: Bearer TOKEN``) and feedback and replay are enabled; without one, pages
     are read-only and only a loopback ``bind_address`` is allowed (docs/security.md).
+
+    ``certificate`` and ``private_key`` serve the page over HTTPS; with
+    ``require_client_certificate`` only clients presenting a certificate signed by ``ca_file``
+    connect at all (which also allows a non-loopback address without a token, read-only).
     """
 
     enabled: bool = True
@@ -213,6 +217,19 @@ class WebSettings(_Strict):
     session_max_age_s: float = Field(default=43200.0, gt=0)
     show_patient_names: bool = False
     recent_studies: int = Field(default=50, ge=1, le=1000)
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_file: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _https_needs_both_files(self) -> WebSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("web.certificate and web.private_key go together (HTTPS)")
+        if self.require_client_certificate and (self.ca_file is None or self.certificate is None):
+            raise ValueError("web.require_client_certificate needs HTTPS (web.certificate, "
+                             "web.private_key) and web.ca_file")
+        return self
 
 
 class Settings(_Strict):

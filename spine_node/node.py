@@ -350,16 +350,18 @@ def check_web(settings: Settings) -> str | None:
     Raises
     ------
     StartupError
-        When ``web.bind_address`` is not loopback and no ``web.token_file`` is configured, or
-        the token file cannot be read or holds too short a token.
+        When ``web.bind_address`` is not loopback and no ``web.token_file`` (nor a required
+        client certificate) is configured, the token file cannot be read or holds too short
+        a token, or an HTTPS file cannot be read or used.
     """
     from spine_node.web.auth import TokenFileError, check_exposure, read_token
-    from spine_node.web.server import is_loopback
+    from spine_node.web.server import WebStartupError, check_https, is_loopback
 
     try:
         check_exposure(settings.web, is_loopback(settings.web.bind_address))
+        check_https(settings.web)
         return None if settings.web.token_file is None else read_token(settings.web.token_file)
-    except (TokenFileError, ValueError) as exc:
+    except (TokenFileError, WebStartupError, ValueError) as exc:
         raise StartupError(str(exc)) from None
 
 

@@ -498,3 +498,52 @@ def test_recent_studies_newest_first_whether_streamed_or_grouped(
     monkeypatch.setattr(store_module, "_STREAMED_STUDIES", 0)
     assert store.recent_study_uids(10) == streamed
     assert store.recent_study_uids(1, offset=1) == streamed[1:2]
+
+
+def test_https_with_a_required_client_certificate(web: Web, tmp_path: Path) -> None:
+    import ssl
+
+    from spine_node.node import check_web
+    from tests.test_tls import _ca, _leaf
+
+    ca = _ca(tmp_path, "ca")
+    server_cert = _leaf(tmp_path, "server", ca,
+                        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    client = _leaf(tmp_path, "client", ca, "extendedKeyUsage=clientAuth\n")
+    rogue = _leaf(tmp_path, "rogue", _ca(tmp_path, "rogue-ca"), "extendedKeyUsage=clientAuth\n")
+    https = web.settings.web.model_copy(update={
+        "port": free_port(), "token_file": None, "certificate": server_cert[0],
+        "private_key": server_cert[1], "ca_file": ca[0], "require_client_certificate": True})
+    settings = web.settings.model_copy(update={"web": https})
+    # a required client certificate is authentication: another address may be bound
+    exposed = settings.model_copy(update={"web": https.model_copy(
+        update={"bind_address": "0.0.0.0"})})
+    assert check_web(exposed) is None
+    broken = settings.model_copy(update={"web": https.model_copy(
+        update={"certificate": tmp_path / "missing.crt"})})
+    with pytest.raises(StartupError, match=r"web.certificate .*missing.crt.* cannot be read"):
+        check_web(broken)
+    running = start_web(settings, create_app(settings, web.node.store))
+    url = f"https://127.0.0.1:{running.port}/studies"
+
+    def context(cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(ca[0]))
+        if cert is not None:
+            ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+        return ctx
+
+    try:
+        r = httpx.get(url, verify=context(client), timeout=30)
+        assert r.status_code == 200 and INDEX[0]["sop_instance_uid"] in r.text
+        for refused in (None, rogue):
+            with pytest.raises(httpx.TransportError):
+                httpx.get(url, verify=context(refused), timeout=30)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url.replace("https:", "http:"), timeout=30)
+        # no token: read-only, even for a client with a certificate
+        r = httpx.post(url.replace("/studies", "/feedback"), verify=context(client), timeout=30,
+                       data={"sop_instance_uid": INDEX[0]["sop_instance_uid"],
+                             "verdict": "agree"})
+        assert r.status_code == 403 and "web.token_file" in r.text
+    finally:
+        running.stop()

@@ -6,7 +6,8 @@ Rules (docs/security.md, threat T7):
   takes the token and sets a signed session cookie (``HttpOnly``, ``SameSite=Strict``);
   API clients send ``Authorization: Bearer TOKEN``.
 - Without a token the pages are read-only: every state-changing request (feedback, replay)
-  is refused, and :func:`check_exposure` refuses a non-loopback ``bind_address``.
+  is refused, and :func:`check_exposure` refuses a non-loopback ``bind_address`` unless
+  HTTPS requires a client certificate (``web.require_client_certificate``).
 - A state-changing request made with the session cookie must carry the CSRF token of that
   session (a hidden form field, synchronizer pattern), and its ``Origin``, when sent, must be
   this server. A bearer-token request needs no CSRF token: browsers never add that header.
@@ -68,13 +69,14 @@ def check_exposure(web: WebSettings, loopback: bool) -> None:
     Raises
     ------
     ValueError
-        When the address is not loopback and no ``token_file`` is configured.
+        When the address is not loopback and neither ``token_file`` nor a required client
+        certificate is configured.
     """
-    if not loopback and web.token_file is None:
+    if not loopback and web.token_file is None and not web.require_client_certificate:
         raise ValueError(
             f"web.bind_address = {web.bind_address!r} is reachable from other hosts but no "
-            "authentication is configured: set web.token_file (docs/security.md) or bind to "
-            "127.0.0.1"
+            "authentication is configured: set web.token_file (or HTTPS with "
+            "web.require_client_certificate; docs/security.md) or bind to 127.0.0.1"
         )
 
 

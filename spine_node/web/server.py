@@ -5,11 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import ssl
 import threading
 from dataclasses import dataclass
 from typing import Any
 
-from spine_node.config import Settings
+from spine_node.config import Settings, WebSettings
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,57 @@ def _bind(address: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def https_options(web: WebSettings) -> dict[str, Any]:
+    """uvicorn's TLS options for ``[web]`` (empty: plain HTTP).
+
+    TLS with the receiver's BCP 195 cipher suites (forward-secret AEAD only, so TLS 1.2 or
+    newer); with ``require_client_certificate`` a client certificate signed by ``ca_file`` is
+    required for every connection.
+    """
+    if web.certificate is None:
+        return {}
+    from spine_node.tls import BCP195_CIPHERS
+
+    return {
+        "ssl_certfile": str(web.certificate),
+        "ssl_keyfile": str(web.private_key),
+        "ssl_version": ssl.PROTOCOL_TLS_SERVER,
+        "ssl_ciphers": BCP195_CIPHERS,
+        "ssl_ca_certs": None if web.ca_file is None else str(web.ca_file),
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if web.require_client_certificate else ssl.CERT_NONE,
+    }
+
+
+def check_https(web: WebSettings) -> None:
+    """Build the HTTPS context once, so that a bad file stops the start.
+
+    Raises
+    ------
+    WebStartupError
+        Naming the setting and file that cannot be read or used.
+    """
+    for key in ("certificate", "private_key", "ca_file"):
+        path = getattr(web, key)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            raise WebStartupError(
+                f"web.{key} {str(path)!r} cannot be read: {exc.strerror or exc}"
+            ) from None
+    if web.certificate is None:
+        return
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(web.certificate), str(web.private_key))
+        if web.ca_file is not None:
+            context.load_verify_locations(str(web.ca_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise WebStartupError(f"web HTTPS files cannot be used: {exc}") from None
 
 
 @dataclass
@@ -105,11 +157,13 @@ def start_web(settings: Settings, app: Any) -> WebServer:
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
+        **https_options(web),
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(
         target=server.run, kwargs={"sockets": [sock]}, name="web", daemon=True
     )
     thread.start()
-    logger.info("web status page on http://%s:%d/", web.bind_address, sock.getsockname()[1])
+    scheme = "https" if web.certificate is not None else "http"
+    logger.info("web status page on %s://%s:%d/", scheme, web.bind_address, sock.getsockname()[1])
     return WebServer(server=server, thread=thread, sock=sock)
