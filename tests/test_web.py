@@ -213,6 +213,9 @@ def test_feedback_from_the_page_needs_session_and_csrf(web: Web) -> None:
             "disagree", "abnormal", "Osteophytes", "RB", "web")
         assert entry.model_status in ("positive", "negative", "not_processed")
         assert "Osteophytes" in client.get(f"/studies/{study}").text
+        listed = client.get("/studies").text
+        row = re.search(rf'data-sop="{re.escape(sop)}">(.*?)</tr>', listed, re.S)
+        assert row and 'data-outcome="disagree"' in row.group(1) and "abnormal" in row.group(1)
         bad = client.post("/feedback", data={**form, "lesion": "Fracture", CSRF_FIELD: csrf})
         assert bad.status_code == 422 and "lesion must be one of" in bad.text
         r = client.post("/feedback", data={**form, "sop_instance_uid": "1.2.3", CSRF_FIELD: csrf})

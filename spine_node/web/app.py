@@ -218,8 +218,10 @@ def create_app(
         pages_total = max(1, math.ceil(total / per_page))
         page = min(max(page, 1), pages_total)
         recent = pages.recent_studies(store, per_page, (page - 1) * per_page)
+        shown = [im.sop_instance_uid for study in recent for im in study["images"]]
         return render(request, "studies.html", who, studies=recent, page=page,
-                      pages_total=pages_total, total=total, names=names_of(recent))
+                      pages_total=pages_total, total=total, names=names_of(recent),
+                      feedback=FeedbackLog(store).latest(shown))
 
     @app.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_uid: str) -> HTMLResponse:
