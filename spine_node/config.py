@@ -266,6 +266,7 @@ class Settings(_Strict):
     job_max_attempts: int = Field(default=3, ge=1, le=100)
     job_retry_delay_s: float = Field(default=10.0, ge=0)
     heartbeat_s: float = Field(default=10.0, gt=0)
+    heartbeat_retention_h: float = Field(default=24.0, gt=0)
 
     send_max_attempts: int = Field(default=10, ge=1, le=1000)
     send_backoff_base_s: float = Field(default=10.0, gt=0)

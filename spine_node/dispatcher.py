@@ -30,6 +30,7 @@ import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -675,6 +676,23 @@ def outbox_retention_sweep(
     return removed
 
 
+def heartbeat_retention_sweep(store: JobStore, retention_s: float) -> int:
+    """Forget the heartbeat rows of workers not seen for ``retention_s`` seconds.
+
+    A worker that stops cleanly removes its own row; a crashed or killed one leaves a row that
+    ``status`` shows as "NOT SEEN" until this sweep forgets it. Returns how many were removed.
+    """
+    owners = Monitor(store).prune_workers(retention_s)
+    if owners:
+        logger.info(
+            "retention forgot %d worker heartbeats not seen for %g h: %s",
+            len(owners),
+            retention_s / 3600,
+            ", ".join(owners),
+        )
+    return len(owners)
+
+
 def start_scheduler(
     settings: Settings, store: JobStore, dispatcher: Dispatcher | None
 ) -> BackgroundScheduler:
@@ -703,10 +721,12 @@ def start_scheduler(
         )
         + outbox_retention_sweep(
             store, settings.outbox_dir, settings.outbox_retention_h * 3600, time.time()
-        ),
+        )
+        + heartbeat_retention_sweep(store, settings.heartbeat_retention_h * 3600),
         "interval",
         seconds=300,
         id="retention",
+        next_run_time=datetime.now(UTC),  # at start too: a node back after a long stop
         **common,
     )
     scheduler.start()

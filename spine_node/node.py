@@ -421,7 +421,6 @@ class Heartbeat:
 
     def run(self) -> None:
         """Beat until stopped, then remove the row."""
-        self.monitor.prune_workers(older_than_s=7 * 24 * 3600.0)
         while True:
             try:
                 self.monitor.beat(self.identity, self.started_at)

@@ -2019,13 +2019,23 @@ class Monitor:
         """Workers seen within the last ``max_age_s`` seconds."""
         return [w for w in self.workers() if w["last_seen_age_s"] <= max_age_s]
 
-    def prune_workers(self, older_than_s: float) -> int:
-        """Forget heartbeats not seen for ``older_than_s`` seconds; return how many."""
+    def prune_workers(self, older_than_s: float) -> list[str]:
+        """Forget heartbeats not seen for ``older_than_s`` seconds; return their owners.
+
+        Raises
+        ------
+        ValueError
+            When ``older_than_s`` is not positive.
+        """
+        if not older_than_s > 0:
+            raise ValueError(f"older_than_s must be positive, got {older_than_s!r}")
         cutoff = self.store.clock() - older_than_s
 
-        def prune_workers(s: Session) -> int:
-            result = s.execute(delete(WorkerBeat).where(WorkerBeat.last_seen_at < cutoff))
-            return int(result.rowcount)  # type: ignore[attr-defined]
+        def prune_workers(s: Session) -> list[str]:
+            stale = WorkerBeat.last_seen_at < cutoff
+            owners = list(s.scalars(select(WorkerBeat.owner).where(stale).order_by(WorkerBeat.owner)))
+            s.execute(delete(WorkerBeat).where(stale))
+            return owners
 
         return self.store._run(prune_workers)
 

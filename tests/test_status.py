@@ -4,10 +4,13 @@ with their bundle, and documented non-zero exit codes when something needs atten
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from spine_node.cli import STATUS_DEAD, STATUS_NO_WORKER, STATUS_OK, STATUS_STALE_QUEUE
 from spine_node.node import open_store
@@ -117,3 +120,39 @@ def test_dead_items_exit_non_zero_and_replay_checks_ids(tmp_path: Path) -> None:
     assert out.returncode == 1 and f"job {job_id} is queued" in out.stderr
     code, _report = _status(config)
     assert code == STATUS_NO_WORKER  # requeued, and nobody to process it
+
+
+def test_workers_not_seen_for_the_retention_are_forgotten(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The retention job (run at start, then every 5 minutes) forgets a worker not seen for
+    ``heartbeat_retention_h``; one not seen for less stays listed as NOT SEEN."""
+    from spine_node.dispatcher import start_scheduler
+    from spine_node.node import prepare_data_dir
+    from tests.nodekit import wait_for
+
+    settings = node_settings(tmp_path, heartbeat_retention_h=1.0)
+    config = write_config(tmp_path / "node.toml", settings)
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    monitor = Monitor(store)
+    crashed = WorkerIdentity("old-box:7", "old-box", 7, "spine-dernet", "2.0.0", "cd" * 32)
+    monitor.beat(crashed, started_at=time.time())
+    monitor.beat(WORKER, started_at=time.time())
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE worker_heartbeats SET last_seen_at = last_seen_at - "
+                             "CASE owner WHEN 'old-box:7' THEN 3601 ELSE 3500 END")
+    assert "old-box:7" in _table(config)[1]
+    with pytest.raises(ValueError, match="older_than_s"):
+        monitor.prune_workers(0)
+    caplog.set_level(logging.INFO, logger="spine_node.dispatcher")
+    scheduler = start_scheduler(settings, store, None)
+    try:
+        wait_for(lambda: [w["owner"] for w in monitor.workers()] == [WORKER.owner], timeout=60)
+    finally:
+        scheduler.shutdown(wait=True)
+        store.close()
+    assert "retention forgot 1 worker heartbeats not seen for 1 h: old-box:7" in caplog.text
+    table = _table(config)[1]
+    assert "old-box" not in table
+    assert any("gpu-box:4242" in line and "NOT SEEN" in line for line in table.splitlines())
