@@ -238,12 +238,14 @@ def create_app(
     @app.get("/overlay/{sop_uid}.png")
     def overlay(request: Request, sop_uid: str) -> Response:
         viewer(request)
-        cached = ctx.thumbnails.get(sop_uid)
+        objects = store.result_objects(sop_uid)
+        key = "|".join(objects)  # a new analysis (reprocess) has new objects: a new thumbnail
+        cached = ctx.thumbnails.get(key) if objects else None
         if cached is None:
-            cached = _overlay_for(ctx, sop_uid)
+            cached = _overlay_for(ctx, objects)
             if cached is None:
                 raise HTTPException(404, "no overlay for this image")
-            ctx.thumbnails.put(sop_uid, cached)
+            ctx.thumbnails.put(key, cached)
         return Response(cached, media_type="image/png",
                         headers={"Cache-Control": "private, max-age=3600"})
 
@@ -372,11 +374,12 @@ def _local(target: str) -> str:
     return target
 
 
-def _overlay_for(ctx: WebContext, sop_uid: str) -> bytes | None:
+def _overlay_for(ctx: WebContext, objects: list[str]) -> bytes | None:
     """The overlay thumbnail of an image: the first Secondary Capture among its result
-    objects, read from the outbox (None when there is none or it is no longer kept)."""
+    ``objects`` (SOP Instance UIDs), read from the outbox (None when there is none or it is no
+    longer kept)."""
     settings = ctx.settings
-    for uid in ctx.store.result_objects(sop_uid):
+    for uid in objects:
         try:
             path = inside(settings.outbox_dir, relative_name(uid), settings.data_dir)
         except OutsideDataDir as exc:

@@ -113,7 +113,7 @@ def patient_name(path: Path) -> str | None:
 
 
 class PngCache:
-    """A small least-recently-used cache of thumbnails, keyed by SOP Instance UID.
+    """A small least-recently-used cache of thumbnails, keyed by the result objects' UIDs.
 
     Parameters
     ----------
