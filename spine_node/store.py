@@ -314,6 +314,10 @@ class StudyState(Base):
     #: counted up with every recorded result (never reset): a report clears the mark only
     #: when no result was recorded since it read the study
     report_due_seq: Mapped[int] = mapped_column(Integer, default=0)
+    #: owed reports of the study that failed in a row (reset when one is made, or a result is
+    #: recorded): the next is tried no earlier than ``report_retry_at``
+    report_failures: Mapped[int] = mapped_column(Integer, default=0)
+    report_retry_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 #: Columns added to existing tables after their first release: (table, column, SQL type).
@@ -325,6 +329,8 @@ _ADDED_COLUMNS = (
     ("outbound", "failures", "INTEGER NOT NULL DEFAULT 0"),
     ("outbound", "commitment_uid", "VARCHAR(64)"),
     ("outbound", "commit_attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("study_states", "report_failures", "INTEGER NOT NULL DEFAULT 0"),
+    ("study_states", "report_retry_at", "FLOAT"),
 )
 
 
@@ -396,12 +402,14 @@ class OwedStudy:
     ``spool_paths`` are its analysed images still in the spool (relative names); ``images``
     its analysed images as stored, whose payloads name the result objects made for them
     (``objects``, in the outbox unless expired): either gives the patient and study
-    attributes for the document.
+    attributes for the document. ``failures``: the owed reports of the study that failed
+    in a row before this one (0: the first attempt).
     """
 
     study_instance_uid: str
     spool_paths: tuple[str, ...]
     images: tuple[StudyImage, ...]
+    failures: int = 0
 
 
 @dataclass(frozen=True)
@@ -1425,7 +1433,7 @@ class JobStore:
             elif images and state.queued_revision < state.revision:
                 changed = True  # opened earlier, never queued (e.g. a crash in between)
             if not changed:
-                state.report_due_at = None  # every recorded result is in the summary queued
+                _report_made(state)  # every recorded result is in the summary queued
             return StudySnapshot(
                 study_instance_uid,
                 state.revision,
@@ -1479,13 +1487,14 @@ class JobStore:
                 state.document_series_uid = document_series_uid
                 state.updated_at = now
             if report_due_seq is not None and state.report_due_seq == report_due_seq:
-                state.report_due_at = None
+                _report_made(state)
             return queued
 
         return self._run(queue_study_document)
 
     def owed_studies(self, older_than: float, limit: int) -> list[OwedStudy]:
-        """Studies whose summary report is owed since before ``older_than``, oldest first.
+        """Studies whose summary report is owed since before ``older_than`` and whose retry
+        time (after failed reports, :meth:`study_report_failed`) has come, oldest first.
 
         Parameters
         ----------
@@ -1496,16 +1505,21 @@ class JobStore:
             At most this many studies.
         """
 
+        now = self.clock()
+
         def owed_studies(s: Session) -> list[OwedStudy]:
-            uids = s.scalars(
-                select(StudyState.study_instance_uid)
+            due = s.execute(
+                select(StudyState.study_instance_uid, StudyState.report_failures)
                 .where(StudyState.report_due_at.is_not(None))
                 .where(StudyState.report_due_at < older_than)
+                .where(
+                    StudyState.report_retry_at.is_(None) | (StudyState.report_retry_at <= now)
+                )
                 .order_by(StudyState.report_due_at)
                 .limit(limit)
             ).all()
             owed = []
-            for uid in uids:
+            for uid, failures in due:
                 rows = s.execute(
                     select(
                         Instance.sop_instance_uid,
@@ -1529,10 +1543,48 @@ class JobStore:
                     )
                     for row in rows
                 )
-                owed.append(OwedStudy(uid, spool, images))
+                owed.append(OwedStudy(uid, spool, images, int(failures or 0)))
             return owed
 
         return self._run(owed_studies)
+
+    def study_report_failed(
+        self, study_instance_uid: str, backoff: Backoff, rng: random.Random
+    ) -> tuple[int, float]:
+        """Count a failed owed report of a study and set when the next may be tried (stored,
+        so the backoff holds across worker restarts and for every worker).
+
+        Parameters
+        ----------
+        study_instance_uid : str
+            The study.
+        backoff : Backoff
+            Delay before retry number n (n = failures in a row so far).
+        rng : random.Random
+            For the backoff's jitter.
+
+        Raises
+        ------
+        ValueError
+            When the study has no state row (no result was ever recorded for it).
+
+        Returns
+        -------
+        (int, float)
+            Failures in a row (this one included) and the delay in seconds until the next.
+        """
+        now = self.clock()
+
+        def study_report_failed(s: Session) -> tuple[int, float]:
+            state = s.get(StudyState, study_instance_uid)
+            if state is None:
+                raise ValueError(f"no study state for {study_instance_uid!r}")
+            state.report_failures = int(state.report_failures or 0) + 1
+            delay = backoff.delay(state.report_failures, rng)
+            state.report_retry_at = now + delay
+            return state.report_failures, delay
+
+        return self._run(study_report_failed)
 
     def clear_study_report(self, study_instance_uid: str) -> None:
         """Give up an owed study report (the caller logs why): it is no longer owed."""
@@ -1541,7 +1593,7 @@ class JobStore:
             s.execute(
                 update(StudyState)
                 .where(StudyState.study_instance_uid == study_instance_uid)
-                .values(report_due_at=None)
+                .values(report_due_at=None, report_failures=0, report_retry_at=None)
             )
 
         self._run(clear_study_report)
@@ -1848,9 +1900,18 @@ def _mark_report_due(s: Session, study_instance_uid: str, now: float) -> None:
             set_={
                 "report_due_at": now,
                 "report_due_seq": StudyState.report_due_seq + 1,
+                "report_failures": 0,  # a new result: owed reports start afresh
+                "report_retry_at": None,
             },
         )
     )
+
+
+def _report_made(state: StudyState) -> None:
+    """The study's summary states every recorded result: no report owed, no failures."""
+    state.report_due_at = None
+    state.report_failures = 0
+    state.report_retry_at = None
 
 
 def _died_error(previous: str | None) -> str:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import random
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from spine_node.lease import LeaseRenewer
 from spine_node.results.types import CascadeResult, ModelInfo, ResultRecord, Status
 from spine_node.spool import relative_name, write_durable
 from spine_node.store import (
+    Backoff,
     ClaimedJob,
     DestinationKind,
     DestinationRef,
@@ -54,6 +56,9 @@ logger = logging.getLogger(__name__)
 REPORT_OWED_AFTER_S = 5.0
 #: At most this many owed study reports are made per idle poll.
 REPORT_OWED_PER_POLL = 8
+#: After an owed study report fails, the next is tried no earlier than this backoff: 30 s,
+#: doubling per failure in a row, at most 1 hour (stored in ``study_states.report_retry_at``).
+REPORT_RETRY_BACKOFF = Backoff(base_s=30.0, cap_s=3600.0, jitter=0.1)
 
 
 class CascadeLike(Protocol):
@@ -130,6 +135,7 @@ class Worker:
         self.spool_dir = spool_dir
         self.outbox_dir = outbox_dir
         self.settings = settings
+        self._rng = random.Random()  # jitter of the owed study reports' backoff
 
     def run(self, stop: threading.Event) -> None:
         """Process jobs until ``stop`` is set; the batch in hand is always finished."""
@@ -174,7 +180,9 @@ class Worker:
         At most :data:`REPORT_OWED_PER_POLL` studies. The patient and study attributes come
         from an image of the study still in the spool, else from a result object made for
         one (outbox); a study with neither is given up with a warning (its mark cleared), so
-        that no report is tried forever. A report that raises stays owed.
+        that no report is tried forever. A report that raises stays owed and is tried again
+        after :data:`REPORT_RETRY_BACKOFF` (stored with the study, so every worker and a
+        restarted one keep it); each attempt is logged with its number.
 
         Returns
         -------
@@ -196,11 +204,25 @@ class Worker:
                 )
                 self.store.clear_study_report(study.study_instance_uid)
                 continue
+            attempt = study.failures + 1
             try:
                 self.report_study(study.study_instance_uid, source)
-                done += 1
-            except Exception:
-                logger.exception("the owed study summary could not be updated", extra=study_log)
+            except Exception as exc:
+                failures, delay = self.store.study_report_failed(
+                    study.study_instance_uid, REPORT_RETRY_BACKOFF, self._rng
+                )
+                logger.warning(
+                    "owed study summary attempt %d failed (%s: %s); next attempt in %.0f s",
+                    failures,  # as stored: another worker's failures count too
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=True,
+                    extra=study_log,
+                )
+                continue
+            done += 1
+            logger.info("owed study summary attempt %d made", attempt, extra=study_log)
         return done
 
     def _study_source(self, study: OwedStudy) -> Dataset | None:

@@ -298,6 +298,75 @@ def test_an_owed_study_summary_is_made_by_an_idle_worker(tmp_path: Path, failure
         node.store.close()
 
 
+def test_a_failing_owed_summary_backs_off_durably_and_logs_each_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reporter cannot write its outbox (a file stands where the directory should be):
+    each owed attempt fails, is logged with its number, and pushes the next one out
+    (30 s, then 60 s: stored, so another store on the database sees it); once the outbox is
+    back the next due attempt makes the summary and the failures are forgotten."""
+    from spine_node.study_report import StudyReporter
+    from spine_node.worker import REPORT_RETRY_BACKOFF
+
+    node = Study(tmp_path, {})
+    reporter = getattr(node.worker.report_study, "__self__", None)
+    assert isinstance(reporter, StudyReporter)
+    outbox = reporter.outbox_dir
+    blocked = tmp_path / "blocked"
+    blocked.write_bytes(b"not a directory")
+    caplog.set_level("INFO", logger="spine_node.worker")
+
+    def attempts() -> list[str]:
+        return [r.getMessage().split(" (")[0].split(";")[0] for r in caplog.records
+                if r.getMessage().startswith("owed study summary attempt")]
+
+    def stored() -> tuple[int, float | None]:
+        with node.store.engine.begin() as conn:
+            row = conn.exec_driver_sql(
+                "SELECT report_failures, report_retry_at FROM study_states").one()
+        return int(row[0]), row[1]
+
+    try:
+        only = node.receive("only", 3)
+        node.cascade.script[str(only.SOPInstanceUID)] = NEGATIVE
+        reporter.outbox_dir = blocked
+        assert node.worker.run_once() == 1  # the image's own report fails too: still owed
+        assert [o.failures for o in node.store.owed_studies(float("inf"), 10)] == [0]
+
+        _later(node, 60.0)
+        assert node.worker.run_once() == 0
+        assert attempts() == ["owed study summary attempt 1 failed"]
+        failures, retry_at = stored()
+        assert failures == 1 and retry_at is not None
+        base = REPORT_RETRY_BACKOFF.base_s
+        assert base * 0.9 <= retry_at - node.store.clock() <= base * 1.1
+        for _ in range(3):  # idle polls before the retry time: no attempt
+            assert node.worker.run_once() == 0
+        assert len(attempts()) == 1
+
+        _later(node, base * 1.2)
+        assert node.worker.run_once() == 0
+        assert attempts()[1] == "owed study summary attempt 2 failed"
+        failures, retry_at = stored()
+        assert failures == 2 and retry_at is not None
+        assert 2 * base * 0.9 <= retry_at - node.store.clock() <= 2 * base * 1.1
+        other = open_store(node.settings)  # the real clock: the retry is not due for it either
+        try:
+            assert other.owed_studies(float("inf"), 10) == []
+        finally:
+            other.close()
+
+        reporter.outbox_dir = outbox
+        _later(node, 2 * base * 1.2)
+        assert node.worker.run_once() == 0
+        assert attempts()[2:] == ["owed study summary attempt 3 made"]
+        assert _study_documents(node) == [1]
+        assert node.store.owed_studies(float("inf"), 10) == []
+        assert stored() == (0, None)
+    finally:
+        node.store.close()
+
+
 def test_nothing_is_reported_twice_when_no_report_is_owed(tmp_path: Path) -> None:
     node = Study(tmp_path, {})
     report = node.worker.report_study
