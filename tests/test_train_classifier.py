@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,22 @@ from training.train_classifier import (
 )
 
 pytestmark = pytest.mark.slow  # minutes: `pytest -m "not slow"` is the inner loop
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _sigchld_as_before() -> Iterator[None]:
+    """Put back the SIGCHLD handler that torch's DataLoader replaces with its first worker.
+
+    torch installs a process-wide Python SIGCHLD handler (to notice dead loader workers) and
+    never removes it. Left in the one long pytest process, it runs on every later child's
+    exit; after the model tests here, a later test's subprocess exit then killed pytest with a
+    kernel SIGSEGV while the handler was being entered. Loader workers started later in this
+    process simply go without it.
+    """
+    before = signal.getsignal(signal.SIGCHLD)
+    yield
+    if before is not None:
+        signal.signal(signal.SIGCHLD, before)
 
 TINY = {"growth_rate": 8, "block_config": [1, 1, 1, 1]}
 

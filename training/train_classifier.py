@@ -26,14 +26,17 @@ validation predictions -- the only input the ensemble fit may use.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
 import math
 import random
+import signal
+import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterator, Mapping, Sequence, Sized
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -548,7 +551,53 @@ def train_fold(
     FileNotFoundError
         When no pretrained weights are found and ``from_scratch`` is false.
     """
-    out_dir = Path(out_dir)
+    with _sigchld_kept():
+        return _train_fold(
+            config,
+            train_set,
+            val_set,
+            Path(out_dir),
+            fold=fold,
+            device=device,
+            pretrained_file=pretrained_file,
+            from_scratch=from_scratch,
+            resume=resume,
+            on_epoch=on_epoch,
+        )
+
+
+@contextlib.contextmanager
+def _sigchld_kept() -> Iterator[None]:
+    """Leave the process's SIGCHLD handler as it was found.
+
+    torch's DataLoader installs a process-wide Python SIGCHLD handler with its first worker
+    and never removes it; a long-lived process that goes on to start other children (the
+    detector's loaders, evaluation, a test suite) then runs it on every child's exit, which
+    killed a test process here. Loaders still notice dead workers without it (torch also polls
+    their liveness).
+    """
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGCHLD) if main else None
+    try:
+        yield
+    finally:
+        if before is not None:  # None: not set from Python, nothing to put back
+            signal.signal(signal.SIGCHLD, before)
+
+
+def _train_fold(
+    config: ClassifierConfig,
+    train_set: Dataset[Any],
+    val_set: Dataset[Any],
+    out_dir: Path,
+    *,
+    fold: int,
+    device: str,
+    pretrained_file: Path | None,
+    from_scratch: bool,
+    resume: bool,
+    on_epoch: Callable[[int, float], None] | None,
+) -> FoldResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
