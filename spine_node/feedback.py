@@ -3,6 +3,11 @@
 Recorded from the web page or ``spine-node feedback record``, kept in the queue database
 (table ``feedback``, :class:`spine_node.store.FeedbackLog`) and exported as CSV
 (:data:`CSV_COLUMNS`) that ``training/feedback.py`` reads back for retraining.
+
+Text cells of the export cannot run as spreadsheet formulas (OWASP "CSV Injection"): a cell
+that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is written with a
+single quote in front (:func:`csv_cell`), and :func:`csv_value` takes it off again when the
+file is read back, so the values round-trip.
 """
 
 from __future__ import annotations
@@ -196,8 +201,49 @@ def parse_label(text: str | None) -> CorrectedLabel | None:
         raise ValueError(f"corrected label must be normal or abnormal, got {text!r}") from None
 
 
+#: First characters that make a spreadsheet (Excel, LibreOffice Calc, Google Sheets) read a
+#: cell as a formula (OWASP "CSV Injection"; https://owasp.org/www-community/attacks/CSV_Injection).
+FORMULA_STARTS: tuple[str, ...] = ("=", "+", "-", "@", "\t", "\r")
+
+#: The prefix that makes a spreadsheet show a cell as text.
+TEXT_PREFIX = "'"
+
+
+def csv_cell(value: str) -> str:
+    """``value`` as a CSV cell that a spreadsheet shows as text, never runs as a formula.
+
+    A value starting with one of :data:`FORMULA_STARTS` gets :data:`TEXT_PREFIX` in front; so
+    does a value that already starts with the prefix, which keeps :func:`csv_value` exact.
+
+    Raises
+    ------
+    TypeError
+        When ``value`` is not a str.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"value must be a str, got {type(value).__name__}")
+    if value.startswith((*FORMULA_STARTS, TEXT_PREFIX)):
+        return TEXT_PREFIX + value
+    return value
+
+
+def csv_value(cell: str) -> str:
+    """The value :func:`csv_cell` wrote as ``cell`` (the inverse of :func:`csv_cell`).
+
+    Raises
+    ------
+    TypeError
+        When ``cell`` is not a str.
+    """
+    if not isinstance(cell, str):
+        raise TypeError(f"cell must be a str, got {type(cell).__name__}")
+    return cell[len(TEXT_PREFIX):] if cell.startswith(TEXT_PREFIX) else cell
+
+
 def write_csv(entries: Iterable[FeedbackEntry], path: Path) -> int:
     """Write entries as CSV (:data:`CSV_COLUMNS`, header first, UTF-8); return the row count.
+
+    Text cells go through :func:`csv_cell` (no spreadsheet formulas); numbers as written.
 
     Raises
     ------
@@ -210,6 +256,12 @@ def write_csv(entries: Iterable[FeedbackEntry], path: Path) -> int:
         writer.writeheader()
         for entry in entries:
             row = entry.to_json()
-            writer.writerow({k: "" if row[k] is None else row[k] for k in CSV_COLUMNS})
+            writer.writerow({k: _cell(row[k]) for k in CSV_COLUMNS})
             n += 1
     return n
+
+
+def _cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return csv_cell(value) if isinstance(value, str) else value

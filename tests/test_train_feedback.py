@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 
 from spine_node.feedback import (
+    FORMULA_STARTS,
     CorrectedLabel,
     FeedbackEntry,
     FeedbackSource,
     Verdict,
+    csv_cell,
+    csv_value,
     write_csv,
 )
 from training.feedback import (
@@ -50,6 +54,41 @@ def test_csv_round_trip_and_reference_labels(tmp_path: Path) -> None:
     records = image_records(labels.values(), {"1.3": image})
     assert [(r.image_id, r.label, r.path, r.split) for r in records] == [
         ("1.3", 1, image, "feedback")]
+
+
+#: Text a reader could type that a spreadsheet would run as a formula (OWASP CSV Injection).
+FORMULA_TEXTS = (
+    "=cmd|' /C calc'!A0",
+    "+SUM(1,2)",
+    "-2+3",
+    "@SUM(A1)",
+    "\t=1+1",
+    "\r=1+1",
+    "'=already quoted",  # starts with the quote itself: must still come back exactly
+    "''",
+    "plain, with \"quotes\" and a = inside",
+)
+
+
+def test_export_has_no_formula_cells_and_reads_back_the_original_values(
+        tmp_path: Path) -> None:
+    entries = [
+        _entry(n, f"1.{n}", Verdict.AGREE, "positive", reader=text, comment=text)
+        for n, text in enumerate(FORMULA_TEXTS, start=1)
+    ]
+    csv_path = tmp_path / "feedback.csv"
+    assert write_csv(entries, csv_path) == len(FORMULA_TEXTS)
+    with open(csv_path, encoding="utf-8", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cells = [cell for row in rows for cell in row.values()]
+    assert cells and not [c for c in cells if c.startswith(FORMULA_STARTS)]
+    assert [r["comment"] for r in rows][:3] == ["'=cmd|' /C calc'!A0", "'+SUM(1,2)", "'-2+3"]
+    assert rows[-1]["comment"] == FORMULA_TEXTS[-1]  # harmless text is left as it is
+    assert read_feedback_csv(csv_path) == entries  # the training pipeline sees the originals
+    for text in FORMULA_TEXTS:
+        assert csv_value(csv_cell(text)) == text
+    with pytest.raises(TypeError, match="str"):
+        csv_cell(1.5)  # type: ignore[arg-type]
 
 
 def test_a_file_that_is_not_an_export_is_named(tmp_path: Path) -> None:

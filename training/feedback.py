@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from spine_node.feedback import CSV_COLUMNS, CorrectedLabel, FeedbackEntry, Verdict
+from spine_node.feedback import CSV_COLUMNS, CorrectedLabel, FeedbackEntry, Verdict, csv_value
 from training.vindr import ImageRecord
 
 
@@ -26,7 +26,8 @@ class FeedbackCSVError(ValueError):
 
 
 def read_feedback_csv(path: str | os.PathLike[str]) -> list[FeedbackEntry]:
-    """Every feedback row of an export, in file order.
+    """Every feedback row of an export, in file order, with the values as recorded (the
+    quote :func:`spine_node.feedback.csv_cell` puts before formula-like text is taken off).
 
     Raises
     ------
@@ -43,7 +44,9 @@ def read_feedback_csv(path: str | os.PathLike[str]) -> list[FeedbackEntry]:
         out = []
         for number, row in enumerate(reader, start=2):
             try:
-                out.append(FeedbackEntry.from_json(row))
+                # cells written with a quote in front (no spreadsheet formulas) lose it here
+                values = {k: csv_value(v) if isinstance(v, str) else v for k, v in row.items()}
+                out.append(FeedbackEntry.from_json(values))
             except (TypeError, ValueError) as exc:
                 raise FeedbackCSVError(f"{path} row {number}: {exc}") from None
     return out
