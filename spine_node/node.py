@@ -485,9 +485,11 @@ def schedule_drift_check(scheduler: Any, settings: Settings, store: JobStore, ca
     """Check score drift every ``monitoring.check_interval_s`` in a worker process.
 
     The reference is the worker's bundle's (``manifest.score_reference``; a bundle without
-    one gives "no reference"). Several workers may check: the alarm state in the database
-    makes the WARNING appear once per crossing.
+    one gives "no reference"). The first check runs at start. Several workers may check: the
+    alarm state in the database makes the WARNING appear once per crossing.
     """
+    from datetime import UTC, datetime
+
     from spine_node.monitoring import drift_check_job
 
     manifest = getattr(cascade, "manifest", None)
@@ -499,6 +501,7 @@ def schedule_drift_check(scheduler: Any, settings: Settings, store: JobStore, ca
         seconds=settings.monitoring.check_interval_s,
         args=[store, reference, settings.monitoring, threshold],
         id="drift",
+        next_run_time=datetime.now(UTC),
         max_instances=1,
         coalesce=True,
         misfire_grace_time=None,

@@ -89,8 +89,9 @@ class Notifier:
         Returns
         -------
         bool
-            True when sent; False without a socket or when sending failed (logged: a node
-            must not stop because its service manager went away).
+            True when sent; False without a socket, when the manager's queue is full (the
+            send never blocks) or when sending failed (logged: a node must not stop because
+            its service manager went away).
         """
         if self.socket_name is None:
             return False
@@ -105,8 +106,14 @@ class Notifier:
             address = "\0" + address[1:]  # Linux abstract namespace
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+                # never block: a manager that does not read (its queue of datagrams full) must
+                # not stop the main loop, which also handles SIGTERM
+                sock.setblocking(False)
                 sock.connect(address)
-                sock.sendall("\n".join(lines).encode("utf-8"))
+                sock.send("\n".join(lines).encode("utf-8"))
+        except BlockingIOError:
+            logger.debug("the service manager's notification queue is full; %s dropped", lines)
+            return False
         except OSError as exc:
             logger.warning("notification to the service manager failed: %s", exc)
             return False

@@ -27,6 +27,9 @@ def test_notifications_reach_the_socket(tmp_path: Path) -> None:
         assert notifier.stopping() and server.recv(4096) == b"STOPPING=1"
         with pytest.raises(ValueError, match="one line"):
             notifier.status("two\nlines")
+        # a manager that stops reading fills the kernel's queue: sends are dropped, never block
+        sent = [notifier.watchdog() for _ in range(200)]
+        assert sent[0] and not all(sent)
     # the watchdog is another process's (WATCHDOG_PID): no pings from this one
     other = Notifier.from_environment({**env, "WATCHDOG_PID": str(os.getpid() + 1)})
     assert other.watchdog_interval_s is None and not other.watchdog()

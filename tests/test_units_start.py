@@ -18,6 +18,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,33 +89,45 @@ def test_units_name_the_config_file_through_the_documented_variable() -> None:
 
 class NotifySocket:
     """The service manager's end of sd_notify: an AF_UNIX datagram socket with an abstract
-    name, receiving each sender's pid with its message (SO_PASSCRED), as systemd does."""
+    name, read all the time by a thread (as systemd reads it: the kernel queues only a few
+    datagrams), each sender's pid received with its message (SO_PASSCRED)."""
 
     def __init__(self) -> None:
         self.name = f"@spine-node-test-{os.getpid()}-{time.monotonic_ns()}"
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         self.sock.bind("\0" + self.name[1:])
-        self.sock.setblocking(False)
+        self.sock.settimeout(0.2)
         self.messages: list[tuple[int, dict[str, str]]] = []
+        self.lock = threading.Lock()
+        self.closed = threading.Event()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
-    def drain(self) -> list[tuple[int, dict[str, str]]]:
-        """Every (pid, {KEY: VALUE}) received so far."""
+    def _read(self) -> None:
         creds = struct.calcsize("3i")
-        while True:
+        while not self.closed.is_set():
             try:
                 data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(creds))
-            except BlockingIOError:
-                return self.messages
+            except (TimeoutError, OSError):
+                continue
             pid = next(struct.unpack("3i", d[:creds])[0] for level, kind, d in ancillary
                        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS)
             fields = dict(line.split("=", 1) for line in data.decode().splitlines())
-            self.messages.append((pid, fields))
+            with self.lock:
+                self.messages.append((pid, fields))
+
+    def drain(self) -> list[tuple[int, dict[str, str]]]:
+        """Every (pid, {KEY: VALUE}) received so far."""
+        with self.lock:
+            return list(self.messages)
 
     def of(self, pid: int, key: str) -> list[str]:
         return [fields[key] for p, fields in self.drain() if p == pid and key in fields]
 
     def close(self) -> None:
+        self.closed.set()
+        self.reader.join(timeout=5)
         self.sock.close()
 
 
@@ -191,6 +204,7 @@ def test_units_start_and_become_ready(tmp_path: Path, tiny_bundle: Path, pacs: S
         for name, proc in procs.items():
             proc.send_signal(signal.SIGTERM)  # the units' KillSignal
             assert proc.wait(timeout=120) == 0, f"{name}: {logs[name].read_text()}"
+            wait_for(lambda pid=proc.pid: notify.of(pid, "STOPPING"), timeout=10)
             assert notify.of(proc.pid, "STOPPING") == ["1"], name
         # JSON log lines name the job and the (hashed) study as fields, in both roles
         study = uid_hash(str(dcmread(image).StudyInstanceUID))

@@ -365,6 +365,7 @@ def test_web_unit_serves_the_page_as_systemd_starts_it(web: Web, tmp_path: Path)
                    for line in notify.of(proc.pid, "STATUS"))
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, log.read_text()
+        wait_for(lambda: notify.of(proc.pid, "STOPPING"), timeout=10)
         assert notify.of(proc.pid, "STOPPING") == ["1"]
     finally:
         notify.close()
