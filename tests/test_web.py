@@ -3,8 +3,10 @@ storescp): what it shows, its overlay thumbnails, feedback, replay, and its secu
 (token, session, CSRF, loopback-only without a token, no file outside the data directory);
 its Prometheus metrics scraped after C-STORE, health and readiness, the monitoring page.
 
-One node for the module: every role plus the page, a PACS that receives the results and a
-second destination that is down (its sends die, so there are dead letters to replay).
+One node for the module: every role plus the page, a PACS that receives the results, a
+second destination that is down (its sends die, so there are dead letters to replay) and a RIS
+(python-hl7's MLLP listener) that refuses the first HL7 message and accepts the others, so the
+studies' RIS delivery is dead or done.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from pydicom import dcmread
 from spine_node.cli import main
 from spine_node.node import RunningNode, StartupError, start_node
 from spine_node.spool import relative_name
-from spine_node.store import FeedbackLog
+from spine_node.store import FeedbackLog, Monitor
 from spine_node.web import create_app, start_web
 from spine_node.web.auth import CSRF_FIELD, SESSION_COOKIE, Guard
 from spine_node.web.files import OutsideDataDir, inside
+from spine_node.worklist import build_worklist
+from tests.mllp_kit import MllpListener
 from tests.nodekit import (
     CTImageStorage,
     StoreSCP,
@@ -78,6 +82,7 @@ def csrf_of(html: str) -> str:
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
     tmp = tmp_path_factory.mktemp("web")
     pacs = StoreSCP(tmp / "pacs").start()
+    ris = MllpListener(["AR"]).start()  # the first message dies (one attempt), then AA
     token_file = tmp / "web-token"
     token_file.write_text(TOKEN + "\n")
     settings = node_settings(
@@ -86,6 +91,8 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
         destinations=[
             {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.port},
             {"name": "down", "ae_title": "NOBODY", "host": "127.0.0.1", "port": free_port()},
+            {"kind": "hl7", "name": "ris", "host": "127.0.0.1", "port": ris.port,
+             "timeout_s": 5.0},
         ],
     )
     config = write_config(tmp / "node.toml", settings)
@@ -99,13 +106,56 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Web]:
         def settled() -> bool:
             status = node.store.status()
             dead = status["outbound"].get("down", {}).get("dead", 0)
-            return sum(status["results"].values()) == len(INDEX) and dead > 0
+            ris_states = Monitor(node.store).study_delivery(
+                [item["study_instance_uid"] for item in INDEX])
+            return (sum(status["results"].values()) == len(INDEX) and dead > 0
+                    and all(d["ris"] in ("done", "dead") for d in ris_states.values()))
 
         wait_for(settled, timeout=240, interval=0.5)
         yield Web(node, f"http://127.0.0.1:{node.web.port}", settings, config, ct_uid, tmp)
     finally:
         node.stop()
         pacs.stop()
+        ris.stop()
+
+
+def _deliveries(html: str, study_uid: str) -> dict[str, str]:
+    """The delivery states a page shows in the row of one study (kind -> state)."""
+    row = re.search(rf'<tr[^>]*data-study="{re.escape(study_uid)}">(.*?)</tr>', html, re.S)
+    assert row, study_uid
+    return dict(re.findall(r'class="delivery" data-kind="(\w+)" data-state="(\w+)"',
+                           row.group(1)))
+
+
+def test_pages_show_the_worklists_delivery_state_and_ignored_studies_with_reason(
+        web: Web) -> None:
+    settings = web.settings
+    rows = build_worklist(web.node.store.studies(settings.commitment_destinations,
+                                                 ignored_studies=True))
+    ct_study = str(dcmread(web.tmp / "ct.dcm", stop_before_pixels=True).StudyInstanceUID)
+    by_uid = {row["study_instance_uid"]: row for row in rows}
+    assert by_uid[ct_study]["outcome"] == "ignored" and by_uid[ct_study]["reason"]
+    studies_page, status_page = web.bearer("/studies").text, web.bearer("/").text
+    shown = set()
+    for uid, row in by_uid.items():
+        expected = {kind: state or "none" for kind, state in row["delivery"].items()}
+        assert set(expected) == {"ris", "commitment"}
+        for html in (studies_page, status_page):
+            assert _deliveries(html, uid) == expected, uid
+        study = web.bearer(f"/studies/{uid}").text
+        assert re.findall(r'data-kind="(\w+)" data-state="(\w+)"', study) == list(
+            expected.items())
+        shown |= set(expected.items())
+    # the RIS refused one study's message (dead) and took the other's (done); no commitment
+    assert {("ris", "dead"), ("ris", "done"), ("commitment", "none")} <= shown
+    assert ("commitment", "done") not in shown
+    # the ignored study (the CT is out of scope) is listed with the worklist's reason
+    reason = by_uid[ct_study]["reason"]
+    assert reason.startswith("out of scope")
+    for html in (studies_page, status_page):
+        row = re.search(rf'<tr[^>]*data-study="{re.escape(ct_study)}">(.*?)</tr>', html, re.S)
+        assert row and 'data-outcome="ignored"' in row.group(1)
+        assert f'<span class="reason">{reason}</span>' in row.group(1)
 
 
 def test_status_page_shows_queue_destinations_dead_letters_and_bundle(web: Web) -> None:

@@ -206,7 +206,8 @@ def create_app(
     def status_page(request: Request) -> HTMLResponse:
         who = viewer(request)
         report = pages.overview(settings, store)
-        recent = pages.recent_studies(store, 10)
+        recent = pages.recent_studies(store, 10,
+                                      commitment_destinations=settings.commitment_destinations)
         return render(request, "status.html", who, report=report, studies=recent,
                       names=names_of(recent))
 
@@ -217,7 +218,8 @@ def create_app(
         total = store.count_studies()
         pages_total = max(1, math.ceil(total / per_page))
         page = min(max(page, 1), pages_total)
-        recent = pages.recent_studies(store, per_page, (page - 1) * per_page)
+        recent = pages.recent_studies(store, per_page, (page - 1) * per_page,
+                                      settings.commitment_destinations)
         shown = [im.sop_instance_uid for study in recent for im in study["images"]]
         return render(request, "studies.html", who, studies=recent, page=page,
                       pages_total=pages_total, total=total, names=names_of(recent),
@@ -226,7 +228,7 @@ def create_app(
     @app.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_uid: str) -> HTMLResponse:
         who = viewer(request)
-        found = pages.one_study(store, study_uid)
+        found = pages.one_study(store, study_uid, settings.commitment_destinations)
         if found is None:
             raise HTTPException(404, "no such study")
         given = FeedbackLog(store).entries(study_instance_uid=study_uid)

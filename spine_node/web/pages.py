@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from spine_node.config import Settings
 from spine_node.labels import display_label
 from spine_node.status import status_report
-from spine_node.store import JobState, JobStore
+from spine_node.store import DELIVERY_FIELDS, JobState, JobStore
 from spine_node.worklist import build_worklist
 
 
@@ -143,31 +143,60 @@ def image_row(item: Mapping[str, Any]) -> ImageRow:
     )
 
 
-def recent_studies(store: JobStore, limit: int, offset: int = 0) -> list[dict[str, Any]]:
+#: How a study's delivery of one kind is written when nothing of that kind is configured or
+#: queued for it (the CLI worklist prints "-").
+NO_DELIVERY = "none"
+
+
+def recent_studies(
+    store: JobStore,
+    limit: int,
+    offset: int = 0,
+    commitment_destinations: Collection[str] = (),
+) -> list[dict[str, Any]]:
     """The studies received last, newest first, each with its worklist row and its images.
+
+    Parameters
+    ----------
+    store : JobStore
+        The open queue.
+    limit, offset : int
+        Page size and how many newer studies to skip.
+    commitment_destinations : collection of str
+        The DICOM destinations that confirm results by Storage Commitment
+        (``Settings.commitment_destinations``), as ``spine-node worklist`` passes them.
 
     Returns
     -------
     list of dict
-        ``study_instance_uid``, ``priority`` (the worklist's; before the first result
-        ``"ignored"`` when every object is ignored, else ``"waiting"``), ``max_score``, ``arrival`` (first object), ``last_arrival``,
-        ``counts`` (Outcome value -> number of objects), ``images`` (list of ImageRow) and
-        ``spool_paths`` (its received files still kept, relative to the spool).
+        ``study_instance_uid``, ``priority`` (the worklist's: ``"ignored"`` for a study none
+        of whose objects is analysed; before the first result ``"waiting"``), ``max_score``,
+        ``reason`` (why an ignored study is ignored, as ``spine-node worklist`` says it; else
+        None), ``delivery`` (per :data:`~spine_node.store.DELIVERY_FIELDS` entry, ``ris`` and
+        ``commitment``: ``"done"``, ``"pending"``, ``"dead"`` or :data:`NO_DELIVERY`),
+        ``arrival`` (first object), ``last_arrival``, ``counts`` (Outcome value -> number
+        of objects), ``images`` (list of ImageRow) and ``spool_paths`` (its received files
+        still kept, relative to the spool).
     """
-    return studies_view(store, store.recent_study_uids(limit, offset))
+    return studies_view(store, store.recent_study_uids(limit, offset), commitment_destinations)
 
 
-def one_study(store: JobStore, study_uid: str) -> dict[str, Any] | None:
+def one_study(
+    store: JobStore, study_uid: str, commitment_destinations: Collection[str] = ()
+) -> dict[str, Any] | None:
     """One study as :func:`recent_studies` shows it (None when nothing was received)."""
-    found = studies_view(store, [study_uid])
+    found = studies_view(store, [study_uid], commitment_destinations)
     return found[0] if found and found[0]["images"] else None
 
 
-def studies_view(store: JobStore, uids: Sequence[str]) -> list[dict[str, Any]]:
+def studies_view(
+    store: JobStore, uids: Sequence[str], commitment_destinations: Collection[str] = ()
+) -> list[dict[str, Any]]:
     """The studies ``uids`` in that order, as :func:`recent_studies` describes them."""
     if not uids:
         return []
-    worklist = {row["study_instance_uid"]: row for row in build_worklist(store.studies(only=uids))}
+    listed_studies = store.studies(commitment_destinations, only=uids, ignored_studies=True)
+    worklist = {row["study_instance_uid"]: row for row in build_worklist(listed_studies)}
     images: dict[str, list[ImageRow]] = {uid: [] for uid in uids}
     spool: dict[str, list[str]] = {uid: [] for uid in uids}
     for item in store.study_images(uids):
@@ -192,6 +221,11 @@ def studies_view(store: JobStore, uids: Sequence[str]) -> list[dict[str, Any]]:
                 "study_instance_uid": uid,
                 "priority": priority,
                 "max_score": listed["max_score"] if listed else None,
+                "reason": listed["reason"] if listed else None,
+                "delivery": {
+                    key: (listed["delivery"][key] if listed else None) or NO_DELIVERY
+                    for key in DELIVERY_FIELDS
+                },
                 "summary_revision": listed["summary_revision"] if listed else None,
                 "arrival": min(r.received_at for r in rows) if rows else None,
                 "last_arrival": max(r.received_at for r in rows) if rows else None,
