@@ -216,7 +216,7 @@ def read_metrics(store: JobStore, *, live_worker_age_s: float) -> NodeMetrics:
             live_workers=int(live),
         )
 
-    return store._run(read)
+    return store.read(read)
 
 
 @dataclass(frozen=True)

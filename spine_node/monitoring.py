@@ -150,7 +150,7 @@ def daily_outcomes(store: JobStore, days: int, now: float | None = None) -> list
         }
         for i in range(days)
     }
-    for created_at, status, kind in store._run(rows):
+    for created_at, status, kind in store.read(rows):
         entry = counts.get(_day(created_at))
         if entry is None or status not in ("positive", "negative", "not_processed"):
             continue
@@ -178,7 +178,7 @@ def window_scores(store: JobStore, since: float) -> np.ndarray:
             )
         ]
 
-    return np.asarray(store._run(scores), dtype=np.float64)
+    return np.asarray(store.read(scores), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,7 @@ def alarm_state(store: JobStore) -> dict[str, Any] | None:
             "changed_at": row.changed_at,
         }
 
-    return store._run(read)
+    return store.read(read)
 
 
 def reason_counts(days: Sequence[DayOutcomes]) -> dict[str, int]:

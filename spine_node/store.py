@@ -72,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Execution option of :meth:`JobStore.read` connections: SQLite begins a deferred transaction.
+READ_ONLY_OPTION = "spine_node_read_only"
 #: How long one SQLite statement waits for another connection's write lock (``busy_timeout``).
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 #: Pause between two tries when the database stayed locked for a whole busy timeout.
@@ -587,7 +589,10 @@ def make_engine(url: str, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> Eng
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            if conn.get_execution_options().get(READ_ONLY_OPTION):
+                conn.exec_driver_sql("BEGIN")  # deferred: a WAL reader takes no write lock
+            else:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -713,6 +718,29 @@ class JobStore:
                 return fn(session)
 
         what = getattr(fn, "__qualname__", "transaction").split(".<locals>.")[0]
+        return retry_while_locked(once, wait_s, what)
+
+    def read(self, fn: Callable[[Session], T], wait_s: float | None = None) -> T:
+        """Run ``fn(session)`` in a read-only transaction (for metrics and monitoring pages).
+
+        On SQLite the transaction is deferred (``BEGIN``, not ``BEGIN IMMEDIATE``): in WAL mode
+        a reader sees a consistent snapshot and neither waits for nor blocks the writer, so a
+        scrape never delays a C-STORE acknowledgement. ``fn`` must not write. On PostgreSQL it
+        is an ordinary transaction.
+
+        Parameters
+        ----------
+        fn, wait_s
+            As for the store's write transactions (:func:`retry_while_locked`).
+        """
+
+        def once() -> T:
+            with self.engine.connect() as conn:
+                conn.execution_options(**{READ_ONLY_OPTION: True})
+                with Session(bind=conn) as session, session.begin():
+                    return fn(session)
+
+        what = getattr(fn, "__qualname__", "read").split(".<locals>.")[0]
         return retry_while_locked(once, wait_s, what)
 
     # -- receiving ---------------------------------------------------------------------------

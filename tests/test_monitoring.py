@@ -153,3 +153,30 @@ def test_metrics_read_from_the_database(store: JobStore) -> None:
     assert triage.count == 3 and triage.total == pytest.approx(0.6)
     assert dict(triage.buckets)[0.1] == 0 and dict(triage.buckets)[0.25] == 3
     assert m.queue_depth == 0 and m.oldest_queued_age_s == 0.0
+
+
+def test_metrics_read_while_another_process_holds_the_write_lock(tmp_path: Path) -> None:
+    """A scrape reads a snapshot (deferred transaction in WAL mode): it neither waits for the
+    receiver's write lock nor takes it."""
+    import sqlite3
+
+    from spine_node.store import DatabaseBusy
+
+    path = tmp_path / "q.db"
+    store = JobStore.open(f"sqlite:///{path}", clock=Clock(T0), busy_timeout_s=0.1)
+    try:
+        _record(store, 2, "negative", 0.2)
+        writer = sqlite3.connect(path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # another process writing (e.g. a receiver)
+        try:
+            m = read_metrics(store, live_worker_age_s=30)
+            assert m.outcomes["negative"] == 2
+            one = text("SELECT 1")
+            assert store.read(lambda s: s.execute(one).scalar(), wait_s=0.0) == 1
+            with pytest.raises(DatabaseBusy):  # a write transaction does wait for it
+                store._run(lambda s: s.execute(one).scalar(), wait_s=0.0)
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+    finally:
+        store.close()
