@@ -1,8 +1,10 @@
 """``spine-node demo``: the whole node end to end on loopback with the embedded demo bundle.
 
-It starts the node (SQLite, all roles) and a local PACS stand-in that writes what it receives
+It starts the node (SQLite, all roles and the web status page on a free loopback port, read-only
+and without a token, its URL printed) and a local PACS stand-in that writes what it receives
 to ``DIR/pacs``, sends the sample studies shipped in ``spine_node/samples`` by C-STORE, waits for
-the results and prints a table pointing at the SR and overlay files received.
+the results and prints a table pointing at the SR and overlay files received. It then stops and
+exits, closing the page; with ``--keep-open`` the node and its page stay up until Ctrl-C.
 
 The samples are standard DICOM (CR Image Storage, valid UIDs, Explicit VR Little Endian) made
 from the synthetic phantom when the demo bundle is built (``training.samples``);
@@ -14,7 +16,9 @@ from __future__ import annotations
 import argparse
 import logging
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import resources
@@ -32,6 +36,8 @@ from spine_node.results.types import ResultRecord, Status, display_label
 logger = logging.getLogger(__name__)
 
 CR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
+#: The demo's roles: the whole pipeline and the status page.
+DEMO_ROLES = ("receiver", "worker", "dispatcher", "web")
 _KIND = {"SR": "SR", "OT": "overlay", "PR": "GSPS"}
 
 
@@ -133,6 +139,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "Explicit VR Little Endian) to DIR, for loading into a PACS, and exit")
     parser.add_argument("--bundle", default="demo", help="bundle directory (default: embedded demo)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for results")
+    parser.add_argument("--keep-open", action="store_true",
+                        help="after the results, keep the node and its status page running "
+                        "until Ctrl-C (default: stop and exit)")
+
+
+def _wait_for_interrupt() -> None:
+    """Block until SIGINT (Ctrl-C) or SIGTERM; the previous handlers are put back."""
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -167,6 +189,8 @@ def run(args: argparse.Namespace) -> int:
             "sweep_interval_s": 0.5,
             "worker_poll_s": 0.2,
             "results": {"gsps": True},
+            # the status page, read-only: loopback needs no token (docs/security.md)
+            "web": {"port": _free_port(), "bind_address": "127.0.0.1"},
             "destinations": [{"name": "pacs", "ae_title": "DEMOPACS", "host": "127.0.0.1",
                               "port": pacs.port}],
         },
@@ -175,7 +199,10 @@ def run(args: argparse.Namespace) -> int:
     datasets: list[Dataset] = [dcmread(f) for f in sample_files(args.studies)]
     print(f"starting the node on 127.0.0.1:{settings.port} (bundle: {args.bundle}) ...")
     t0 = time.monotonic()
-    node = start_node(settings)
+    node = start_node(settings, DEMO_ROLES)
+    page = f"http://127.0.0.1:{node.web.port}/"
+    print(f"status page: {page} (open it in a browser while the demo runs; "
+          "--keep-open keeps it open afterwards)", flush=True)
     try:
         statuses = send_files(settings.port, datasets, settings.ae_title)
         print(f"sent {len(datasets)} images by C-STORE: "
@@ -198,9 +225,22 @@ def run(args: argparse.Namespace) -> int:
         for entry in node.store.studies():
             for uid, payload in entry["results"]:
                 rows.append((entry["study_instance_uid"], uid, ResultRecord.from_json(payload)))
+        _print_results(out, rows, elapsed)
+        if args.keep_open:
+            print(f"status page: {page} (the node keeps running: press Ctrl-C to stop)",
+                  flush=True)
+            _wait_for_interrupt()
+        else:
+            print(f"status page: {page} closed with the demo "
+                  "(spine-node demo --keep-open keeps it open until Ctrl-C)")
     finally:
         node.stop()
         pacs.server.shutdown()
+    return 0 if len(rows) == len(datasets) else 1
+
+
+def _print_results(out: Path, rows: list[tuple[str, str, ResultRecord]], elapsed: float) -> None:
+    """The triage table, the result objects the PACS stand-in received, the demo warning."""
     received = sorted(p for p in (out / "pacs").rglob("*.dcm"))
     print()
     print(f"{'study':<14} {'image':<14} {'status':<14} {'score':>6}  findings")
@@ -228,4 +268,3 @@ def run(args: argparse.Namespace) -> int:
         example = next(p for p in received if p.parent.name == kind)
         print(f"  {kind:<3} {n:>3} files, e.g. {example}")
     print("DEMO BUNDLE: phantom-trained, not for clinical use.")
-    return 0 if len(rows) == len(datasets) else 1

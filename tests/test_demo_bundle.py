@@ -4,10 +4,13 @@ non-spine radiographs refused with a reason, and ``spine-node demo`` end to end.
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from pydicom import dcmread
@@ -114,6 +117,13 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "DEMO BUNDLE" in out.stdout
+    # the status page's URL comes before the images are sent, on loopback; it closes at the end
+    lines = out.stdout.splitlines()
+    url = [i for i, line in enumerate(lines)
+           if re.match(r"status page: http://127\.0\.0\.1:\d+/ \(open it", line)]
+    sent = [i for i, line in enumerate(lines) if line.startswith("sent ")]
+    assert url and sent and url[0] < sent[0], out.stdout
+    assert "closed with the demo" in lines[-1] and "--keep-open" in lines[-1]
     received = list((tmp_path / "pacs").rglob("*.dcm"))
     srs = [dcmread(p) for p in received if dcmread(p).Modality == "SR"]
     summaries = [d for d in srs if d.SeriesNumber == 9900]  # study summaries, >= 1 per study
@@ -121,6 +131,37 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert len({d.StudyInstanceUID for d in summaries}) == 2
     assert any(dcmread(p).Modality == "OT" or dcmread(p).SOPClassUID.endswith(".7")
                for p in received)
+
+
+def test_demo_keeps_its_status_page_open_until_ctrl_c(tmp_path: Path) -> None:
+    """``--keep-open``: after the results the page (loopback, no token) shows the studies sent
+    until SIGINT, then the demo exits as it does without the option."""
+    study_uid = str(dcmread(sample_files(studies=1)[0], stop_before_pixels=True)
+                    .StudyInstanceUID)
+    proc = subprocess.Popen([*CLI, "demo", "--out", str(tmp_path), "--studies", "1",
+                             "--keep-open"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            seen.append(line)
+            if "press Ctrl-C" in line:
+                break
+        found = re.search(r"status page: (http://127\.0\.0\.1:\d+/) \(the node keeps", seen[-1])
+        assert found, "".join(seen)
+        page = httpx.get(found.group(1) + "studies", timeout=30)
+        assert page.status_code == 200  # no token needed on loopback
+        assert study_uid in page.text
+        assert 'data-outcome="positive"' in page.text or 'data-outcome="negative"' in page.text
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(seen) + rest
+    assert "DEMO BUNDLE" in "".join(seen)
 
 
 def test_onnx_backend_matches_pytorch_on_the_demo_bundle(cascade: Cascade, phantom: Path) -> None:
