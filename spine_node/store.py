@@ -33,6 +33,7 @@ import enum
 import hashlib
 import json
 import logging
+import math
 import random
 import sqlite3
 import time
@@ -56,13 +57,21 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError, OperationalError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    aliased,
+    mapped_column,
+    sessionmaker,
+)
 
 from spine_node.feedback import FeedbackEntry
 from spine_node.results.types import Status
@@ -352,12 +361,71 @@ _ADDED_INDEXES = (
     Index("ix_instances_received_at", Instance.received_at),
     Index("ix_results_status", Result.status),
     Index("ix_outbound_destination_state", Outbound.destination, Outbound.state),
+    # a study's last arrival in one index lookup (JobStore.study_page)
+    Index("ix_instances_study_received", Instance.study_instance_uid, Instance.received_at),
 )
 
 
 #: :meth:`JobStore.recent_study_uids` reads the newest rows for pages up to this many studies
 #: deep, and groups every study in SQL beyond (both orders are the same).
 _STREAMED_STUDIES = 500
+
+
+@dataclass(frozen=True)
+class StudyCursor:
+    """A study's place in the newest-first list of studies (keyset pagination).
+
+    Studies are ordered by their last arrival, newest first, then by Study Instance UID
+    (:meth:`JobStore.recent_study_uids` and :meth:`JobStore.study_page` agree on it).
+
+    Attributes
+    ----------
+    last_arrival : float
+        When its newest object was received, epoch seconds.
+    study_instance_uid : str
+        The study.
+
+    Raises
+    ------
+    TypeError
+        When a field has the wrong type.
+    ValueError
+        When ``last_arrival`` is not finite or the UID is empty.
+    """
+
+    last_arrival: float
+    study_instance_uid: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.last_arrival, (int, float)) or isinstance(self.last_arrival, bool):
+            raise TypeError(f"last_arrival must be a float, got {self.last_arrival!r}")
+        if not isinstance(self.study_instance_uid, str):
+            raise TypeError(f"study_instance_uid must be a str, got {self.study_instance_uid!r}")
+        if not math.isfinite(self.last_arrival):
+            raise ValueError(f"last_arrival must be finite, got {self.last_arrival!r}")
+        if not self.study_instance_uid:
+            raise ValueError("study_instance_uid must not be empty")
+
+    def to_text(self) -> str:
+        """``LAST_ARRIVAL_UID`` (the float's repr: exact), for a URL."""
+        return f"{self.last_arrival!r}_{self.study_instance_uid}"
+
+    @classmethod
+    def from_text(cls, text: str) -> StudyCursor:
+        """Parse :meth:`to_text` output.
+
+        Raises
+        ------
+        ValueError
+            When ``text`` is not a cursor (naming it).
+        """
+        when, sep, uid = str(text).partition("_")
+        try:
+            if not sep:
+                raise ValueError
+            return cls(float(when), uid)
+        except (TypeError, ValueError):
+            raise ValueError(f"not a study cursor: {text!r}") from None
 
 
 def _add_missing_indexes(engine: Engine) -> None:
@@ -1732,6 +1800,8 @@ class JobStore:
                 .join(Job, Job.instance_id == Instance.id)
                 .distinct()
             )
+            if only is not None:  # a page of studies: look at their jobs only
+                with_job = with_job.where(Instance.study_instance_uid.in_(list(only)))
             query = (
                 select(
                     Instance.study_instance_uid,
@@ -1798,6 +1868,74 @@ class JobStore:
             return list(found)[offset : offset + limit]
 
         return self._run(recent_study_uids)
+
+    def study_page(
+        self,
+        limit: int,
+        before: StudyCursor | None = None,
+        after: StudyCursor | None = None,
+    ) -> list[StudyCursor]:
+        """One page of studies in :meth:`recent_study_uids`' order, found by keyset.
+
+        Each object that is its study's newest (no object of the study was received later:
+        ``ix_instances_study_received``) stands for the study; these are read along
+        ``ix_instances_received_at`` from the cursor on, so a page costs the same however deep.
+
+        Parameters
+        ----------
+        limit : int
+            Page size (>= 1).
+        before : StudyCursor, optional
+            Only studies older than this one (the next, older page).
+        after : StudyCursor, optional
+            Only studies newer than this one: the ``limit`` just newer (the previous page).
+
+        Returns
+        -------
+        list of StudyCursor
+            Newest first (also with ``after``).
+
+        Raises
+        ------
+        ValueError
+            When ``limit`` < 1 or both cursors are given.
+        """
+        if limit < 1:
+            raise ValueError(f"limit must be >= 1, got {limit!r}")
+        if before is not None and after is not None:
+            raise ValueError("give before or after, not both")
+        newer = aliased(Instance)
+        newest_of_study = ~(
+            select(newer.id)
+            .where(newer.study_instance_uid == Instance.study_instance_uid)
+            .where(newer.received_at > Instance.received_at)
+            .exists()
+        )
+        query = select(Instance.study_instance_uid, Instance.received_at).where(newest_of_study)
+        if after is None:
+            query = query.order_by(Instance.received_at.desc(), Instance.study_instance_uid)
+            if before is not None:
+                t, uid = before.last_arrival, before.study_instance_uid
+                query = query.where(Instance.received_at <= t).where(  # <=: an index range
+                    or_(Instance.received_at < t, Instance.study_instance_uid > uid))
+        else:
+            t, uid = after.last_arrival, after.study_instance_uid
+            query = (
+                query.where(Instance.received_at >= t)
+                .where(or_(Instance.received_at > t, Instance.study_instance_uid < uid))
+                .order_by(Instance.received_at, Instance.study_instance_uid.desc())
+            )
+
+        def study_page(s: Session) -> list[StudyCursor]:
+            found: dict[str, float] = {}  # two newest objects of a study may share a time
+            for study_uid, received_at in s.execute(query.execution_options(yield_per=200)):
+                found.setdefault(study_uid, float(received_at))
+                if len(found) >= limit:
+                    break
+            return [StudyCursor(t, u) for u, t in found.items()]
+
+        page = self._run(study_page)
+        return page[::-1] if after is not None else page
 
     def count_studies(self) -> int:
         """How many distinct studies were received."""

@@ -554,6 +554,97 @@ def test_recent_studies_newest_first_whether_streamed_or_grouped(
     assert store.recent_study_uids(1, offset=1) == streamed[1:2]
 
 
+def _interleaved_store(tmp: Path) -> Any:
+    """A queue of 9 studies whose objects arrive interleaved, some at the same instant."""
+    from sqlalchemy import insert
+
+    from spine_node.store import Instance, JobStore
+
+    settings = node_settings(tmp)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore.open(settings.db_url)
+    # (study, received_at): study 3's last object comes after study 4's; studies 5 and 6 end
+    # at the same instant (order by UID), study 7 has two objects at its last instant
+    arrivals = [(0, 10.0), (1, 11.0), (0, 12.0), (2, 13.0), (3, 14.0), (4, 15.0), (3, 16.0),
+                (5, 17.0), (6, 17.0), (7, 18.0), (7, 18.0), (8, 19.0), (2, 20.0)]
+    rows = [
+        {"sop_instance_uid": f"1.2.3.{study}.{n}", "sop_class_uid": "1.2.840.10008.5.1.4.1.1.1",
+         "study_instance_uid": f"1.2.3.{study}", "series_instance_uid": f"1.2.3.{study}.1",
+         "transfer_syntax_uid": "1.2.840.10008.1.2.1", "calling_ae": "MODALITY1",
+         "spool_path": f"{n:02x}/{n:064x}.dcm", "size_bytes": 1, "received_at": t, "category": "out_of_scope",
+         "category_reason": "test"}
+        for n, (study, t) in enumerate(arrivals)
+    ]
+    with store.engine.begin() as conn:
+        conn.execute(insert(Instance), rows)
+    return settings, store
+
+
+def test_keyset_pages_keep_the_order_of_the_offset_pages(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import spine_node.store as store_module
+    from spine_node.store import StudyCursor
+
+    settings, store = _interleaved_store(tmp_path)
+    try:
+        monkeypatch.setattr(store_module, "_STREAMED_STUDIES", 0)  # grouped in SQL
+        expected = store.recent_study_uids(100)
+        monkeypatch.undo()
+        assert expected == store.recent_study_uids(100)  # streamed: the same
+        assert expected == [f"1.2.3.{n}" for n in (2, 8, 7, 5, 6, 3, 4, 0, 1)]
+        whole = store.study_page(100)
+        assert [c.study_instance_uid for c in whole] == expected
+        assert [c.last_arrival for c in whole] == [20, 19, 18, 17, 17, 16, 15, 12, 11]
+        for size in (1, 2, 4):  # page by page, older then newer, from every position
+            for i, cursor in enumerate(whole):
+                assert store.study_page(size, before=cursor) == whole[i + 1 : i + 1 + size]
+                assert store.study_page(size, after=cursor) == whole[max(0, i - size) : i]
+        assert StudyCursor.from_text(whole[3].to_text()) == whole[3]
+        with pytest.raises(ValueError, match="not a study cursor"):
+            StudyCursor.from_text("yesterday")
+        with pytest.raises(ValueError, match="not both"):
+            store.study_page(2, before=whole[0], after=whole[1])
+
+        # the page: follow "older" to the end, then "newer" back; two studies a page
+        web_settings = settings.model_copy(update={"web": settings.web.model_copy(
+            update={"recent_studies": 2, "port": free_port()})})
+        running = start_web(web_settings, create_app(web_settings, store))
+        base = f"http://127.0.0.1:{running.port}"
+
+        def shown(html: str) -> list[str]:
+            return re.findall(r'<tr class="study" data-study="([^"]+)">', html)
+
+        def link(html: str, rel: str) -> str | None:
+            found = re.search(rf'<a rel="{rel}" href="([^"]+)">', html)
+            return found.group(1).replace("&amp;", "&") if found else None
+
+        try:
+            path: str | None = "/studies"
+            forward: list[list[str]] = []
+            while path is not None:
+                html = httpx.get(base + path, timeout=30).text
+                forward.append(shown(html))
+                assert f"Page {len(forward)} of 5" in html
+                path = link(html, "next")
+            assert [uid for page in forward for uid in page] == expected
+            assert link(html, "prev") is not None
+            backward = []
+            path = link(html, "prev")
+            while path is not None:
+                html = httpx.get(base + path, timeout=30).text
+                backward.append(shown(html))
+                path = link(html, "prev")
+            assert backward == forward[-2::-1]
+            # a bookmark by page number shows the same page
+            assert shown(httpx.get(base + "/studies?page=3", timeout=30).text) == forward[2]
+            bad = httpx.get(base + "/studies?before=nonsense", timeout=30)
+            assert bad.status_code == 422 and "not a study cursor" in bad.text
+        finally:
+            running.stop()
+    finally:
+        store.close()
+
+
 def test_https_with_a_required_client_certificate(web: Web, tmp_path: Path) -> None:
     import ssl
 

@@ -25,7 +25,7 @@ from spine_node.feedback import FeedbackEntry, FeedbackSource, Verdict, parse_la
 from spine_node.labels import LESION_LABELS, display_label
 from spine_node.metrics import BundleInfo
 from spine_node.spool import relative_name
-from spine_node.store import FeedbackLog, JobStore, UnknownImage
+from spine_node.store import FeedbackLog, JobStore, StudyCursor, UnknownImage
 from spine_node.web import pages
 from spine_node.web.auth import CSRF_FIELD, SESSION_COOKIE, Guard
 from spine_node.web.files import OutsideDataDir, PngCache, inside, overlay_png, patient_name
@@ -212,18 +212,42 @@ def create_app(
                       names=names_of(recent))
 
     @app.get("/studies", response_class=HTMLResponse)
-    def studies_page(request: Request, page: int = 1) -> HTMLResponse:
+    def studies_page(request: Request, page: int = 1, before: str | None = None,
+                     after: str | None = None) -> HTMLResponse:
         who = viewer(request)
         per_page = settings.web.recent_studies
         total = store.count_studies()
         pages_total = max(1, math.ceil(total / per_page))
         page = min(max(page, 1), pages_total)
-        recent = pages.recent_studies(store, per_page, (page - 1) * per_page,
-                                      settings.commitment_destinations)
+        try:
+            cursor_before = StudyCursor.from_text(before) if before else None
+            cursor_after = StudyCursor.from_text(after) if after else None
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from None
+        has_newer = True
+        if cursor_after is not None:  # the "newer" link: the page just newer than the cursor
+            found = [c.study_instance_uid
+                     for c in store.study_page(per_page + 1, after=cursor_after)]
+            if len(found) <= per_page:  # nothing newer beyond: the newest page
+                found, page, has_newer = store.recent_study_uids(per_page + 1), 1, False
+            else:
+                found = [*found[1:], cursor_after.study_instance_uid]  # and one to say "older"
+        elif cursor_before is not None:  # the "older" link: as cheap deep as on top (keyset)
+            found = [c.study_instance_uid
+                     for c in store.study_page(per_page + 1, before=cursor_before)]
+        else:  # page=N by offset: the newest pages, bookmarks
+            found = store.recent_study_uids(per_page + 1, (page - 1) * per_page)
+            has_newer = page > 1
+        page = max(page, 2) if has_newer else page  # the number is only shown
+        recent = pages.studies_view(store, found[:per_page], settings.commitment_destinations)
+        older = bool(recent) and len(found) > per_page
+        newer = has_newer and bool(recent)
         shown = [im.sop_instance_uid for study in recent for im in study["images"]]
         return render(request, "studies.html", who, studies=recent, page=page,
                       pages_total=pages_total, total=total, names=names_of(recent),
-                      feedback=FeedbackLog(store).latest(shown))
+                      feedback=FeedbackLog(store).latest(shown),
+                      older=_cursor(recent[-1]) if older else None,
+                      newer=_cursor(recent[0]) if newer else None)
 
     @app.get("/studies/{study_uid}", response_class=HTMLResponse)
     def study_page(request: Request, study_uid: str) -> HTMLResponse:
@@ -366,6 +390,11 @@ def create_app(
     add_operations_routes(app, settings, store, bundle=bundle_info, viewer=viewer, render=render,
                           nav=ctx.nav)
     return app
+
+
+def _cursor(study: dict[str, Any]) -> str:
+    """The keyset cursor of a study as :func:`pages.studies_view` shows it."""
+    return StudyCursor(study["last_arrival"], study["study_instance_uid"]).to_text()
 
 
 def _local(target: str) -> str:
