@@ -262,7 +262,9 @@ class MemberRunner(Protocol):
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float64)
+    from scipy.special import expit  # no overflow warning for large logits
+
+    return np.asarray(expit(x.astype(np.float64)), dtype=np.float64)
 
 
 class TriageEnsemble:
