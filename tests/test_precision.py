@@ -256,3 +256,59 @@ def test_torch_backend_runs_bf16_autocast_and_refuses_fp16_on_the_cpu(tiny_bundl
         np.testing.assert_allclose(1 / (1 + np.exp(-l16)), 1 / (1 + np.exp(-l32)), atol=0.05)
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         TorchMembers(members, torch.device("cpu"), Precision.FP16)
+
+
+def test_worker_batch_is_one_forward_per_member_and_scores_as_single_images(
+    tmp_path: Path, tiny_bundle: Path, dx_dataset: Callable[..., pydicom.Dataset]
+) -> None:
+    from spine_node.node import build_worker, load_cascade, open_store, prepare_data_dir
+    from spine_node.results.types import ResultRecord
+    from spine_node.spool import relative_name, write_durable
+    from spine_node.store import InstanceRecord
+    from tests.nodekit import node_settings
+
+    settings = node_settings(
+        tmp_path, bundle=str(tiny_bundle), device="cpu", decode_isolation=False,
+        worker_batch_size=3, backend="openvino", precision="fp32",
+    )  # fmt: skip
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    try:
+        cascade = load_cascade(settings)
+        runner = cascade.triage.runner
+        forwards: list[int] = []
+
+        class Counting:
+            names = runner.names
+
+            def run(self, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+                forwards.append(batch.shape[0])
+                return runner.run(batch)
+
+        cascade.triage.runner = Counting()
+        datasets = [dx_dataset(seed=s) for s in (31, 32, 33)]
+        for ds in datasets:
+            path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            rel = relative_name(str(ds.SOPInstanceUID))
+            write_durable(settings.spool_dir, rel, path.read_bytes())
+            store.receive(InstanceRecord(str(ds.SOPInstanceUID), str(ds.SOPClassUID),
+                                         str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                         "1.2.840.10008.1.2.1", "MODALITY1", rel,
+                                         path.stat().st_size))  # fmt: skip
+        worker = build_worker(settings, store, cascade)
+        assert worker.run_once() == 3  # the three queued images claimed together
+        views = cascade.manifest.tta_views
+        assert forwards == [3 * views]  # one forward per member: 3 images x TTA views
+        assert all(store.job_state(str(ds.SOPInstanceUID)) == "done" for ds in datasets)
+        for ds in datasets:  # the same scores as each image alone
+            (alone,) = cascade.analyze([ds])
+            ((_, payload),) = [
+                (u, p) for u, p in store.study_results(str(ds.StudyInstanceUID))
+                if u == str(ds.SOPInstanceUID)
+            ]
+            record = ResultRecord.from_json(payload)
+            assert alone.score is not None
+            assert record.result.score == pytest.approx(alone.score, abs=1e-4)
+    finally:
+        store.close()
