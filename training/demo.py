@@ -124,6 +124,62 @@ def _ensemble_scores(
     return out.scores, {k: np.asarray(v) for k, v in out.member_probs.items()}
 
 
+def train_demo_detector(
+    s: DemoSettings,
+    work_dir: Path,
+    fold_train: Sequence[Any],
+    fold_val: Sequence[Any],
+    params: Any,
+    cache: Path,
+) -> Path:
+    """Train the demo's tiny YOLO11 on fold 0 (or reuse a finished run with the same config).
+
+    Returns
+    -------
+    pathlib.Path
+        The run's ``best.pt``.
+    """
+    from training import vindr
+    from training.detector_extras import DetectorExtras
+    from training.train_detector import DetectorConfig, tiny_model_yaml, train_detector
+
+    yolo = vindr.export_yolo(
+        {"train": fold_train, "val": fold_val},
+        work_dir / "yolo",
+        params=params,
+        cache_dir=cache,  # the images decoded for the members; reused when up to date
+    )
+    depth, width, max_ch = s.detector_scale
+    det_cfg = DetectorConfig(
+        model=str(
+            tiny_model_yaml(
+                work_dir / "yolo11-demo.yaml", depth=depth, width=width, max_channels=max_ch
+            )
+        ),
+        imgsz=s.detect_size,
+        epochs=s.detector_epochs,
+        batch=s.detector_batch,
+        nbs=64,
+        close_mosaic=max(1, s.detector_epochs // 3),
+        warmup_epochs=2.0,
+        lr0=0.01,
+        scale_range=None,
+        mixup=0.0,
+        patience=s.detector_epochs,
+        seed=s.seed,
+        workers=2,
+        extras=DetectorExtras(),
+    )
+    out = work_dir / "detector"
+    done = out / "detector.json"
+    best = out / "train" / "weights" / "best.pt"
+    wanted = json.loads(json.dumps(asdict(det_cfg), default=str))
+    if done.is_file() and best.is_file() and json.loads(done.read_text()).get("config") == wanted:
+        logger.info("reusing the finished detector run in %s (same settings)", out)
+        return best
+    return train_detector(det_cfg, yolo.data_yaml, out, from_scratch=True).best
+
+
 def _clear_keeping_ledger(out_dir: Path) -> None:
     """Empty a bundle directory but keep its ledger of test-split evaluations."""
     from training.model_card import EVALUATIONS_NAME
@@ -143,7 +199,12 @@ def _clear_keeping_ledger(out_dir: Path) -> None:
 
 
 def build_demo_bundle(
-    out_dir: Path, work_dir: Path, settings: DemoSettings = DemoSettings()
+    out_dir: Path,
+    work_dir: Path,
+    settings: DemoSettings = DemoSettings(),
+    *,
+    detector_weights: Path | None = None,
+    detector_source: str = "",
 ) -> Manifest:
     """Build the demo bundle end to end (see the module docstring).
 
@@ -155,6 +216,11 @@ def build_demo_bundle(
         Scratch directory for the phantom, caches and training runs.
     settings : DemoSettings
         Build settings.
+    detector_weights : pathlib.Path, optional
+        An Ultralytics checkpoint to ship instead of training the detector (recorded in the
+        manifest as ``metrics.detector_source``).
+    detector_source : str
+        Where ``detector_weights`` came from, in words (recorded).
 
     Returns
     -------
@@ -163,13 +229,11 @@ def build_demo_bundle(
     from spine_node.imaging import PrepParams
     from spine_node.models.triage import TriageMember, create_member
     from training import vindr
-    from training.detector_extras import DetectorExtras
     from training.ensemble import FITTED_ON_SERVED, OofPredictions, fit_ensemble
     from training.export import build_bundle, reference_from_validation
     from training.meyerding import evaluate_on_phantom, save_grader, train_from_phantom
     from training.phantom import write_phantom_dataset
     from training.train_classifier import train_fold
-    from training.train_detector import DetectorConfig, tiny_model_yaml, train_detector
 
     t_start = time.monotonic()
     timings: dict[str, float] = {}
@@ -259,34 +323,13 @@ def build_demo_bundle(
 
     # 4. detector ------------------------------------------------------------------------
     t = time.monotonic()
-    yolo = vindr.export_yolo(
-        {"train": fold_train, "val": fold_val},
-        work_dir / "yolo",
-        params=params,
-        cache_dir=cache,  # the images decoded for the members; reused when up to date
-    )
-    depth, width, max_ch = s.detector_scale
-    det_cfg = DetectorConfig(
-        model=str(
-            tiny_model_yaml(
-                work_dir / "yolo11-demo.yaml", depth=depth, width=width, max_channels=max_ch
-            )
-        ),
-        imgsz=s.detect_size,
-        epochs=s.detector_epochs,
-        batch=s.detector_batch,
-        nbs=64,
-        close_mosaic=max(1, s.detector_epochs // 3),
-        warmup_epochs=2.0,
-        lr0=0.01,
-        scale_range=None,
-        mixup=0.0,
-        patience=s.detector_epochs,
-        seed=s.seed,
-        workers=2,
-        extras=DetectorExtras(),
-    )
-    det = train_detector(det_cfg, yolo.data_yaml, work_dir / "detector", from_scratch=True)
+    if detector_weights is None:
+        detector_best = train_demo_detector(s, work_dir, fold_train, fold_val, params, cache)
+        detector_note = f"trained by this build on fold 0 of phantom seed {s.seed}"
+    else:
+        detector_best = Path(detector_weights)
+        detector_note = f"not trained by this build: {detector_source or detector_best.name}"
+        logger.info("detector: %s", detector_note)
     timings["detector_s"] = time.monotonic() - t
 
     # 5. grader -------------------------------------------------------------------------
@@ -311,6 +354,7 @@ def build_demo_bundle(
             "specificity": fit.specificity,
             "n_images": fit.n_images,
         },
+        "detector_source": detector_note,
         "grader_test_accuracy": grader_test["accuracy"],
         "grader_test_n": int(grader_test["n"]),
         "grader_train_n": n_slips,
@@ -339,7 +383,7 @@ def build_demo_bundle(
         ensemble_weights=fit.weights,
         threshold=fit.threshold,
         tta_views=s.tta_views,
-        detector_weights=det.best,
+        detector_weights=detector_best,
         gate_images=gate_images,
         grader_file=grader_file,
         prep={k: v for k, v in asdict(params).items() if k != "max_pixels"},
@@ -435,8 +479,18 @@ def write_readme(out_dir: Path, manifest: Manifest) -> Path:
         "",
         "    spine-train demo-bundle --out spine_node/demo_bundle",
         "",
+        *(
+            [
+                "This build did not train its detector (see below); to ship the same one, copy",
+                "`detector.pt` out of the bundle and add `--detector-weights COPY`.",
+                "",
+            ]
+            if "not trained" in str(m.get("detector_source", ""))
+            else []
+        ),
         f"Ensemble weights {weights} and threshold {manifest.threshold:.3f} were fitted on "
         f"{fitted_on.get('description', 'validation predictions')}.",
+        f"Detector: {m.get('detector_source', 'trained by this build')}.",
         "",
     ]
     if not mine:
@@ -527,6 +581,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--detect-size", type=int, default=d.detect_size)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument(
+        "--detector-weights",
+        type=Path,
+        help="ship this Ultralytics checkpoint instead of training the detector (recorded)",
+    )
+    parser.add_argument(
+        "--detector-source",
+        default="",
+        help="where --detector-weights came from, in words (recorded in the manifest)",
+    )
+    parser.add_argument(
         "--no-evaluate",
         action="store_true",
         help="skip the one evaluation on the held-out phantom test split",
@@ -551,7 +615,13 @@ def run(args: argparse.Namespace) -> int:
         detector_epochs=args.detector_epochs,
         detect_size=args.detect_size,
     )
-    manifest = build_demo_bundle(Path(args.out), Path(args.work), settings)
+    manifest = build_demo_bundle(
+        Path(args.out),
+        Path(args.work),
+        settings,
+        detector_weights=args.detector_weights,
+        detector_source=args.detector_source,
+    )
     if not args.no_evaluate:
         report = evaluate_demo_bundle(Path(args.out), Path(args.work))
         print(json.dumps(report, indent=2, default=str))
