@@ -205,6 +205,7 @@ def build_demo_bundle(
     *,
     detector_weights: Path | None = None,
     detector_source: str = "",
+    precision_check: bool = True,
 ) -> Manifest:
     """Build the demo bundle end to end (see the module docstring).
 
@@ -221,6 +222,9 @@ def build_demo_bundle(
         manifest as ``metrics.detector_source``).
     detector_source : str
         Where ``detector_weights`` came from, in words (recorded).
+    precision_check : bool
+        Run the bf16 agreement check (step 8); without it the node serves fp32 (run
+        ``spine-train check-precision`` on the bundle later).
 
     Returns
     -------
@@ -395,10 +399,11 @@ def build_demo_bundle(
     # 8. bf16 agreement with fp32 on the held-out split, recorded in the manifest ----------
     from training.precision import check_bundle_precision
 
-    t = time.monotonic()
-    check_bundle_precision(Path(out_dir), data_dir, split="test")
-    manifest = load_manifest(Path(out_dir))
-    logger.info("precision checks recorded in %.0f s", time.monotonic() - t)
+    if precision_check:
+        t = time.monotonic()
+        check_bundle_precision(Path(out_dir), data_dir, split="test")
+        manifest = load_manifest(Path(out_dir))
+        logger.info("precision checks recorded in %.0f s", time.monotonic() - t)
     write_readme(Path(out_dir), manifest)
     total = sum(p.stat().st_size for p in Path(out_dir).rglob("*") if p.is_file())
     logger.info(
@@ -591,6 +596,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where --detector-weights came from, in words (recorded in the manifest)",
     )
     parser.add_argument(
+        "--skip-precision-check",
+        action="store_true",
+        help="skip the bf16 agreement check (the node then serves fp32; run "
+        "spine-train check-precision later)",
+    )
+    parser.add_argument(
         "--no-evaluate",
         action="store_true",
         help="skip the one evaluation on the held-out phantom test split",
@@ -621,6 +632,7 @@ def run(args: argparse.Namespace) -> int:
         settings,
         detector_weights=args.detector_weights,
         detector_source=args.detector_source,
+        precision_check=not args.skip_precision_check,
     )
     if not args.no_evaluate:
         report = evaluate_demo_bundle(Path(args.out), Path(args.work))
