@@ -21,6 +21,7 @@ from spine_node.models.bundle import load_manifest
 from spine_node.node import demo_bundle_path
 from spine_node.pipeline import Cascade
 from spine_node.results.types import Status
+from training.model_card import bundle_hash, read_evaluations
 from training.phantom import write_phantom_dataset
 from training.vindr import load_records
 
@@ -47,9 +48,23 @@ def test_manifest_is_flagged_demo_and_reports_held_out_figures() -> None:
     assert "not for clinical use" in manifest.intended_use
     size = sum(p.stat().st_size for p in demo_bundle_path().rglob("*") if p.is_file())
     assert size <= 30 * 1024**2
-    metrics = dict(manifest.metrics)
-    assert metrics["triage_auroc"] >= 0.95
-    assert metrics["detector_map50"] >= 0.5
+    # fitted the way it serves: the shipped fold-0 models with the served TTA views
+    fitted_on = dict(manifest.metrics["ensemble_fit"]["fitted_on"])
+    assert fitted_on["kind"] == "served" and fitted_on["tta_views"] == manifest.tta_views
+    # its held-out test split was evaluated once, on the node's own output, and recorded
+    digest = bundle_hash(demo_bundle_path())
+    (record,) = [e for e in read_evaluations(demo_bundle_path()) if e.bundle_hash == digest]
+    assert record.split == "test" and record.reason is None  # a first evaluation
+    figures = dict(record.figures)
+    assert figures["threshold"] == manifest.threshold
+    assert figures["auroc"] >= 0.95
+    assert figures["map50"] >= 0.5
+    assert figures["auroc_ci95"][0] <= figures["auroc"] <= figures["auroc_ci95"][1]
+    # the README beside it states exactly those figures and the command that made them
+    readme = (demo_bundle_path() / "README.md").read_text()
+    assert record.command in readme
+    assert f"| triage AUROC | {figures['auroc']:.3f} " in readme
+    assert f"mAP@0.5 (COCO, maxDets 100) | {figures['map50']:.3f} " in readme
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:

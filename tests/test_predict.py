@@ -50,6 +50,7 @@ def test_predict_evaluate_and_touch_once(
     data: Path, bundle: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "pred"
+    earlier = len(model_card.read_evaluations(bundle))  # the demo bundle's own evaluation
     assert cli.main(["predict", "--bundle", str(bundle), "--data", str(data), "--out",
                      str(out)]) == 0
     run = PredictionRun.read(out)
@@ -83,7 +84,7 @@ def test_predict_evaluate_and_touch_once(
     assert report["n_images"] == len(scores)
     assert report["confusion"]["tp"] + report["confusion"]["fp"] == run.n_positive
     assert report["retest_reason"] is None
-    ledger = model_card.read_evaluations(bundle)
+    ledger = model_card.read_evaluations(bundle)[earlier:]
     assert len(ledger) == 1 and ledger[0].split_hash == run.split_hash
     assert ledger[0].figures["auroc"] == report["auroc"]
     card = (bundle / "MODEL_CARD.md").read_text()
@@ -101,13 +102,13 @@ def test_predict_evaluate_and_touch_once(
     assert cli.main(["predict", "--bundle", str(bundle), "--data", str(data), "--out",
                      str(again)]) == 2
     assert "touched once" in capsys.readouterr().err
-    assert len(model_card.read_evaluations(bundle)) == 2
+    assert len(model_card.read_evaluations(bundle)) == earlier + 2
     # ... unless a reason is given, which the model card lists
     assert cli.main(["predict", "--bundle", str(bundle), "--data", str(data), "--out",
                      str(again), "--allow-retest", "threshold refit after a bug fix"]) == 0
     assert cli.main(["evaluate", "--run", str(again), "--bootstrap", "0"]) == 0
     ledger = model_card.read_evaluations(bundle)
-    assert len(ledger) == 3 and ledger[-1].reason == "threshold refit after a bug fix"
+    assert len(ledger) == earlier + 3 and ledger[-1].reason == "threshold refit after a bug fix"
     assert ledger[-1].figures["threshold"] == 0.3
     assert "threshold refit after a bug fix" in (bundle / "MODEL_CARD.md").read_text()
 
@@ -130,6 +131,7 @@ def test_hashes_and_the_rule(data: Path, tmp_path: Path) -> None:
         when="t", split="test", split_hash="a" * 64, bundle_hash="b" * 64,
         bundle_version="v", n_images=3, command="c",
     )
+    before = model_card.read_evaluations(bundle)
     model_card.record_evaluation(bundle, record)
     assert model_card.check_retest(bundle, "a" * 64, "b" * 64) == "same bundle"
     assert model_card.check_retest(bundle, "f" * 64, "c" * 64) is None  # a fresh split
@@ -141,5 +143,5 @@ def test_hashes_and_the_rule(data: Path, tmp_path: Path) -> None:
     from training.export import make_tiny_bundle
 
     make_tiny_bundle(bundle, seed=0, onnx=False, gate=False)
-    assert model_card.read_evaluations(bundle) == [record]
-    assert "| 1 |" in (bundle / "MODEL_CARD.md").read_text()
+    assert model_card.read_evaluations(bundle) == [*before, record]
+    assert f"| {len(before) + 1} |" in (bundle / "MODEL_CARD.md").read_text()
