@@ -206,14 +206,13 @@ def main(argv: list[str] | None = None) -> int:
             cursor = everyone[(page - 1) * per_page - 1].to_text()
             return f"/studies?before={quote(cursor, safe='')}&page={page}"
 
-        pages = {
-            "/ (status)": "/",
-            "/studies (newest 50)": "/studies",
-            f"older -> page {middle_page} (keyset)": older(middle_page),
-            f"older -> page {last_page} (keyset)": older(last_page),
-            f"/studies?page={last_page} (offset)": f"/studies?page={last_page}",
-            "/studies/UID (one study)": f"/studies/{newest}",
-        }
+        pages = {"/ (status)": "/", "/studies (newest 50)": "/studies"}
+        # keyset pages exist only past the first page (page 1 has no "older" cursor)
+        for page in sorted({middle_page, last_page}):
+            if page >= 2:
+                pages[f"older -> page {page} (keyset)"] = older(page)
+        pages[f"/studies?page={last_page} (offset)"] = f"/studies?page={last_page}"
+        pages["/studies/UID (one study)"] = f"/studies/{newest}"
         worst = 0.0
         try:
             with httpx.Client(base_url=base, timeout=60) as client:
