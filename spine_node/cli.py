@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -510,10 +511,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        status = int(args.func(args))
+        sys.stdout.flush()  # inside the try: a closed pipe surfaces here, not at exit
+        return status
     except (ConfigError, StartupError) as exc:
         print(f"spine-node: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (``spine-node worklist | head``): stop quietly, as the
+        # Python documentation's SIGPIPE note advises, so no traceback reaches the terminal
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

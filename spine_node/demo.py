@@ -14,6 +14,7 @@ from the synthetic phantom when the demo bundle is built (``training.samples``);
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import signal
@@ -30,7 +31,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from spine_node.config import settings_from_mapping
+from spine_node.config import Settings, settings_from_mapping
 from spine_node.results.types import ResultRecord, Status, display_label
 
 logger = logging.getLogger(__name__)
@@ -196,6 +197,10 @@ def run(args: argparse.Namespace) -> int:
         },
         environ={},
     )
+    if (out / "node").is_dir() and any((out / "node").iterdir()):
+        print(f"spine-node demo: reusing the node state in {out / 'node'} from an earlier run "
+              "(images already analysed are not analysed again; --out NEW_FOLDER starts afresh)")
+    config = write_config(out / "spine-node.toml", settings)
     datasets: list[Dataset] = [dcmread(f) for f in sample_files(args.studies)]
     print(f"starting the node on 127.0.0.1:{settings.port} (bundle: {args.bundle}) ...")
     t0 = time.monotonic()
@@ -226,6 +231,7 @@ def run(args: argparse.Namespace) -> int:
             for uid, payload in entry["results"]:
                 rows.append((entry["study_instance_uid"], uid, ResultRecord.from_json(payload)))
         _print_results(out, rows, elapsed)
+        print(f"inspect it: spine-node status --config {config}  (also worklist, feedback)")
         if args.keep_open:
             print(f"status page: {page} (the node keeps running: press Ctrl-C to stop)",
                   flush=True)
@@ -237,6 +243,34 @@ def run(args: argparse.Namespace) -> int:
         node.stop()
         pacs.server.shutdown()
     return 0 if len(rows) == len(datasets) else 1
+
+
+def write_config(path: Path, settings: Settings) -> Path:
+    """Write the demo node's settings that the CLI needs (data directory, bundle, AE title).
+
+    ``spine-node status|worklist|feedback --config PATH`` then read the demo's database.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The TOML file to write (replaced).
+    settings : Settings
+        The demo node's settings.
+
+    Returns
+    -------
+    pathlib.Path
+        ``path``.
+    """
+    lines = [
+        "# written by spine-node demo: the demo node's data, for status, worklist and feedback",
+        f"ae_title = {json.dumps(settings.ae_title)}",
+        f"data_dir = {json.dumps(str(settings.data_dir))}",
+    ]
+    if settings.bundle is not None:
+        lines.append(f"bundle = {json.dumps(str(settings.bundle))}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
 
 
 def _print_results(out: Path, rows: list[tuple[str, str, ResultRecord]], elapsed: float) -> None:

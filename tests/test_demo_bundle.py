@@ -146,6 +146,25 @@ def test_demo_command_end_to_end(tmp_path: Path) -> None:
     assert len({d.StudyInstanceUID for d in summaries}) == 2
     assert any(dcmread(p).Modality == "OT" or dcmread(p).SOPClassUID.endswith(".7")
                for p in received)
+    # the demo writes its node's settings, so the CLI can inspect the demo's database
+    config = tmp_path / "spine-node.toml"
+    assert f"inspect it: spine-node status --config {config}" in out.stdout
+    status = subprocess.run([*CLI, "status", "--config", str(config), "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert json.loads(status.stdout)["jobs"]["done"] == len(sample_files(studies=2))
+    worklist = subprocess.run([*CLI, "worklist", "--config", str(config), "--json"],
+                              capture_output=True, text=True, timeout=300)
+    assert worklist.returncode == 0, worklist.stderr
+    assert len(json.loads(worklist.stdout)) == 2
+    # a reader that went away (``| head``) gets no traceback: the pipe is closed before the
+    # command writes (it takes seconds to start), so its first write meets EPIPE
+    proc = subprocess.Popen([*CLI, "worklist", "--config", str(config), "--json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
 
 
 def test_demo_keeps_its_status_page_open_until_ctrl_c(tmp_path: Path) -> None:
