@@ -91,7 +91,8 @@ def test_inference_benchmark_prints_paths_limits_and_writes_json(tmp_path: Path)
         seconds = number(rf"^positive image {path} = ({NUM}) s \(limit", out)
         limit = number(rf"^positive image {path} = {NUM} s \(limit ({NUM}) s", out)
         ratio = number(rf"^positive image {path} = .*ratio ({NUM})x\)", out)
-        assert ratio == pytest.approx(seconds / limit, rel=0.02)
+        # printed rounded: a few ms over a limit of tens of ms moves the ratio by several %
+        assert ratio == pytest.approx(seconds / limit, rel=0.05)
         assert number(rf"^  batched images/s \({path}\) = ({NUM})", out) > 0
     for stage in ("member densenet (5 views)", "detector (network + NMS)"):
         # ms, GFLOP/s and ratio to the limit on every model stage

@@ -80,8 +80,15 @@ def test_reprocess_after_a_bundle_upgrade_sends_new_objects(tmp_path: Path,
         assert "queued 1 finished images again" in out.stdout
         node = start_node(upgraded_settings)
         try:
-            new = wait_for(lambda: set(pacs.received) - first, timeout=120)
+            wait_for(lambda: set(pacs.received) - first, timeout=120)
             wait_for(lambda: _finished(node.store, uid), timeout=120)
+
+            def sent_all() -> bool:  # every result object of the new run delivered
+                sends = node.store.status()["outbound"].get("pacs", {})
+                return sends.get("pending", 1) == 0 and sends.get("sending", 1) == 0
+
+            wait_for(sent_all, timeout=120)
+            new = set(pacs.received) - first
             results = node.store.study_results(study)
         finally:
             node.stop()
