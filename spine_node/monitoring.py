@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from sqlalchemy import case, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from spine_node.config import MonitoringSettings
@@ -251,7 +252,9 @@ def record_drift_check(store: JobStore, check: DriftCheck) -> bool:
     """Store a drift check; log a WARNING when it crosses the threshold (once per crossing).
 
     The alarm state lives in the database (``drift_alarms``), so of several workers checking
-    the same window only the first to see the crossing logs it. Falling back at or below
+    the same window only the first to see the crossing logs it. Two workers making the first
+    check at once both try to create the row; the one that loses runs its check again and
+    updates the row the other created. Falling back at or below
     the threshold is logged at INFO; "no reference" and "too few images" keep the state.
 
     Returns
@@ -281,7 +284,10 @@ def record_drift_check(store: JobStore, check: DriftCheck) -> bool:
             row.changed_at = now
         return was, now_alerting
 
-    was, alerting = store._run(record)
+    try:
+        was, alerting = store._run(record)
+    except IntegrityError:  # another worker created the alarm row at the same moment
+        was, alerting = store._run(record)
     if alerting and not was:
         logger.warning("score drift: %s (window of analysed images vs the bundle's validation "
                        "scores)", check.describe())

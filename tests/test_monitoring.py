@@ -180,3 +180,42 @@ def test_metrics_read_while_another_process_holds_the_write_lock(tmp_path: Path)
             writer.close()
     finally:
         store.close()
+
+
+class _LosesTheRace(JobStore):
+    """A worker whose first alarm transaction finds no row, then another worker commits it."""
+
+    def __init__(self, other: JobStore) -> None:
+        super().__init__(other.engine, other.clock)
+        self.other = other
+        self.raced = False
+
+    def _run(self, fn, wait_s=None):  # type: ignore[no-untyped-def]
+        if self.raced or getattr(fn, "__name__", "") != "record":
+            return super()._run(fn, wait_s)
+        self.raced = True
+
+        def interleaved(s):  # type: ignore[no-untyped-def]
+            out = fn(s)  # found no row and added one, not flushed yet
+            drift_check_job(self.other, HALVES, SETTINGS, 0.5)  # the other worker commits its row
+            return out
+
+        return super()._run(interleaved, wait_s)
+
+
+def test_two_workers_creating_the_alarm_at_once(store: JobStore,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    if store.engine.dialect.name == "sqlite":
+        pytest.skip("SQLite's BEGIN IMMEDIATE serialises the two transactions")
+    _record(store, 25, "negative", 0.1)
+    _record(store, 75, "positive", 0.9)  # drifted
+    loser = _LosesTheRace(store)
+    with caplog.at_level(logging.INFO, logger="spine_node.monitoring"):
+        check = drift_check_job(loser, HALVES, SETTINGS, 0.5)
+    assert loser.raced and check.state is DriftState.DRIFT
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1  # the winner logged the crossing; the loser updated its row
+    from spine_node.monitoring import alarm_state
+
+    state = alarm_state(store)
+    assert state is not None and state["alerting"] and state["n_window"] == 100
