@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 from pydicom import Dataset
 
-from spine_node.imaging import ImageError, PrepParams, prepare
+from spine_node.imaging import ImageError, PreparedImage, PrepParams, prepare
 from spine_node.isolation import DecoderCrash, IsolatedPreparer
 from spine_node.node import open_store, prepare_data_dir
 from spine_node.pipeline import Cascade
@@ -23,6 +25,7 @@ from tests.nodekit import make_image, node_settings
 
 pytest_plugins = ("tests.fixtures_models",)
 
+ROOT = Path(__file__).resolve().parents[1]
 PARAMS = PrepParams(triage_size=64, detect_size=64)
 
 
@@ -42,6 +45,68 @@ def _ds(tmp_path: Path, marker: str, seed: int = 0) -> Dataset:
     return ds
 
 
+def _areas() -> tuple[int, int]:
+    """Shared decoder areas this process holds: (open descriptors, mappings)."""
+    fds = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds += os.readlink(f"/proc/self/fd/{name}").startswith("/memfd:spine-node-decoder")
+        except OSError:  # the descriptor listdir itself used
+            pass
+    maps = Path("/proc/self/maps").read_text().count("/memfd:spine-node-decoder")
+    return fds, maps
+
+
+def _assert_same(got: PreparedImage, want: PreparedImage) -> None:
+    for name in ("rows", "columns", "photometric", "frame", "notes"):
+        assert getattr(got.source, name) == getattr(want.source, name), name
+    assert got.letterbox == want.letterbox
+    for g, w in ((got.source.pixels, want.source.pixels), (got.enhanced, want.enhanced),
+                 (got.triage, want.triage), (got.detect, want.detect)):
+        assert g.dtype == w.dtype
+        np.testing.assert_array_equal(g, w)
+        assert g.flags.writeable  # as prepare's own arrays: callers may draw on them
+
+
+def test_big_image_travels_through_the_shared_area(tmp_path: Path) -> None:
+    ds = make_image(tmp_path / "big.dcm", rows=1500, cols=1200, seed=3)
+    params = PrepParams(triage_size=128, detect_size=256)
+    before = _areas()
+    iso = IsolatedPreparer(timeout_s=60)
+    try:
+        for _ in range(2):  # the area is reused for the next image
+            _assert_same(iso(ds, params), prepare(ds, params))
+        assert (iso.requests_in_pipe, iso.results_in_pipe) == (0, 0)
+        assert _areas() == (before[0] + 1, before[1] + 1)
+    finally:
+        iso.close()
+    assert _areas() == before
+
+
+@pytest.mark.parametrize(
+    ("area_bytes", "requests_in_pipe"),
+    [(300_000, 0), (0, 2)],  # the request fits, the result does not; no area at all
+)
+def test_what_does_not_fit_the_area_goes_through_the_pipe(
+    tmp_path: Path, area_bytes: int, requests_in_pipe: int
+) -> None:
+    ds = _ds(tmp_path, "OK")  # 320 x 256: request ~170 kB, result ~700 kB
+    iso = IsolatedPreparer(hostile_prepare, timeout_s=60, area_bytes=area_bytes)
+    try:
+        for _ in range(2):
+            _assert_same(iso(ds, PARAMS), prepare(ds, PARAMS))
+        assert (iso.requests_in_pipe, iso.results_in_pipe) == (requests_in_pipe, 2)
+    finally:
+        iso.close()
+
+
+def test_area_size_is_checked() -> None:
+    with pytest.raises(ValueError, match="area_bytes must be >= 0, got -1"):
+        IsolatedPreparer(area_bytes=-1)
+    with pytest.raises(TypeError, match="area_bytes must be an int"):
+        IsolatedPreparer(area_bytes=1.5)  # type: ignore[arg-type]
+
+
 def test_isolated_result_equals_in_process(tmp_path: Path) -> None:
     ds = _ds(tmp_path, "OK")
     iso = IsolatedPreparer(hostile_prepare, timeout_s=60)
@@ -55,21 +120,26 @@ def test_isolated_result_equals_in_process(tmp_path: Path) -> None:
 
 
 def test_crash_and_hang_raise_and_the_child_is_replaced(tmp_path: Path) -> None:
+    before = _areas()
     iso = IsolatedPreparer(hostile_prepare, timeout_s=5)
     try:
         with pytest.raises(DecoderCrash, match="crashed"):
             iso(_ds(tmp_path, "CRASH"), PARAMS)
+        assert _areas() == before  # the dead child's area is gone with it
         t0 = time.monotonic()
         with pytest.raises(DecoderCrash, match="did not finish within 5 s"):
             iso(_ds(tmp_path, "HANG"), PARAMS)
         assert time.monotonic() - t0 < 30
+        assert _areas() == before
         assert iso(_ds(tmp_path, "OK"), PARAMS).triage.shape == (64, 64)
+        assert _areas() == (before[0] + 1, before[1] + 1)  # one area, the new child's
         bad = _ds(tmp_path, "OK", 1)
         del bad.PixelData
         with pytest.raises(ImageError, match="no pixel data"):
             iso(bad, PARAMS)
     finally:
         iso.close()
+    assert _areas() == before
 
 
 def test_worker_fails_only_the_crashing_job_then_reports_not_processed(
@@ -126,3 +196,59 @@ def test_start_up_is_timed_apart_from_decoding(tmp_path: Path) -> None:
         assert iso(_ds(tmp_path, "OK"), PARAMS).triage.shape == (64, 64)
     finally:
         iso.close()
+
+
+_SCRIPT = """
+import sys, time, multiprocessing
+from pydicom import dcmread
+from spine_node.imaging import PrepParams
+from spine_node.isolation import IsolatedPreparer
+
+if __name__ == "__main__":
+    ds, params = dcmread(sys.argv[1]), PrepParams(triage_size=64, detect_size=64)
+    iso = IsolatedPreparer()
+    iso(ds, params)
+    iso.close()
+    iso = IsolatedPreparer()
+    iso(ds, params)
+    print(*(p.pid for p in multiprocessing.active_children()), flush=True)
+    if sys.argv[2] == "wait":
+        time.sleep(3600)
+"""
+
+
+def test_no_resource_warnings_and_a_killed_parent_leaves_nothing(tmp_path: Path) -> None:
+    image = tmp_path / "img.dcm"
+    make_image(image, rows=320, cols=256).save_as(image, enforce_file_format=True)
+    script = tmp_path / "run.py"
+    script.write_text(_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # a normal exit (one preparer closed, one left to the interpreter's exit): nothing on stderr
+    done = subprocess.run([sys.executable, "-X", "dev", str(script), str(image), "exit"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no resource tracker "leaked shared_memory", no ResourceWarning
+    # a parent killed hard: its decoder child sees the pipe close and exits (the area, which
+    # has no name anywhere, goes with the last process that held it)
+    proc = subprocess.Popen([sys.executable, str(script), str(image), "wait"], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        (child,) = (int(pid) for pid in proc.stdout.readline().split())
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60
+        while _running(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(child)
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
