@@ -169,6 +169,19 @@ def test_latency_benchmark_runs_the_node_against_storescp(tmp_path: Path) -> Non
         assert "outside the models, positive images" in out
 
 
+def test_decoder_benchmark_prints_each_path() -> None:
+    proc = run_script("decoder.py", "--rows", "256", "--columns", "192", "--rounds", "2")
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr + out
+    assert "1 DX image 256x192 16-bit uncompressed" in out
+    floor = number(rf"^in-process\s+median ({NUM}) s", out)
+    for name in ("isolated, shared area", "isolated, pipe only"):
+        median = number(rf"^{name}\s+median ({NUM}) s", out)
+        extra = number(rf"^{name}\s+median {NUM} s, min {NUM} s\s+\(\+(-?{NUM}) s over", out)
+        assert extra == pytest.approx(median - floor, abs=2e-4)
+    assert "shared-area preparer: 0 requests and 0 results went through the pipe" in out
+
+
 def test_web_benchmark_prints_each_page_against_the_goal(tmp_path: Path) -> None:
     proc = run_script("web.py", "--studies", "120", "--requests", "3", "--workdir", str(tmp_path))
     out = proc.stdout
