@@ -182,12 +182,15 @@ class IsolatedPreparer:
     start_timeout_s : float
         How long a new child may take to start (spawn and imports: slow on a busy host).
     area_bytes : int
-        Size of the shared memory area the child writes results' arrays into (bytes; 0: none,
-        every result is pickled through the pipe). Memory is used only as far as results
-        reach; a larger result goes through the pipe.
+        Size of the shared memory area that carries the dataset to the child and the
+        prepared arrays back (bytes; 0: none, everything is pickled through the pipe). Memory
+        is used only as far as the largest image reaches; a request or result larger than the
+        area goes through the pipe.
 
     Raises
     ------
+    TypeError
+        For an ``area_bytes`` that is not an int.
     ValueError
         For a timeout <= 0 or a negative ``area_bytes``.
     """
