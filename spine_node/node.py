@@ -137,7 +137,7 @@ def check_tls_files(settings: Settings, roles: tuple[str, ...]) -> None:
     """
     import ssl
 
-    from spine_node.tls import client_ssl_context, server_ssl_context
+    from spine_node.tls import client_ssl_context, server_ssl_context, unreadable_files
 
     checks: list[tuple[str, Any, Any]] = []
     if "receiver" in roles and settings.tls.enabled:
@@ -149,17 +149,9 @@ def check_tls_files(settings: Settings, roles: tuple[str, ...]) -> None:
             if d.tls.enabled
         ]
     for key, tls, build in checks:
-        for field in ("certificate", "private_key", "ca_file"):
-            path = getattr(tls, field)
-            if path is None:
-                continue
-            try:
-                with open(path, "rb") as handle:
-                    handle.read(1)
-            except OSError as exc:
-                raise StartupError(
-                    f"{key}.{field} {str(path)!r} cannot be read: {exc.strerror or exc}"
-                ) from None
+        problem = unreadable_files(tls, key)
+        if problem is not None:
+            raise StartupError(problem)
         try:
             build(tls)
         except (ValueError, ssl.SSLError, OSError) as exc:

@@ -25,6 +25,38 @@ def _check_file(value: Path | None, key: str) -> Path:
     return Path(value)
 
 
+def unreadable_files(settings: object, prefix: str) -> str | None:
+    """Say which of ``settings``' certificate, private_key and ca_file cannot be read.
+
+    Used at start-up (receiver, dispatcher, web page), so that a missing or unreadable file
+    stops the start with the setting's name rather than failing on the first connection.
+
+    Parameters
+    ----------
+    settings : object
+        Anything with ``certificate``, ``private_key`` and ``ca_file`` attributes (paths or
+        None): :class:`~spine_node.config.TLSSettings`, the web settings.
+    prefix : str
+        The settings' name in the configuration (``"tls"``, ``"web"``, ...).
+
+    Returns
+    -------
+    str or None
+        ``"<prefix>.<field> '<path>' cannot be read: <reason>"`` for the first unreadable
+        file, None when every configured file can be read.
+    """
+    for field in ("certificate", "private_key", "ca_file"):
+        path = getattr(settings, field)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb") as handle:
+                handle.read(1)
+        except OSError as exc:
+            return f"{prefix}.{field} {str(path)!r} cannot be read: {exc.strerror or exc}"
+    return None
+
+
 def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(BCP195_CIPHERS)

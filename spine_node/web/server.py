@@ -78,17 +78,11 @@ def check_https(web: WebSettings) -> None:
     WebStartupError
         Naming the setting and file that cannot be read or used.
     """
-    for key in ("certificate", "private_key", "ca_file"):
-        path = getattr(web, key)
-        if path is None:
-            continue
-        try:
-            with open(path, "rb") as handle:
-                handle.read(1)
-        except OSError as exc:
-            raise WebStartupError(
-                f"web.{key} {str(path)!r} cannot be read: {exc.strerror or exc}"
-            ) from None
+    from spine_node.tls import unreadable_files
+
+    problem = unreadable_files(web, "web")
+    if problem is not None:
+        raise WebStartupError(problem)
     if web.certificate is None:
         return
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
