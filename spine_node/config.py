@@ -273,7 +273,7 @@ class Settings(_Strict):
     send_backoff_max_s: float = Field(default=3600.0, gt=0)
     send_backoff_jitter: float = Field(default=0.2, ge=0, le=1)
     send_batch_size: int = Field(default=50, ge=1, le=10000)
-    sweep_interval_s: float = Field(default=2.0, gt=0)
+    sweep_interval_s: float = Field(default=0.5, gt=0)
     spool_retention_h: float = Field(default=168.0, ge=0)
     outbox_retention_h: float = Field(default=720.0, ge=0)
     status_max_queue_age_s: float = Field(default=900.0, gt=0)

@@ -9,7 +9,10 @@ connection, delivered only on an accepting ACK, ``spine_node.mllp``). A failed s
 with exponential backoff
 and jitter; after the last attempt it is ``dead`` (visible in ``spine-node status``, requeued by
 ``spine-node replay``). A retried send reuses the stored object, so its SOP Instance UID never
-changes. APScheduler drives the periodic sweeps (sends, expired leases, spool retention).
+changes. A :class:`DispatchLoop` thread runs the sweeps of sends: every ``sweep_interval_s``
+and, when the worker runs in the same process, at once when the worker has committed a result
+whose sends are queued (:meth:`DispatchLoop.wake`). APScheduler drives the other periodic
+sweeps (expired leases, spool and outbox retention).
 
 At a DICOM destination with ``storage_commitment`` an object the peer stored is ``committing``:
 on the same association the dispatcher requests Storage Commitment for the batch
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import threading
 import time
 import urllib.request
 from collections import defaultdict
@@ -71,6 +75,7 @@ from spine_node.store import (
     SendState,
 )
 from spine_node.tls import client_ssl_context
+from spine_node.transport import low_latency_handlers
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +158,11 @@ def echo(destination: DicomDestination, calling_ae: str, timeout_s: float = 10.0
         (client_ssl_context(destination.tls), destination.host) if destination.tls.enabled else None
     )
     assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls,
+        evt_handlers=low_latency_handlers(),
     )
     if not assoc.is_established:
         return None
@@ -376,10 +385,10 @@ class Dispatcher:
     ) -> Any:
         """Request an association with ``dest`` proposing ``contexts`` (plus Storage
         Commitment, with the report handler bound, when the destination asks for it)."""
-        handlers: list[Any] = []
+        handlers: list[Any] = low_latency_handlers()
         if dest.storage_commitment:
             contexts = [*contexts, *COMMITMENT_CONTEXTS]
-            handlers = [(evt.EVT_N_EVENT_REPORT, handle_report, [self.report_context])]
+            handlers.append((evt.EVT_N_EVENT_REPORT, handle_report, [self.report_context]))
         ae = _scu_ae(self.settings.calling_ae, self.settings.timeout_s, contexts)
         tls = (client_ssl_context(dest.tls), dest.host) if dest.tls.enabled else None
         return ae.associate(
@@ -693,20 +702,96 @@ def heartbeat_retention_sweep(store: JobStore, retention_s: float) -> int:
     return len(owners)
 
 
-def start_scheduler(
-    settings: Settings, store: JobStore, dispatcher: Dispatcher | None
-) -> BackgroundScheduler:
-    """Start the periodic sweeps: sends, expired leases and spool retention."""
+class DispatchLoop:
+    """Runs the dispatcher's sweeps in one thread: every ``interval_s``, and at once when woken.
+
+    A worker in the same process calls :meth:`wake` after it commits a result whose sends are
+    queued, so the objects leave without waiting for the next interval; a dispatcher in a
+    process of its own is never woken and sweeps every ``interval_s``. A wake that comes while
+    a sweep runs is never lost: another sweep starts as soon as that one ends (it claims what
+    the running one did not). A sweep that claimed a full batch (``batch_size``) is followed at
+    once too. :meth:`stop` lets the running sweep finish, then the thread ends.
+
+    Parameters
+    ----------
+    sweep : callable
+        One sweep; returns how many sends it attempted (:meth:`Dispatcher.run_once`).
+    interval_s : float
+        Seconds between sweeps when not woken (``sweep_interval_s``).
+    batch_size : int
+        The most sends one sweep claims (``send_batch_size``).
+
+    Raises
+    ------
+    TypeError
+        When ``sweep`` is not callable.
+    ValueError
+        When ``interval_s`` or ``batch_size`` is not positive.
+    """
+
+    def __init__(self, sweep: Callable[[], int], interval_s: float, batch_size: int) -> None:
+        if not callable(sweep):
+            raise TypeError(f"sweep must be callable, got {type(sweep).__name__}")
+        if not interval_s > 0:
+            raise ValueError(f"interval_s must be positive, got {interval_s!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self._sweep = sweep
+        self.interval_s = float(interval_s)
+        self.batch_size = batch_size
+        self._woken = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def wake(self) -> None:
+        """Ask for a sweep now (thread-safe; cheap; a wake during a sweep makes another)."""
+        self._woken.set()
+
+    def start(self) -> DispatchLoop:
+        """Start the sweeping thread (the first sweep runs at once); return ``self``."""
+        if self._thread is not None:
+            raise RuntimeError("the dispatch loop was already started")
+        self._thread = threading.Thread(target=self.run, name="dispatcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def is_alive(self) -> bool:
+        """True while the sweeping thread runs."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop: the sweep in progress finishes, no other starts; wait for the thread."""
+        self._stopping.set()
+        self._woken.set()  # end the wait between sweeps
+        if self._thread is not None:
+            self._thread.join()
+
+    def run(self) -> None:
+        """Sweep until :meth:`stop` (called by :meth:`start`'s thread)."""
+        while not self._stopping.is_set():
+            # cleared before the sweep claims: a wake from now on is seen after it
+            self._woken.clear()
+            try:
+                attempted = self._sweep()
+            except Exception:
+                logger.exception("dispatcher sweep failed; the next one runs as usual")
+                attempted = 0
+            if attempted >= self.batch_size:
+                continue  # more may be due at once
+            self._woken.wait(self.interval_s)
+
+
+def start_dispatch_loop(settings: Settings, dispatcher: Dispatcher) -> DispatchLoop:
+    """Start the sweeps of sends every ``sweep_interval_s`` (and whenever woken)."""
+    return DispatchLoop(
+        dispatcher.run_once, settings.sweep_interval_s, settings.send_batch_size
+    ).start()
+
+
+def start_scheduler(settings: Settings, store: JobStore) -> BackgroundScheduler:
+    """Start the periodic sweeps other than sends: expired leases and retention."""
     scheduler = BackgroundScheduler(daemon=True)
     common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": None}
-    if dispatcher is not None:
-        scheduler.add_job(
-            dispatcher.run_once,
-            "interval",
-            seconds=settings.sweep_interval_s,
-            id="dispatch",
-            **common,
-        )
     scheduler.add_job(
         store.expire_leases,
         "interval",

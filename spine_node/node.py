@@ -9,6 +9,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -230,8 +231,17 @@ def destination_refs(settings: Settings) -> tuple[DestinationRef, ...]:
     return tuple(DestinationRef(d.name, DestinationKind(d.kind)) for d in settings.destinations)
 
 
-def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
-    """Create a worker over a loaded cascade."""
+def build_worker(
+    settings: Settings,
+    store: JobStore,
+    cascade: Any,
+    sends_queued: Callable[[], None] | None = None,
+) -> Any:
+    """Create a worker over a loaded cascade.
+
+    ``sends_queued`` is called whenever the worker has queued sends (a dispatcher in the same
+    process: ``DispatchLoop.wake``); None when the dispatcher runs elsewhere (it polls).
+    """
     from spine_node.oru import hl7_headers
     from spine_node.results.builder import ResultOptions, build_results
     from spine_node.study_report import StudyReporter, StudyReportSettings
@@ -285,6 +295,7 @@ def build_worker(settings: Settings, store: JobStore, cascade: Any) -> Any:
             retry_delay_s=settings.job_retry_delay_s,
             destinations=destination_refs(settings),
         ),
+        sends_queued=sends_queued,
     )
 
 
@@ -434,6 +445,7 @@ class RunningNode:
     server: Any = None
     web: Any = None
     scheduler: Any = None
+    dispatch_loop: Any = None
     worker_thread: threading.Thread | None = None
     heartbeat_thread: threading.Thread | None = None
     stop_event: threading.Event | None = None
@@ -442,14 +454,16 @@ class RunningNode:
     def alive(self) -> bool:
         """True while the started roles' threads run (the systemd watchdog is pinged only then).
 
-        The worker and heartbeat threads must be alive and the sweep scheduler running; a
-        role whose thread died leaves the process up but useless, and the missing watchdog
-        pings let systemd restart it.
+        The worker, heartbeat and dispatcher threads must be alive and the sweep scheduler
+        running; a role whose thread died leaves the process up but useless, and the missing
+        watchdog pings let systemd restart it.
         """
         for thread in (self.worker_thread, self.heartbeat_thread):
             if thread is not None and not thread.is_alive():
                 return False
         if self.web is not None and not self.web.thread.is_alive():
+            return False
+        if self.dispatch_loop is not None and not self.dispatch_loop.is_alive():
             return False
         return self.scheduler is None or bool(self.scheduler.running)
 
@@ -465,6 +479,8 @@ class RunningNode:
             self.worker_thread.join()
         if self.heartbeat_thread is not None:
             self.heartbeat_thread.join()
+        if self.dispatch_loop is not None:
+            self.dispatch_loop.stop()  # after the worker: its last wake is not needed
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
         close = getattr(getattr(self.cascade, "preparer", None), "close", None)
@@ -555,9 +571,23 @@ def start_node(
             node.web = start_web_role(settings, store, token)
         if "worker" in roles and cascade is None:
             cascade = load_cascade(settings)
+        if "dispatcher" in roles:
+            from spine_node.dispatcher import Dispatcher, dispatch_settings, start_dispatch_loop
+
+            dispatcher = Dispatcher(
+                store,
+                settings.destinations,
+                settings.outbox_dir,
+                dispatch_settings(settings),
+                random.Random(),
+                audit=AuditLog(settings.audit_path),
+            )
+            node.dispatch_loop = start_dispatch_loop(settings, dispatcher)
         if "worker" in roles:
             node.cascade = cascade
-            worker = build_worker(settings, store, cascade)
+            # in one process the worker wakes the dispatcher when it has queued sends
+            wake = None if node.dispatch_loop is None else node.dispatch_loop.wake
+            worker = build_worker(settings, store, cascade, sends_queued=wake)
             node.stop_event = threading.Event()
             node.worker_thread = threading.Thread(
                 target=worker.run, args=(node.stop_event,), name="worker", daemon=False
@@ -576,19 +606,9 @@ def start_node(
             node.heartbeat_thread = threading.Thread(target=heartbeat.run, name="heartbeat")
             node.heartbeat_thread.start()
         if "dispatcher" in roles or "worker" in roles:
-            from spine_node.dispatcher import Dispatcher, dispatch_settings, start_scheduler
+            from spine_node.dispatcher import start_scheduler
 
-            dispatcher = None
-            if "dispatcher" in roles:
-                dispatcher = Dispatcher(
-                    store,
-                    settings.destinations,
-                    settings.outbox_dir,
-                    dispatch_settings(settings),
-                    random.Random(),
-                    audit=AuditLog(settings.audit_path),
-                )
-            node.scheduler = start_scheduler(settings, store, dispatcher)
+            node.scheduler = start_scheduler(settings, store)
             if "worker" in roles:
                 schedule_drift_check(node.scheduler, settings, store, cascade)
     except BaseException:

@@ -116,6 +116,11 @@ class Worker:
         Where received images are and where result objects are written.
     settings : WorkerSettings
         Batch size, lease, attempts, destinations.
+    sends_queued : callable, optional
+        Called (no arguments) each time the worker has committed sends: after an image's
+        result with its result objects, after a study summary. A dispatcher in the same
+        process is woken this way (``DispatchLoop.wake``) instead of waiting for its next
+        sweep. It must be quick and must not raise.
     """
 
     def __init__(
@@ -127,7 +132,10 @@ class Worker:
         spool_dir: Path,
         outbox_dir: Path,
         settings: WorkerSettings,
+        sends_queued: Callable[[], None] | None = None,
     ) -> None:
+        if sends_queued is not None and not callable(sends_queued):
+            raise TypeError(f"sends_queued must be callable or None, got {type(sends_queued).__name__}")
         self.store = store
         self.cascade = cascade
         self.build_results = build_results
@@ -135,6 +143,7 @@ class Worker:
         self.spool_dir = spool_dir
         self.outbox_dir = outbox_dir
         self.settings = settings
+        self.sends_queued = sends_queued
         self._rng = random.Random()  # jitter of the owed study reports' backoff
 
     def run(self, stop: threading.Event) -> None:
@@ -223,7 +232,14 @@ class Worker:
                 continue
             done += 1
             logger.info("owed study summary attempt %d made", attempt, extra=study_log)
+        if done:
+            self._sends_queued()
         return done
+
+    def _sends_queued(self) -> None:
+        """Tell the dispatcher (same process) that sends were committed."""
+        if self.sends_queued is not None:
+            self.sends_queued()
 
     def _study_source(self, study: OwedStudy) -> Dataset | None:
         """A header of one of the study's images: from the spool, else rebuilt from a result
@@ -362,6 +378,8 @@ class Worker:
         payload = record.to_json()
         outcome = JobOutcome(result.status, result.score, result.reason, payload)
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends, spent)
+        if sends:
+            self._sends_queued()
         try:
             Monitor(self.store).worker_job_done(self.settings.owner, job.job_id)
         except Exception as exc:  # the heartbeat is for status only; the job is recorded
@@ -375,6 +393,8 @@ class Worker:
                 logger.exception(
                     "job %d: the study summary could not be updated", job.job_id, extra=_fields(job)
                 )
+            else:
+                self._sends_queued()  # the summary's sends, when it changed
         logger.info(
             "job %d: %s%s score=%s findings=%d objects=%d",
             job.job_id,

@@ -156,3 +156,43 @@ def test_the_stored_file_is_sent_as_encoded_not_decoded_and_re_encoded(tmp_path:
     finally:
         server.shutdown()
         store.close()
+
+
+def test_outgoing_associations_send_at_once_and_acknowledge_at_once(tmp_path: Path) -> None:
+    """DCMTK storescp writes each DIMSE response in two pieces with Nagle on: the node's own
+    associations disable Nagle (TCP_NODELAY) and re-arm TCP_QUICKACK after each PDU sent, so
+    no exchange waits for a delayed acknowledgement (the latency benchmark shows the time)."""
+    import socket
+
+    from pynetdicom import evt
+
+    from spine_node.transport import low_latency_handlers
+
+    pacs = StoreSCP(tmp_path / "pacs").start()
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.port}],
+    )
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    try:
+        uids = _queue_objects(settings, store, 2, tmp_path)
+        dispatcher = Dispatcher(store, settings.destinations, settings.outbox_dir,
+                                dispatch_settings(settings), random.Random(0))
+        assoc = dispatcher._associate(settings.destination("pacs"), [])
+        try:
+            assert assoc.is_established
+            raw = assoc.dul.socket.socket
+            assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+            bound = {event for event, *_ in low_latency_handlers()}
+            assert bound == {evt.EVT_CONN_OPEN, evt.EVT_DATA_SENT}
+            assert all(assoc.get_handlers(event) for event in bound)
+        finally:
+            assoc.release()
+        assert dispatcher.run_once() == 2  # and the objects go out on such an association
+        assert store.status()["outbound"]["pacs"]["sent"] == 2
+        got = sorted(str(dcmread(p).SOPInstanceUID) for p in pacs.received())
+        assert got == sorted(uids)
+    finally:
+        pacs.stop()
+        store.close()

@@ -146,7 +146,7 @@ def test_workers_not_seen_for_the_retention_are_forgotten(
     with pytest.raises(ValueError, match="older_than_s"):
         monitor.prune_workers(0)
     caplog.set_level(logging.INFO, logger="spine_node.dispatcher")
-    scheduler = start_scheduler(settings, store, None)
+    scheduler = start_scheduler(settings, store)
     try:
         wait_for(lambda: [w["owner"] for w in monitor.workers()] == [WORKER.owner], timeout=60)
     finally:
