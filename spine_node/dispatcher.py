@@ -385,7 +385,7 @@ class Dispatcher:
     ) -> Any:
         """Request an association with ``dest`` proposing ``contexts`` (plus Storage
         Commitment, with the report handler bound, when the destination asks for it)."""
-        handlers: list[Any] = low_latency_handlers()
+        handlers: list[Any] = list(low_latency_handlers())
         if dest.storage_commitment:
             contexts = [*contexts, *COMMITMENT_CONTEXTS]
             handlers.append((evt.EVT_N_EVENT_REPORT, handle_report, [self.report_context]))

@@ -58,6 +58,7 @@ from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.events import EventHandlerType
 from pynetdicom.transport import RequestHandler, ThreadedAssociationServer
 
 logger = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ def _on_data_sent(event: Any) -> None:
         logger.debug("TCP_QUICKACK not set: %s", exc)
 
 
-def low_latency_handlers() -> list[tuple[Any, Any]]:
+def low_latency_handlers() -> list[EventHandlerType]:
     """pynetdicom event handlers for an outgoing association: no Nagle, no delayed ACK.
 
     Pass them in ``evt_handlers`` of ``AE.associate``. Against a peer that writes a PDU in
