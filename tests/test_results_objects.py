@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from spine_node import imaging
 from spine_node.results import codes, uids
 from spine_node.results.builder import ResultOptions, build_results, reference_dataset
-from spine_node.results.overlay import banner_lines, upscale_factor
+from spine_node.results.overlay import banner_lines, to_uint8, upscale_factor
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -460,3 +460,18 @@ def test_threshold_is_stated_never_defaulted():
     )
     assert CascadeResult.from_json(refused.to_json()) == refused
     assert refused.to_json()["threshold"] is None
+
+
+def test_display_values_map_to_8_bits_as_rounded_clipped_products() -> None:
+    """The overlay's 8-bit conversion is round(255 v) clipped to 0..255 (half to even, as
+    numpy.rint), NaN and -inf 0, +inf 255, for float32 and float64 input."""
+    rng = np.random.default_rng(3)
+    values = (rng.random((64, 48)) * 1.4 - 0.2).astype(np.float32)
+    values[0, :8] = [np.nan, np.inf, -np.inf, 0.5 / 255, 1.5 / 255, 2.5 / 255, 1.0, 0.0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = np.clip(np.rint(np.nan_to_num(values) * np.float32(255.0)), 0, 255)
+    for array in (values, values.astype(np.float64)):
+        got = to_uint8(array)
+        assert got.dtype == np.uint8 and got.shape == values.shape
+        np.testing.assert_array_equal(got, expected.astype(np.uint8))
+    assert list(to_uint8(values)[0, :8]) == [0, 255, 0, 0, 2, 2, 255, 0]

@@ -106,7 +106,7 @@ def render_overlay(
         raise ValueError(f"pixels must be a non-empty 2-D array, got shape {array.shape}")
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(f"pixels must be floating point in [0, 1], got {array.dtype}")
-    image = np.clip(np.rint(np.nan_to_num(array) * 255.0), 0, 255).astype(np.uint8)
+    image = to_uint8(array)
     scale = upscale_factor(image.shape[1])
     if scale > 1:
         image = cv2.resize(
@@ -148,6 +148,30 @@ def render_overlay(
 
     banner = _banner(banner_lines(result, model), width, font_scale, thickness)
     return np.vstack([banner, image])
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Map display values in ``[0, 1]`` to 8 bits: ``round(255 * v)``, clipped to 0..255.
+
+    Rounds half to even (as ``numpy.rint``); NaN gives 0, +inf 255, -inf 0. One float32
+    temporary, clipped in place, and OpenCV's rounding conversion: a few ms for 2500 x 2000
+    pixels, where ``clip(rint(nan_to_num(v) * 255))`` made five full-size temporaries.
+
+    Parameters
+    ----------
+    pixels : numpy.ndarray
+        float, shape (rows, columns).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, same shape.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        scaled = np.multiply(pixels, np.float32(255.0), dtype=np.float32)
+    np.fmax(scaled, 0.0, out=scaled)  # NaN -> 0, negatives -> 0 (convertScaleAbs takes |v|)
+    np.minimum(scaled, 255.0, out=scaled)  # +inf -> 255
+    return cv2.convertScaleAbs(scaled)  # rounds half to even, as numpy.rint
 
 
 def upscale_factor(columns: int) -> int:
