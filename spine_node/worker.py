@@ -110,7 +110,8 @@ class Worker:
     build_results : ResultBuilder
         Makes the SR / SC / GSPS datasets for one image.
     report_study : StudyReportFn or None
-        Called after each recorded result, and for owed reports when idle
+        Called once per study of a batch after the batch's results are recorded (after a
+        result at once outside batches), and for owed reports when idle
         (:meth:`report_owed`): keeps the study summary (priority) true.
     spool_dir, outbox_dir : pathlib.Path
         Where received images are and where result objects are written.
@@ -303,17 +304,21 @@ class Worker:
             break
         else:
             return
-        if readable:
-            for (job, ds), result in zip(readable, results, strict=True):
-                try:
-                    self._finish(job, ds, result)
-                    self._note_analysed(job, analysed[job.job_id])
-                except LeaseLost as exc:
-                    logger.warning("job %d: %s; result discarded", job.job_id, exc, extra=_fields(job))
-                except Exception as exc:
-                    logger.exception("job %d: could not record the result", job.job_id, extra=_fields(job))
-                    self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
-                leases.release(job.job_id)
+        # every image's result first (each commit wakes the dispatcher), then the study
+        # summaries: one per study of the batch, made from its state after the whole batch
+        summaries: dict[str, tuple[ClaimedJob, Dataset]] = {}
+        for (job, ds), result in zip(readable, results, strict=True):
+            try:
+                self._finish(job, ds, result, summaries)
+                self._note_analysed(job, analysed[job.job_id])
+            except LeaseLost as exc:
+                logger.warning("job %d: %s; result discarded", job.job_id, exc, extra=_fields(job))
+            except Exception as exc:
+                logger.exception("job %d: could not record the result", job.job_id, extra=_fields(job))
+                self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
+            leases.release(job.job_id)
+        for job, ds in summaries.values():
+            self._report(job, ds)
 
     def _amend_previous(self, job: ClaimedJob, objects: Sequence[Dataset]) -> None:
         """Make the new per-image SR amend the SR of the image's previous analysis (reprocess or
@@ -353,7 +358,15 @@ class Worker:
             logger.warning("job %d: decoder crash not counted: %s", job.job_id, exc,
                            extra=_fields(job))
 
-    def _finish(self, job: ClaimedJob, ds: Dataset, result: CascadeResult) -> None:
+    def _finish(
+        self,
+        job: ClaimedJob,
+        ds: Dataset,
+        result: CascadeResult,
+        summaries: dict[str, tuple[ClaimedJob, Dataset]] | None = None,
+    ) -> None:
+        """Build, write and record the image's result objects; then update the study summary,
+        or, with ``summaries``, leave that to the caller (the batch's last image of each study)."""
         model = self.cascade.model_info
         revision = Monitor(self.store).analysis_revision(job.job_id)
         if revision != 1:  # re-sent with other content: new objects, new UIDs
@@ -386,15 +399,6 @@ class Worker:
             logger.warning(
                 "job %d: last-job heartbeat not written: %s", job.job_id, exc, extra=_fields(job)
             )
-        if self.report_study is not None:
-            try:  # the image's result is recorded; the study summary follows from it
-                self.report_study(job.study_instance_uid, ds)
-            except Exception:
-                logger.exception(
-                    "job %d: the study summary could not be updated", job.job_id, extra=_fields(job)
-                )
-            else:
-                self._sends_queued()  # the summary's sends, when it changed
         logger.info(
             "job %d: %s%s score=%s findings=%d objects=%d",
             job.job_id,
@@ -405,6 +409,24 @@ class Worker:
             len(objects),
             extra=_fields(job),
         )
+        if summaries is None:
+            self._report(job, ds)
+        else:
+            summaries[job.study_instance_uid] = (job, ds)
+
+    def _report(self, job: ClaimedJob, ds: Dataset) -> None:
+        """Update the study summary after ``job``'s result was recorded (an error is logged:
+        the summary stays owed, :meth:`report_owed`)."""
+        if self.report_study is None:
+            return
+        try:
+            self.report_study(job.study_instance_uid, ds)
+        except Exception:
+            logger.exception(
+                "job %d: the study summary could not be updated", job.job_id, extra=_fields(job)
+            )
+        else:
+            self._sends_queued()  # the summary's sends, when it changed
 
     def _threshold(self) -> float:
         """The bundle's decision threshold, stated in every report (never a library default)."""

@@ -563,3 +563,24 @@ def test_the_owed_report_is_cleared_only_by_the_report_that_read_every_result(
     assert owed() == []
     assert not bare_store.advance_study(STUDY, images_key).changed
     assert owed() == []
+
+
+def test_a_batch_makes_one_summary_per_study_after_all_its_images(tmp_path: Path) -> None:
+    """Two images of the study claimed in one batch: both results are recorded (and their
+    objects queued) first, then one summary revision lists both; no revision per image."""
+    node = Study(tmp_path, {})
+    bundle = bundle_key(node.cascade.model_info)
+    try:
+        first, second = node.receive("first", 1), node.receive("second", 2)
+        node.cascade.script[str(first.SOPInstanceUID)] = NEGATIVE
+        node.cascade.script[str(second.SOPInstanceUID)] = POSITIVE
+        assert node.worker.run_once() == 2
+        _, sr1 = node.outbox(study_document_uid(STUDY, bundle, 1))
+        refs = sr1.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
+        listed = {r.ReferencedSOPSequence[0].ReferencedSOPInstanceUID for r in refs}
+        assert listed == {str(first.SOPInstanceUID), str(second.SOPInstanceUID)}
+        assert not (node.settings.outbox_dir
+                    / relative_name(study_document_uid(STUDY, bundle, 2))).exists()
+        assert [w["revision"] for w in node.webhooks()] == [1]
+    finally:
+        node.store.close()
