@@ -27,7 +27,9 @@ from spine_node.config import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
     DicomDestination,
+    Hl7Destination,
     Settings,
+    WebhookDestination,
     config_path,
     load_settings,
 )
@@ -204,15 +206,33 @@ def cmd_echo(args: argparse.Namespace) -> int:
         print(f"spine-node: {exc.args[0]}", file=sys.stderr)
         return 2
     if not isinstance(dest, DicomDestination):
-        print(f"spine-node: destination {dest.name!r} is of kind {dest.kind!r}, "
-              "C-ECHO needs a DICOM destination", file=sys.stderr)
-        return 2
+        return _echo_tcp(dest, args.timeout)
     status = echo(dest, settings.ae_title, timeout_s=args.timeout)
     if status == 0:
         print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO success")
         return 0
     what = "no association" if status is None else f"status 0x{status:04X}"
     print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO failed: {what}")
+    return 1
+
+
+def _echo_tcp(dest: Hl7Destination | WebhookDestination, timeout_s: float) -> int:
+    """The reachability check of an HL7 or webhook destination (they have no C-ECHO)."""
+    from spine_node.reach import check_connect, url_endpoint
+
+    if isinstance(dest, Hl7Destination):
+        host, port, tls = dest.host, dest.port, False
+        what = "MLLP TCP connection accepted (HL7 v2 has no echo message; results are " \
+            "confirmed by their ACKs)"
+    else:
+        host, port, tls = url_endpoint(dest.url)
+        what = ("TLS connection verified" if tls else "TCP connection accepted") + \
+            " (no request sent; results are confirmed by the receiver's 2xx answer)"
+    problem = check_connect(host, port, timeout_s, tls=tls)
+    if problem is None:
+        print(f"{dest.name} ({dest.kind} {host}:{port}): {what}")
+        return 0
+    print(f"{dest.name} ({dest.kind} {host}:{port}): not reachable: {problem}")
     return 1
 
 
@@ -421,7 +441,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_status)
 
-    p = with_config(sub.add_parser("echo", help="C-ECHO a configured destination"))
+    p = with_config(sub.add_parser(
+        "echo",
+        help="C-ECHO a configured DICOM destination; for an HL7 or webhook destination, "
+        "check that it accepts a connection",
+    ))
     p.add_argument("name")
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(func=cmd_echo)

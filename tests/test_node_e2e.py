@@ -202,3 +202,37 @@ def test_sigterm_finishes_the_current_batch_then_exits(tmp_path: Path, tiny_bund
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=120)
+
+
+def test_echo_of_hl7_and_webhook_destinations(tmp_path: Path, tiny_bundle: Path,
+                                              pacs: CountingPACS) -> None:
+    """HL7 and webhook destinations have no C-ECHO: echo checks that they accept a connection."""
+    import socket
+
+    from spine_node.config import Hl7Destination, WebhookDestination
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    open_port = listener.getsockname()[1]
+    closed = socket.create_server(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there any more
+    settings = _settings(tmp_path, tiny_bundle, pacs)
+    settings = settings.model_copy(update={"destinations": (
+        *settings.destinations,
+        Hl7Destination(kind="hl7", name="ris", host="127.0.0.1", port=open_port),
+        Hl7Destination(kind="hl7", name="ris-down", host="127.0.0.1", port=closed_port),
+        WebhookDestination(kind="webhook", name="hook", url=f"http://127.0.0.1:{open_port}/ai"),
+    )})
+    config = write_config(tmp_path / "node.toml", settings)
+    try:
+        def echo(name: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, "echo", name, "--config", str(config), "--timeout", "5"],
+                                  capture_output=True, text=True, timeout=60)
+
+        ris, down, hook = echo("ris"), echo("ris-down"), echo("hook")
+    finally:
+        listener.close()
+    assert ris.returncode == 0, ris.stdout + ris.stderr
+    assert f"ris (hl7 127.0.0.1:{open_port}): MLLP TCP connection accepted" in ris.stdout
+    assert down.returncode == 1 and "not reachable" in down.stdout, down.stdout + down.stderr
+    assert hook.returncode == 0 and "TCP connection accepted" in hook.stdout, hook.stdout
