@@ -96,11 +96,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     dead_logged = False
     try:
         while not stop.wait(pause):
-            if node.alive():
+            problem = node.problem()
+            if problem is None:
                 notifier.watchdog()
             elif not dead_logged:  # no more pings: systemd's watchdog restarts the service
-                logging.getLogger(__name__).error("a role's thread stopped; watchdog not pinged")
-                notifier.status("a role's thread stopped")
+                logging.getLogger(__name__).error("%s; watchdog not pinged", problem)
+                notifier.status(problem)
                 dead_logged = True
     finally:
         notifier.stopping()

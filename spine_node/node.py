@@ -22,6 +22,7 @@ from spine_node.store import DestinationKind, DestinationRef, JobStore, Monitor,
 
 if TYPE_CHECKING:
     from spine_node.metrics import BundleInfo
+    from spine_node.worker import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -450,22 +451,36 @@ class RunningNode:
     heartbeat_thread: threading.Thread | None = None
     stop_event: threading.Event | None = None
     cascade: Any = None
+    worker_progress: Progress | None = None
+    worker_stall_s: float = 600.0
+
+    def problem(self) -> str | None:
+        """Why the node no longer works, or None while it does (the watchdog is pinged then).
+
+        The worker, heartbeat and dispatcher threads must be alive, the sweep scheduler running
+        and the worker's loop must have moved within ``worker_stall_s`` (the job lease: a batch
+        that has not finished by then is hung, its leases renewed for nothing). A role whose
+        thread died or hangs leaves the process up but useless; the missing watchdog pings let
+        systemd restart it.
+        """
+        for name, thread in (("worker", self.worker_thread), ("heartbeat", self.heartbeat_thread)):
+            if thread is not None and not thread.is_alive():
+                return f"the {name} thread stopped"
+        if self.web is not None and not self.web.thread.is_alive():
+            return "the web server thread stopped"
+        if self.dispatch_loop is not None and not self.dispatch_loop.is_alive():
+            return "the dispatch loop stopped"
+        if self.scheduler is not None and not self.scheduler.running:
+            return "the sweep scheduler stopped"
+        if self.worker_progress is not None:
+            idle = self.worker_progress.idle_s()
+            if idle > self.worker_stall_s:
+                return f"the worker's batch has not finished for {idle:.0f} s (hung)"
+        return None
 
     def alive(self) -> bool:
-        """True while the started roles' threads run (the systemd watchdog is pinged only then).
-
-        The worker, heartbeat and dispatcher threads must be alive and the sweep scheduler
-        running; a role whose thread died leaves the process up but useless, and the missing
-        watchdog pings let systemd restart it.
-        """
-        for thread in (self.worker_thread, self.heartbeat_thread):
-            if thread is not None and not thread.is_alive():
-                return False
-        if self.web is not None and not self.web.thread.is_alive():
-            return False
-        if self.dispatch_loop is not None and not self.dispatch_loop.is_alive():
-            return False
-        return self.scheduler is None or bool(self.scheduler.running)
+        """True while :meth:`problem` finds none."""
+        return self.problem() is None
 
     def stop(self) -> None:
         """Stop accepting, let the worker finish its batch, stop the sweeps, close the queue."""
@@ -593,6 +608,8 @@ def start_node(
                 target=worker.run, args=(node.stop_event,), name="worker", daemon=False
             )
             node.worker_thread.start()
+            node.worker_progress = worker.progress
+            node.worker_stall_s = settings.lease_s
             info = cascade.model_info
             identity = WorkerIdentity(
                 owner=worker.settings.owner,

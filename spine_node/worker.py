@@ -21,6 +21,7 @@ import hashlib
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,28 @@ ResultBuilder = Callable[[Dataset, CascadeResult, ModelInfo], list[Dataset]]
 #: After an image's result is recorded: (study instance UID as received, source dataset).
 #: Sends the study-level summary (study priority) when it changed (``study_report``).
 StudyReportFn = Callable[[str, Dataset], Any]
+
+
+class Progress:
+    """When a loop last made progress (monotonic clock), read from another thread.
+
+    Parameters
+    ----------
+    clock : callable, optional
+        Seconds on a monotonic clock (injected by tests).
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._at = clock()
+
+    def mark(self) -> None:
+        """Record progress now."""
+        self._at = self.clock()
+
+    def idle_s(self) -> float:
+        """Seconds since the last :meth:`mark` (or since creation)."""
+        return self.clock() - self._at
 
 
 @dataclass(frozen=True)
@@ -146,9 +169,14 @@ class Worker:
         self.settings = settings
         self.sends_queued = sends_queued
         self._rng = random.Random()  # jitter of the owed study reports' backoff
+        self.progress = Progress()
 
     def run(self, stop: threading.Event) -> None:
-        """Process jobs until ``stop`` is set; the batch in hand is always finished."""
+        """Process jobs until ``stop`` is set; the batch in hand is always finished.
+
+        :attr:`progress` is marked before each batch and after it, so that a batch that never
+        returns (a hung decoder or model call) shows as a growing :meth:`Progress.idle_s`.
+        """
         logger.info(
             "worker %s started (model %s %s)",
             self.settings.owner,
@@ -156,11 +184,13 @@ class Worker:
             self.cascade.model_info.version,
         )
         while not stop.is_set():
+            self.progress.mark()
             try:
                 done = self.run_once()
             except Exception:
                 logger.exception("worker %s: unexpected error, continuing", self.settings.owner)
                 done = 0
+            self.progress.mark()
             if done == 0:
                 stop.wait(self.settings.poll_s)
         logger.info("worker %s stopped", self.settings.owner)
