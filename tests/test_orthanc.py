@@ -223,9 +223,12 @@ def test_positive_gsps_replay_and_rerun_add_nothing(tmp_path: Path, orthanc: Ort
     # image 0 positive with two findings, image 1 negative; image 2 fails once, then negative
     cascade = ScriptedCascade({uids[0]: POSITIVE, uids[1]: NEGATIVE}, fail_once=[uids[2]])
     numbers = (7701, 7702, 7703)
+    # one image per batch: a batch gives one summary revision per study, and the revisions
+    # counted here (one per image) must not depend on how images arrive into batches
     settings = _settings(
         tmp_path,
         orthanc,
+        worker_batch_size=1,
         results={
             "gsps": True,
             "sr_series_number": 7701,
@@ -295,6 +298,7 @@ def test_positive_gsps_replay_and_rerun_add_nothing(tmp_path: Path, orthanc: Ort
         tmp_path,
         orthanc,
         data="data-rerun",
+        worker_batch_size=1,
         results={
             "gsps": True,
             "sr_series_number": 7701,
