@@ -285,6 +285,7 @@ class NodeCollector(Collector):
             None if bundle is None else bundle.score_reference,
             self.monitoring,
             None if bundle is None else bundle.threshold,
+            bundle_version=None if bundle is None else bundle.version,
         )
         check = window.check
         yield GaugeMetricFamily(
@@ -305,8 +306,14 @@ class NodeCollector(Collector):
         )
         yield GaugeMetricFamily(
             "spine_node_score_window_images",
-            "Scored (positive or negative) images in the drift window",
+            "Scored (positive or negative) images of the bundle in use in the drift window",
             value=float(check.n_window),
+        )
+        yield GaugeMetricFamily(
+            "spine_node_score_window_other_bundle_images",
+            "Scored images in the drift window left out of it: analysed by another bundle "
+            "version, or recorded before the node kept the bundle's version",
+            value=float(window.n_other_bundles),
         )
         yield GaugeMetricFamily(
             "spine_node_score_window_positive_ratio",
@@ -438,6 +445,7 @@ METRIC_NAMES = (
     "spine_node_score_drift_alert",
     "spine_node_score_drift_threshold",
     "spine_node_score_window_images",
+    "spine_node_score_window_other_bundle_images",
     "spine_node_score_window_positive_ratio",
 )
 

@@ -164,22 +164,42 @@ def daily_outcomes(store: JobStore, days: int, now: float | None = None) -> list
     ]
 
 
-def window_scores(store: JobStore, since: float) -> np.ndarray:
-    """Ensemble scores of the images analysed (positive or negative) since ``since`` (epoch s)."""
+def _window_filter(since: float) -> Any:
+    return (Result.created_at >= since) & Result.status.in_(
+        [Status.POSITIVE.value, Status.NEGATIVE.value]
+    ) & Result.score.is_not(None)
+
+
+def window_scores(store: JobStore, since: float, bundle_version: str | None) -> np.ndarray:
+    """Ensemble scores of the images analysed (positive or negative) since ``since`` (epoch s)
+    by the bundle of version ``bundle_version``.
+
+    Results of another bundle version, and those recorded before the node kept the bundle's
+    version (``bundle_version`` NULL), are left out: their scores are not comparable with this
+    bundle's reference. ``bundle_version`` None selects nothing (no bundle in use).
+    """
+    if bundle_version is None:
+        return np.zeros(0, dtype=np.float64)
 
     def scores(s: Session) -> list[float]:
         return [
             float(v or 0.0)
             for v in s.scalars(
                 select(Result.score).where(
-                    (Result.created_at >= since)
-                    & Result.status.in_([Status.POSITIVE.value, Status.NEGATIVE.value])
-                    & Result.score.is_not(None)
+                    _window_filter(since) & (Result.bundle_version == bundle_version)
                 )
             )
         ]
 
     return np.asarray(store.read(scores), dtype=np.float64)
+
+
+def window_analysed(store: JobStore, since: float) -> int:
+    """How many images were analysed (scored positive or negative) since ``since`` (epoch s),
+    by any bundle (unknown ones included)."""
+    return int(store.read(
+        lambda s: s.scalar(select(func.count(Result.id)).where(_window_filter(since)))
+    ) or 0)
 
 
 @dataclass(frozen=True)
@@ -198,6 +218,11 @@ class ScoreWindow:
         Fraction of the window's scores at or above ``threshold`` (None without scores).
     window_days : float
         The window's length.
+    bundle_version : str or None
+        The bundle in use, whose results alone are in the window (``check.n_window`` images).
+    n_analysed : int
+        Images analysed in the window by any bundle: those of an earlier bundle, or recorded
+        before the node kept the bundle's version, are ``n_analysed - check.n_window``.
     """
 
     check: DriftCheck
@@ -205,6 +230,13 @@ class ScoreWindow:
     window_counts: tuple[int, ...]
     positive_rate: float | None
     window_days: float
+    bundle_version: str | None = None
+    n_analysed: int = 0
+
+    @property
+    def n_other_bundles(self) -> int:
+        """Images of the window left out: another bundle's, or of unknown bundle."""
+        return max(0, self.n_analysed - self.check.n_window)
 
 
 def score_window(
@@ -213,8 +245,11 @@ def score_window(
     settings: MonitoringSettings,
     threshold: float | None,
     now: float | None = None,
+    *,
+    bundle_version: str | None,
 ) -> ScoreWindow:
-    """Read the window's scores and compare them with ``reference`` (:func:`check_drift`).
+    """Read the window's scores of the bundle in use and compare them with ``reference``
+    (:func:`check_drift`).
 
     Parameters
     ----------
@@ -228,9 +263,13 @@ def score_window(
         The bundle's decision threshold, for the window's positive rate.
     now : float, optional
         Epoch seconds (default: the store's clock).
+    bundle_version : str or None
+        Version of the bundle whose reference this is: only its results are in the window
+        and the positive rate (:func:`window_scores`).
     """
     now = store.clock() if now is None else now
-    scores = window_scores(store, now - settings.window_days * 86400.0)
+    since = now - settings.window_days * 86400.0
+    scores = window_scores(store, since, bundle_version)
     check = check_drift(
         reference,
         scores,
@@ -245,7 +284,8 @@ def score_window(
     rate = None
     if threshold is not None and scores.size:
         rate = float(np.mean(scores >= threshold))
-    return ScoreWindow(check, reference, counts, rate, settings.window_days)
+    return ScoreWindow(check, reference, counts, rate, settings.window_days, bundle_version,
+                       window_analysed(store, since))
 
 
 def record_drift_check(store: JobStore, check: DriftCheck) -> bool:
@@ -302,9 +342,11 @@ def drift_check_job(
     reference: ScoreReference | None,
     settings: MonitoringSettings,
     threshold: float | None,
+    bundle_version: str | None,
 ) -> DriftCheck:
-    """The periodic check a worker runs (scheduler): read the window, record, log a crossing."""
-    window = score_window(store, reference, settings, threshold)
+    """The periodic check a worker runs (scheduler): read the window of the worker's bundle
+    (``bundle_version``), record, log a crossing."""
+    window = score_window(store, reference, settings, threshold, bundle_version=bundle_version)
     record_drift_check(store, window.check)
     return window.check
 

@@ -508,8 +508,10 @@ def schedule_drift_check(scheduler: Any, settings: Settings, store: JobStore, ca
     """Check score drift every ``monitoring.check_interval_s`` in a worker process.
 
     The reference is the worker's bundle's (``manifest.score_reference``; a bundle without
-    one gives "no reference"). The first check runs at start. Several workers may check: the
-    alarm state in the database makes the WARNING appear once per crossing.
+    one gives "no reference"), compared with that bundle's results only (its
+    ``model_info.version``, which the worker records with each result). The first check runs
+    at start. Several workers may check: the alarm state in the database makes the WARNING
+    appear once per crossing.
     """
     from datetime import UTC, datetime
 
@@ -518,11 +520,12 @@ def schedule_drift_check(scheduler: Any, settings: Settings, store: JobStore, ca
     manifest = getattr(cascade, "manifest", None)
     reference = getattr(manifest, "score_reference", None)
     threshold = getattr(manifest, "threshold", None)
+    version = getattr(getattr(cascade, "model_info", None), "version", None)
     scheduler.add_job(
         drift_check_job,
         "interval",
         seconds=settings.monitoring.check_interval_s,
-        args=[store, reference, settings.monitoring, threshold],
+        args=[store, reference, settings.monitoring, threshold, version],
         id="drift",
         next_run_time=datetime.now(UTC),
         max_instances=1,

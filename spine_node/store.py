@@ -244,6 +244,8 @@ class Result(Base):
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     payload: Mapped[str] = mapped_column(Text)
     created_at: Mapped[float] = mapped_column(Float)
+    #: version of the model bundle that produced it (None: recorded before the node kept it)
+    bundle_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Outbound(Base):
@@ -342,6 +344,7 @@ _ADDED_COLUMNS = (
     ("outbound", "commit_attempts", "INTEGER NOT NULL DEFAULT 0"),
     ("study_states", "report_failures", "INTEGER NOT NULL DEFAULT 0"),
     ("study_states", "report_retry_at", "FLOAT"),
+    ("results", "bundle_version", "VARCHAR(64)"),
 )
 
 
@@ -532,17 +535,24 @@ class JobOutcome:
         As in the result.
     payload : dict
         The result's JSON form (``ResultRecord.to_json``).
+    bundle_version : str or None
+        Version of the model bundle that produced it (``ModelInfo.version``; the score drift
+        window counts only the results of the bundle in use). None: no bundle (tests).
 
     Raises
     ------
+    TypeError
+        When ``bundle_version`` is neither a string nor None.
     ValueError
-        When ``status`` names no :class:`Status`.
+        When ``status`` names no :class:`Status`, or ``bundle_version`` is empty or longer
+        than 64 characters.
     """
 
     status: Status
     score: float | None
     reason: str | None
     payload: dict[str, Any]
+    bundle_version: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -551,6 +561,11 @@ class JobOutcome:
             raise ValueError(
                 f"outcome status must be one of {[s.value for s in Status]}, got {self.status!r}"
             ) from None
+        version = self.bundle_version
+        if version is not None and not isinstance(version, str):
+            raise TypeError(f"bundle_version must be a str or None, got {type(version).__name__}")
+        if version is not None and not 0 < len(version) <= 64:
+            raise ValueError(f"bundle_version must be 1 to 64 characters, got {version!r}")
 
 
 @dataclass(frozen=True)
@@ -1057,6 +1072,7 @@ class JobStore:
                 reason=outcome.reason,
                 payload=json.dumps(outcome.payload, sort_keys=True),
                 created_at=now,
+                bundle_version=outcome.bundle_version,
             )
             s.add(result)
             s.flush()

@@ -419,7 +419,7 @@ class Worker:
             job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)
         )
         payload = record.to_json()
-        outcome = JobOutcome(result.status, result.score, result.reason, payload)
+        outcome = JobOutcome(result.status, result.score, result.reason, payload, model.version)
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends, spent)
         if sends:
             self._sends_queued()

@@ -1,6 +1,7 @@
 """Model monitoring over the durable queue: the window's PSI against a reference with a known
-value, the WARNING logged once per crossing (even with several checkers), daily rates and
-not-processed reasons by kind."""
+value, the WARNING logged once per crossing (even with several checkers), only the bundle in
+use's results in the window (after an upgrade, and the column added to an older database),
+daily rates and not-processed reasons by kind."""
 
 from __future__ import annotations
 
@@ -10,11 +11,12 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import text
 
 from spine_node.config import MonitoringSettings
-from spine_node.drift import DriftState, ScoreReference
+from spine_node.drift import DriftState, ScoreReference, psi
 from spine_node.metrics import read_metrics
 from spine_node.monitoring import (
     daily_outcomes,
@@ -36,6 +38,7 @@ DAY = 86400.0
 T0 = 1_790_000_000.0  # a fixed UTC instant: 2026-09-21
 HALVES = ScoreReference(bin_edges=(0.0, 0.5, 1.0), counts=(50, 50), source="synthetic")
 SETTINGS = MonitoringSettings(window_days=7, drift_threshold=0.25, min_window_images=20)
+VERSION = "2.0"  # the bundle in use
 
 
 class Clock:
@@ -47,7 +50,8 @@ class Clock:
 
 
 def _record(store: JobStore, n: int, status: str, score: float | None = None,
-            reason: str | None = None, send: bool = False) -> None:
+            reason: str | None = None, send: bool = False,
+            bundle_version: str | None = VERSION) -> None:
     """Receive ``n`` images and finish their jobs with this outcome (the worker's calls)."""
     for _ in range(n):
         i = store.status()["instances"]
@@ -56,7 +60,7 @@ def _record(store: JobStore, n: int, status: str, score: float | None = None,
                                              "1.2.840.10008.1.2.1", "MOD", f"{uid}.dcm", 10))
         (job,) = store.claim_jobs("w", 60.0, 1, 3)
         sends = [SendSpec("pacs", DestinationKind.DICOM, f"{uid}.9", "x.dcm")] if send else []
-        store.complete_job(job.job_id, "w", JobOutcome(status, score, reason, {}), sends,
+        store.complete_job(job.job_id, "w", JobOutcome(status, score, reason, {}, bundle_version), sends,
                            {"triage": 0.2, "results": 0.05})
 
 
@@ -79,18 +83,18 @@ def test_drift_warns_once_per_crossing(store: JobStore, caplog: pytest.LogCaptur
     clock = store.clock
     assert isinstance(clock, Clock)
     _record(store, 5, "negative", 0.1)
-    check = drift_check_job(store, HALVES, SETTINGS, 0.5)
+    check = drift_check_job(store, HALVES, SETTINGS, 0.5, VERSION)
     assert check.state is DriftState.TOO_FEW_IMAGES
     _record(store, 20, "negative", 0.1)
     _record(store, 75, "positive", 0.9)  # window 25 % / 75 % against 50 % / 50 %
     with caplog.at_level(logging.INFO, logger="spine_node.monitoring"):
-        first = drift_check_job(store, HALVES, SETTINGS, 0.5)
-        again = drift_check_job(store, HALVES, SETTINGS, 0.5)  # another worker, same window
+        first = drift_check_job(store, HALVES, SETTINGS, 0.5, VERSION)
+        again = drift_check_job(store, HALVES, SETTINGS, 0.5, VERSION)  # another worker, same window
     assert first.psi == pytest.approx(0.25 * math.log(2) + 0.25 * math.log(1.5))
     assert first.state is DriftState.DRIFT and again.state is DriftState.DRIFT
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "PSI 0.275 over 100 images" in warnings[0].getMessage()
-    window = score_window(store, HALVES, SETTINGS, 0.5)
+    window = score_window(store, HALVES, SETTINGS, 0.5, bundle_version=VERSION)
     assert window.window_counts == (25, 75) and window.positive_rate == pytest.approx(0.75)
     # eight days later the old scores left the window; new ones match the reference
     clock.now = T0 + 8 * DAY
@@ -98,10 +102,61 @@ def test_drift_warns_once_per_crossing(store: JobStore, caplog: pytest.LogCaptur
     _record(store, 30, "positive", 0.8)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="spine_node.monitoring"):
-        back = drift_check_job(store, HALVES, SETTINGS, 0.5)
+        back = drift_check_job(store, HALVES, SETTINGS, 0.5, VERSION)
     assert back.state is DriftState.OK and back.psi == pytest.approx(0.0)
     assert [r.levelno for r in caplog.records] == [logging.INFO]  # "score drift over"
-    assert drift_check_job(store, None, SETTINGS, 0.5).state is DriftState.NO_REFERENCE
+    assert drift_check_job(store, None, SETTINGS, 0.5, VERSION).state is DriftState.NO_REFERENCE
+
+
+def test_window_counts_only_the_bundle_in_use(store: JobStore) -> None:
+    """After an upgrade the old bundle's scores (and those of unknown bundle) in the window move
+    neither the new bundle's PSI nor its positive rate; a drift of the new bundle is found."""
+    # the old bundle 1.0 scored high (its own distribution), rows from before the column: low
+    _record(store, 80, "positive", 0.9, bundle_version="1.0")
+    _record(store, 10, "negative", 0.1, bundle_version=None)
+    _record(store, 15, "negative", 0.2)
+    _record(store, 15, "positive", 0.7)  # the new bundle matches its reference: 50 % / 50 %
+    window = score_window(store, HALVES, SETTINGS, 0.5, bundle_version=VERSION)
+    assert window.check.state is DriftState.OK and window.check.psi == pytest.approx(0.0)
+    assert window.check.n_window == 30 and window.window_counts == (15, 15)
+    assert window.positive_rate == pytest.approx(0.5)
+    assert window.n_analysed == 120 and window.n_other_bundles == 90
+    # every result of the window counted together would have raised a false alarm
+    mixed = [0.9] * 80 + [0.1] * 10 + [0.2] * 15 + [0.7] * 15
+    assert psi(HALVES, np.asarray(mixed)) > SETTINGS.drift_threshold
+    old = score_window(store, HALVES, SETTINGS, 0.5, bundle_version="1.0")
+    assert old.check.n_window == 80 and old.window_counts == (0, 80)
+    assert score_window(store, HALVES, SETTINGS, 0.5, bundle_version=None).check.n_window == 0
+    # a real drift of the new bundle: now 15 / 75 (1/6, 5/6) against 50 % / 50 %
+    _record(store, 60, "positive", 0.8)
+    check = drift_check_job(store, HALVES, SETTINGS, 0.5, VERSION)
+    assert check.state is DriftState.DRIFT and check.n_window == 90
+    assert check.psi == pytest.approx((math.log(3) + math.log(5 / 3)) / 3)
+    with pytest.raises(ValueError, match="bundle_version"):
+        JobOutcome("negative", 0.1, None, {}, "")
+    with pytest.raises(TypeError, match="bundle_version"):
+        JobOutcome("negative", 0.1, None, {}, 2)  # type: ignore[arg-type]
+
+
+def test_opening_an_older_database_adds_the_bundle_column(store: JobStore) -> None:
+    """A database made before results recorded their bundle gets the column on open; its old
+    rows stay NULL and are left out of the window."""
+    _record(store, 25, "positive", 0.9)
+    url = store.engine.url.render_as_string(hide_password=False)
+    with store.engine.begin() as conn:
+        conn.execute(text("ALTER TABLE results DROP COLUMN bundle_version"))
+    store.close()
+    reopened = JobStore.open(url, clock=Clock(T0))
+    try:
+        with reopened.engine.connect() as conn:
+            versions = conn.execute(text("SELECT bundle_version FROM results")).scalars().all()
+        assert len(versions) == 25 and set(versions) == {None}
+        _record(reopened, 20, "negative", 0.1)
+        window = score_window(reopened, HALVES, SETTINGS, 0.5, bundle_version=VERSION)
+        assert window.check.n_window == 20 and window.n_analysed == 45
+        assert window.window_counts == (20, 0) and window.positive_rate == 0.0
+    finally:
+        reopened.close()
 
 
 def test_daily_rates_and_reasons(store: JobStore) -> None:
@@ -197,7 +252,7 @@ class _LosesTheRace(JobStore):
 
         def interleaved(s):  # type: ignore[no-untyped-def]
             out = fn(s)  # found no row and added one, not flushed yet
-            drift_check_job(self.other, HALVES, SETTINGS, 0.5)  # the other worker commits its row
+            drift_check_job(self.other, HALVES, SETTINGS, 0.5, VERSION)  # the other worker commits its row
             return out
 
         return super()._run(interleaved, wait_s)
@@ -211,7 +266,7 @@ def test_two_workers_creating_the_alarm_at_once(store: JobStore,
     _record(store, 75, "positive", 0.9)  # drifted
     loser = _LosesTheRace(store)
     with caplog.at_level(logging.INFO, logger="spine_node.monitoring"):
-        check = drift_check_job(loser, HALVES, SETTINGS, 0.5)
+        check = drift_check_job(loser, HALVES, SETTINGS, 0.5, VERSION)
     assert loser.raced and check.state is DriftState.DRIFT
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1  # the winner logged the crossing; the loser updated its row

@@ -519,21 +519,27 @@ def test_monitoring_page_compares_scores_with_the_bundles_reference(web: Web,
         "monitoring": MonitoringSettings(min_window_images=1, drift_threshold=0.25),
         "web": web.settings.web.model_copy(update={"port": free_port()}),
     })
+    info = bundle_info(str(bundle))
+    assert info is not None
     server = start_web(settings, create_app(settings, web.node.store,
                                             guard=Guard(token=TOKEN, max_age_s=600),
-                                            bundle_info=bundle_info(str(bundle))))
+                                            bundle_info=info))
     try:
         headers = {"Authorization": f"Bearer {TOKEN}"}
         base = f"http://127.0.0.1:{server.port}"
-        scores = window_scores(web.node.store, 0.0)
+        # the worker recorded its bundle's version with each result: the window holds them
+        scores = window_scores(web.node.store, 0.0, info.version)
+        assert len(scores) > 0
         expected = psi(reference.score_reference, scores)
         html = httpx.get(base + "/monitoring", headers=headers, timeout=30).text
         assert f"PSI {expected:.3f} over {len(scores)} images" in html
+        assert f"(version {info.version}) count: {len(scores)} of the" in html
         assert html.count("<svg") == 3 and "synthetic (200 images)" in html
         assert ("Score drift:" in html) == (expected > 0.25)
         families = _families(httpx.get(base + "/metrics", headers=headers, timeout=30).text)
         assert _value(families, "spine_node_score_drift_psi") == pytest.approx(expected)
         assert _value(families, "spine_node_score_window_images") == len(scores)
+        assert _value(families, "spine_node_score_window_other_bundle_images") == 0
         assert _value(families, "spine_node_score_drift_alert") == float(expected > 0.25)
     finally:
         server.stop()

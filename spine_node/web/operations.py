@@ -109,8 +109,9 @@ def monitoring_view(
     """Everything the monitoring page shows, read now."""
     monitoring = settings.monitoring
     reference = None if bundle is None else bundle.score_reference
-    window = score_window(store, reference, monitoring, None if bundle is None else
-                          bundle.threshold)
+    window = score_window(store, reference, monitoring,
+                          None if bundle is None else bundle.threshold,
+                          bundle_version=None if bundle is None else bundle.version)
     days = daily_outcomes(store, monitoring.history_days)
     totals = reason_counts(days)
     return {
