@@ -710,7 +710,9 @@ class DispatchLoop:
     process of its own is never woken and sweeps every ``interval_s``. A wake that comes while
     a sweep runs is never lost: another sweep starts as soon as that one ends (it claims what
     the running one did not). A sweep that claimed a full batch (``batch_size``) is followed at
-    once too. :meth:`stop` lets the running sweep finish, then the thread ends.
+    once too. :meth:`wait_idle` waits until no woken sweep is pending or running (the worker
+    lets the image objects leave before it builds study summaries: both need the
+    interpreter). :meth:`stop` lets the running sweep finish, then the thread ends.
 
     Parameters
     ----------
@@ -739,18 +741,37 @@ class DispatchLoop:
         self._sweep = sweep
         self.interval_s = float(interval_s)
         self.batch_size = batch_size
-        self._woken = threading.Event()
-        self._stopping = threading.Event()
+        self._state = threading.Condition()
+        self._woken = False  # a wake not yet served by a sweep started after it
+        self._sweeping = False
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     def wake(self) -> None:
-        """Ask for a sweep now (thread-safe; cheap; a wake during a sweep makes another)."""
-        self._woken.set()
+        """Ask for a sweep now (thread-safe; a wake during a sweep makes another)."""
+        with self._state:
+            self._woken = True
+            self._state.notify_all()
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no sweep is asked for or running (at most ``timeout_s`` seconds).
+
+        Returns
+        -------
+        bool
+            True when idle (or stopped), False when ``timeout_s`` passed first.
+        """
+        with self._state:
+            return self._state.wait_for(
+                lambda: self._stopping or not (self._woken or self._sweeping), timeout_s
+            )
 
     def start(self) -> DispatchLoop:
         """Start the sweeping thread (the first sweep runs at once); return ``self``."""
         if self._thread is not None:
             raise RuntimeError("the dispatch loop was already started")
+        with self._state:
+            self._woken = True  # the first sweep: sends left by an earlier run
         self._thread = threading.Thread(target=self.run, name="dispatcher", daemon=True)
         self._thread.start()
         return self
@@ -761,24 +782,34 @@ class DispatchLoop:
 
     def stop(self) -> None:
         """Stop: the sweep in progress finishes, no other starts; wait for the thread."""
-        self._stopping.set()
-        self._woken.set()  # end the wait between sweeps
+        with self._state:
+            self._stopping = True
+            self._state.notify_all()
         if self._thread is not None:
             self._thread.join()
 
     def run(self) -> None:
         """Sweep until :meth:`stop` (called by :meth:`start`'s thread)."""
-        while not self._stopping.is_set():
-            # cleared before the sweep claims: a wake from now on is seen after it
-            self._woken.clear()
+        attempted = 0
+        while True:
+            with self._state:
+                if attempted < self.batch_size and not self._woken and not self._stopping:
+                    self._state.wait(self.interval_s)  # until woken, stopped or the interval
+                if self._stopping:
+                    self._state.notify_all()
+                    return
+                # taken before the sweep claims: a wake from now on makes another sweep
+                self._woken = False
+                self._sweeping = True
             try:
                 attempted = self._sweep()
             except Exception:
                 logger.exception("dispatcher sweep failed; the next one runs as usual")
                 attempted = 0
-            if attempted >= self.batch_size:
-                continue  # more may be due at once
-            self._woken.wait(self.interval_s)
+            finally:
+                with self._state:
+                    self._sweeping = False
+                    self._state.notify_all()
 
 
 def start_dispatch_loop(settings: Settings, dispatcher: Dispatcher) -> DispatchLoop:

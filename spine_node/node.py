@@ -9,7 +9,6 @@ import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,7 +21,7 @@ from spine_node.store import DestinationKind, DestinationRef, JobStore, Monitor,
 
 if TYPE_CHECKING:
     from spine_node.metrics import BundleInfo
-    from spine_node.worker import Progress
+    from spine_node.worker import DispatchNotice, Progress
 
 logger = logging.getLogger(__name__)
 
@@ -236,12 +235,12 @@ def build_worker(
     settings: Settings,
     store: JobStore,
     cascade: Any,
-    sends_queued: Callable[[], None] | None = None,
+    dispatch: DispatchNotice | None = None,
 ) -> Any:
     """Create a worker over a loaded cascade.
 
-    ``sends_queued`` is called whenever the worker has queued sends (a dispatcher in the same
-    process: ``DispatchLoop.wake``); None when the dispatcher runs elsewhere (it polls).
+    ``dispatch`` is the dispatcher loop of the same process (``DispatchLoop``: woken whenever the
+    worker has queued sends, see ``Worker``); None when the dispatcher runs elsewhere (it polls).
     """
     from spine_node.oru import hl7_headers
     from spine_node.results.builder import ResultOptions, build_results
@@ -296,7 +295,7 @@ def build_worker(
             retry_delay_s=settings.job_retry_delay_s,
             destinations=destination_refs(settings),
         ),
-        sends_queued=sends_queued,
+        dispatch=dispatch,
     )
 
 
@@ -604,8 +603,7 @@ def start_node(
         if "worker" in roles:
             node.cascade = cascade
             # in one process the worker wakes the dispatcher when it has queued sends
-            wake = None if node.dispatch_loop is None else node.dispatch_loop.wake
-            worker = build_worker(settings, store, cascade, sends_queued=wake)
+            worker = build_worker(settings, store, cascade, dispatch=node.dispatch_loop)
             node.stop_event = threading.Event()
             node.worker_thread = threading.Thread(
                 target=worker.run, args=(node.stop_event,), name="worker", daemon=False

@@ -1421,7 +1421,12 @@ class JobStore:
         return self._run(replay)
 
     def status(self) -> dict[str, Any]:
-        """Counts for ``spine-node status``."""
+        """Counts for ``spine-node status``.
+
+        ``summaries_owed``: studies with a recorded result whose summary report is not queued
+        yet (a worker makes it after its batch, once the batch's objects have left, or an
+        idle worker makes it later; see ``Worker``): work still to come.
+        """
         now = self.clock()
 
         def status(s: Session) -> dict[str, Any]:
@@ -1442,6 +1447,9 @@ class JobStore:
             results = {}
             for status, n in s.execute(select(Result.status, func.count()).group_by(Result.status)):
                 results[status] = n
+            owed = s.scalar(
+                select(func.count()).where(StudyState.report_due_at.is_not(None))
+            )
             categories = {"image": 0, "not_image": 0, "out_of_scope": 0}
             for category, n in s.execute(
                 select(Instance.category, func.count()).group_by(Instance.category)
@@ -1453,6 +1461,7 @@ class JobStore:
                 "jobs": jobs,
                 "results": results,
                 "outbound": outbound,
+                "summaries_owed": owed or 0,
                 "oldest_queued_age_s": None if oldest is None else round(now - oldest, 3),
             }
 

@@ -57,9 +57,24 @@ logger = logging.getLogger(__name__)
 REPORT_OWED_AFTER_S = 5.0
 #: At most this many owed study reports are made per idle poll.
 REPORT_OWED_PER_POLL = 8
+#: The most a worker waits, after a batch that emptied the queue, for the dispatcher to send the
+#: batch's objects before it builds the study summaries (seconds).
+SUMMARY_WAIT_S = 1.0
 #: After an owed study report fails, the next is tried no earlier than this backoff: 30 s,
 #: doubling per failure in a row, at most 1 hour (stored in ``study_states.report_retry_at``).
 REPORT_RETRY_BACKOFF = Backoff(base_s=30.0, cap_s=3600.0, jitter=0.1)
+
+
+class DispatchNotice(Protocol):
+    """The dispatcher of the worker's process, as the worker sees it (``DispatchLoop``)."""
+
+    def wake(self) -> None:
+        """Sends were committed: sweep now."""
+        ...
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no sweep is asked for or running; False when ``timeout_s`` passed."""
+        ...
 
 
 class CascadeLike(Protocol):
@@ -140,11 +155,13 @@ class Worker:
         Where received images are and where result objects are written.
     settings : WorkerSettings
         Batch size, lease, attempts, destinations.
-    sends_queued : callable, optional
-        Called (no arguments) each time the worker has committed sends: after an image's
-        result with its result objects, after a study summary. A dispatcher in the same
-        process is woken this way (``DispatchLoop.wake``) instead of waiting for its next
-        sweep. It must be quick and must not raise.
+    dispatch : DispatchNotice, optional
+        The dispatcher of the same process (``DispatchLoop``): woken each time the worker has
+        committed sends (an image's result objects, a study summary) instead of waiting for
+        its next sweep. After a batch that emptied the queue the worker lets it send the
+        batch's objects (:meth:`DispatchNotice.wait_idle`, at most :data:`SUMMARY_WAIT_S`)
+        before it builds the study summaries: both need the interpreter, and the objects are
+        what the radiologist waits for. None when the dispatcher runs elsewhere (it polls).
     """
 
     def __init__(
@@ -156,10 +173,14 @@ class Worker:
         spool_dir: Path,
         outbox_dir: Path,
         settings: WorkerSettings,
-        sends_queued: Callable[[], None] | None = None,
+        dispatch: DispatchNotice | None = None,
     ) -> None:
-        if sends_queued is not None and not callable(sends_queued):
-            raise TypeError(f"sends_queued must be callable or None, got {type(sends_queued).__name__}")
+        if dispatch is not None and not (
+            callable(getattr(dispatch, "wake", None)) and callable(getattr(dispatch, "wait_idle", None))
+        ):
+            raise TypeError(
+                f"dispatch must have wake() and wait_idle(), got {type(dispatch).__name__}"
+            )
         self.store = store
         self.cascade = cascade
         self.build_results = build_results
@@ -167,7 +188,7 @@ class Worker:
         self.spool_dir = spool_dir
         self.outbox_dir = outbox_dir
         self.settings = settings
-        self.sends_queued = sends_queued
+        self.dispatch = dispatch
         self._rng = random.Random()  # jitter of the owed study reports' backoff
         self.progress = Progress()
 
@@ -211,7 +232,12 @@ class Worker:
             return 0
         ids = [job.job_id for job in jobs]
         with LeaseRenewer(self.store, self.settings.owner, ids, self.settings.lease_s) as leases:
-            self._process(jobs, leases)
+            summaries = self._process(jobs, leases)
+        if summaries and self.dispatch is not None and len(jobs) < self.settings.batch_size:
+            # the queue was empty at the claim: let this batch's objects leave first
+            self.dispatch.wait_idle(SUMMARY_WAIT_S)
+        for job, ds in summaries.values():
+            self._report(job, ds)
         return len(jobs)
 
     def report_owed(self) -> int:
@@ -269,8 +295,8 @@ class Worker:
 
     def _sends_queued(self) -> None:
         """Tell the dispatcher (same process) that sends were committed."""
-        if self.sends_queued is not None:
-            self.sends_queued()
+        if self.dispatch is not None:
+            self.dispatch.wake()
 
     def _study_source(self, study: OwedStudy) -> Dataset | None:
         """A header of one of the study's images: from the spool, else rebuilt from a result
@@ -294,8 +320,14 @@ class Worker:
                 return header
         return None
 
-    def _process(self, jobs: Sequence[ClaimedJob], leases: LeaseRenewer) -> None:
-        """Process one claimed batch while ``leases`` keeps its leases alive."""
+    def _process(
+        self, jobs: Sequence[ClaimedJob], leases: LeaseRenewer
+    ) -> dict[str, tuple[ClaimedJob, Dataset]]:
+        """Process one claimed batch while ``leases`` keeps its leases alive.
+
+        Returns the study summaries still to make: per study of the batch, its last image
+        recorded (job and dataset); every image's result is recorded first.
+        """
         readable: list[tuple[ClaimedJob, Dataset]] = []
         analysed: dict[int, str] = {}  # job id -> SHA-256 of the file read (re-send detection)
         for job in jobs:
@@ -330,12 +362,12 @@ class Worker:
             except Exception as exc:
                 for job, ds in readable:
                     self._fail(job, ds, f"cascade error: {type(exc).__name__}: {exc}")
-                return
+                return {}
             break
         else:
-            return
-        # every image's result first (each commit wakes the dispatcher), then the study
-        # summaries: one per study of the batch, made from its state after the whole batch
+            return {}
+        # every image's result first (each commit wakes the dispatcher); the caller then makes
+        # one summary per study of the batch, from its state after the whole batch
         summaries: dict[str, tuple[ClaimedJob, Dataset]] = {}
         for (job, ds), result in zip(readable, results, strict=True):
             try:
@@ -347,8 +379,7 @@ class Worker:
                 logger.exception("job %d: could not record the result", job.job_id, extra=_fields(job))
                 self._fail(job, ds, f"result error: {type(exc).__name__}: {exc}")
             leases.release(job.job_id)
-        for job, ds in summaries.values():
-            self._report(job, ds)
+        return summaries
 
     def _amend_previous(self, job: ClaimedJob, objects: Sequence[Dataset]) -> None:
         """Make the new per-image SR amend the SR of the image's previous analysis (reprocess or

@@ -111,9 +111,10 @@ def _outbound(store: JobStore) -> dict[str, int]:
 
 def _settled(store: JobStore, n_jobs: int) -> dict[str, int] | None:
     """Send counts once the jobs are done and nothing is on its way any more."""
-    jobs = store.status()["jobs"]
+    status = store.status()
+    jobs = status["jobs"]
     sends = _outbound(store)
-    if jobs["done"] != n_jobs or not sends:
+    if jobs["done"] != n_jobs or not sends or status["summaries_owed"]:
         return None
     if sends["pending"] or sends["sending"] or sends["committing"]:
         return None

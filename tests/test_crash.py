@@ -146,7 +146,7 @@ def test_sigkill_whole_node_20_cycles_each_image_processed_once(
             sends = s["outbound"].get("pacs", {})
             terminal = s["jobs"]["done"] + s["jobs"]["not_processed"] + s["jobs"]["dead"]
             if terminal == len(all_acked) and sends.get("pending", 1) == 0 and \
-                    sends.get("sending", 1) == 0:
+                    sends.get("sending", 1) == 0 and s["summaries_owed"] == 0:
                 return s
             return None
 

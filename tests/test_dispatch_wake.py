@@ -9,8 +9,11 @@ import pytest
 from pydicom import dcmread
 
 from spine_node.dispatcher import DispatchLoop
-from spine_node.node import start_node
+from spine_node.node import build_worker, open_store, prepare_data_dir, start_node
+from spine_node.spool import relative_name, write_durable
+from spine_node.store import InstanceRecord
 from tests.nodekit import StoreSCP, make_image, node_settings, storescu, wait_for
+from tests.orthanc_kit import POSITIVE, ScriptedCascade
 
 pytest_plugins = ("tests.fixtures_models",)
 
@@ -75,6 +78,74 @@ def test_a_full_sweep_is_followed_at_once_and_stop_lets_the_running_sweep_finish
     stopper.join(timeout=30)
     assert not stopper.is_alive() and not loop.is_alive()
     assert sweeps.calls == 3
+
+
+def test_wait_idle_waits_for_the_woken_sweep_to_end() -> None:
+    sweeps = Sweeps()
+    loop = DispatchLoop(sweeps, HOUR, batch_size=50).start()
+    try:
+        sweeps.wait_entered()  # the sweep at start
+        assert loop.wait_idle(30)
+        sweeps.hold.clear()
+        loop.wake()
+        sweeps.wait_entered()
+        assert not loop.wait_idle(0.2)  # the woken sweep is held running
+        sweeps.hold.set()
+        assert loop.wait_idle(30)
+        assert sweeps.calls == 2
+    finally:
+        loop.stop()
+    assert loop.wait_idle(0)  # a stopped loop is idle
+
+
+class Notice:
+    """What the worker tells the dispatcher, in order (``DispatchLoop``'s two methods)."""
+
+    def __init__(self, store) -> None:  # type: ignore[no-untyped-def]
+        self.store = store
+        self.events: list[tuple[str, int]] = []
+
+    def _queued(self) -> int:
+        return int(self.store.status()["outbound"].get("pacs", {}).get("pending", 0))
+
+    def wake(self) -> None:
+        self.events.append(("wake", self._queued()))
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        self.events.append(("wait_idle", self._queued()))
+        return True
+
+
+def test_the_worker_wakes_per_result_and_lets_the_objects_leave_before_the_summary(
+    tmp_path: Path,
+) -> None:
+    """A batch of two images that empties the queue: a wake after each image's result (its
+    objects queued), then wait_idle, then the study summary and its wake."""
+    settings = node_settings(
+        tmp_path,
+        destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 1}],
+    )
+    prepare_data_dir(settings)
+    store = open_store(settings)
+    try:
+        study = "1.2.826.0.1.3680043.8.498.78"
+        for i in range(2):
+            path = tmp_path / f"image{i}.dcm"
+            ds = make_image(path, seed=i, study_uid=study)
+            rel = relative_name(str(ds.SOPInstanceUID))
+            write_durable(settings.spool_dir, rel, path.read_bytes())
+            store.record_instance(InstanceRecord(
+                str(ds.SOPInstanceUID), str(ds.SOPClassUID), study, str(ds.SeriesInstanceUID),
+                "1.2.840.10008.1.2.1", "MODALITY1", rel, path.stat().st_size))
+        notice = Notice(store)
+        worker = build_worker(settings, store, ScriptedCascade({study: POSITIVE}), dispatch=notice)
+        assert worker.run_once() == 2  # fewer than worker_batch_size (4): the queue is empty
+        kinds = [kind for kind, _ in notice.events]
+        assert kinds == ["wake", "wake", "wait_idle", "wake"]
+        queued = [n for _, n in notice.events]
+        assert 0 < queued[0] < queued[1] == queued[2] < queued[3]  # objects, then the summary
+    finally:
+        store.close()
 
 
 def test_loop_arguments_are_checked() -> None:

@@ -63,7 +63,8 @@ def _settled(config: Path, n: int) -> dict | None:  # type: ignore[type-arg]
     s = _status(config)
     jobs, sends = s["jobs"], s["outbound"].get("pacs", {})
     done = jobs["done"] + jobs["not_processed"] + jobs["dead"]
-    if done == n and sends and sends["pending"] == 0 and sends["sending"] == 0:
+    if done == n and sends and sends["pending"] == 0 and sends["sending"] == 0 \
+            and s["summaries_owed"] == 0:
         return s
     return None
 

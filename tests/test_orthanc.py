@@ -80,7 +80,7 @@ def _settled(store: JobStore, n_jobs: int) -> dict[str, Any] | None:
     terminal = jobs["done"] + jobs["not_processed"] + jobs["dead"]
     if terminal != n_jobs or not sends:
         return None
-    if sends["pending"] or sends["sending"]:
+    if sends["pending"] or sends["sending"] or status["summaries_owed"]:
         return None
     return status
 

@@ -140,9 +140,10 @@ def test_resent_image_with_other_content_is_analysed_again(
     node = start_node(settings)
     try:
         def settled() -> bool:
-            sends = node.store.status()["outbound"].get("pacs", {})
+            status = node.store.status()
+            sends = status["outbound"].get("pacs", {})
             return _finished(node.store, uid) and sends.get("pending", 1) == 0 \
-                and sends.get("sending", 1) == 0
+                and sends.get("sending", 1) == 0 and status["summaries_owed"] == 0
 
         assert storescu(settings.port, [image]).returncode == 0
         wait_for(settled, timeout=120)

@@ -109,7 +109,7 @@ def test_postgres_two_workers_one_killed_every_image_processed_once(
             sends = s["outbound"].get("pacs", {})
             terminal = s["jobs"]["done"] + s["jobs"]["not_processed"] + s["jobs"]["dead"]
             return (terminal == N_IMAGES and sends.get("pending", 1) == 0
-                    and sends.get("sending", 1) == 0)
+                    and sends.get("sending", 1) == 0 and s["summaries_owed"] == 0)
 
         wait_for(settled, timeout=900, interval=0.5)
         status = store.status()

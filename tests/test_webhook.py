@@ -228,8 +228,9 @@ def test_each_object_goes_by_its_destination_kind_never_by_name(tmp_path: Path) 
     node = start_node(settings, cascade=ScriptedCascade({}, default=POSITIVE))
 
     def settled() -> bool:
-        out = node.store.status()["outbound"]
-        return all(
+        status = node.store.status()
+        out = status["outbound"]
+        return status["summaries_owed"] == 0 and all(
             name in out and out[name]["sent"] and not out[name]["pending"]
             and not out[name]["sending"]
             for name in ("webhook", "ris", "worklist")
