@@ -335,7 +335,6 @@ def run(args: argparse.Namespace, work: Path) -> int:
             "device": args.device,
             "worker_batch_size": args.batch_size,
             "worker_poll_s": 0.05,
-            "sweep_interval_s": 0.1,
         },
         pacs_port,
     )
