@@ -53,8 +53,11 @@ def test_manifest_is_flagged_demo_and_reports_held_out_figures() -> None:
     assert fitted_on["kind"] == "served" and fitted_on["tta_views"] == manifest.tta_views
     # its held-out test split was evaluated once, on the node's own output, and recorded
     digest = bundle_hash(demo_bundle_path())
-    (record,) = [e for e in read_evaluations(demo_bundle_path()) if e.bundle_hash == digest]
+    record, *again = [e for e in read_evaluations(demo_bundle_path()) if e.bundle_hash == digest]
     assert record.split == "test" and record.reason is None  # a first evaluation
+    # the same bundle evaluated again on the same split (recorded as such) gave the same figures
+    assert all(e.reason == "same bundle" and e.split_hash == record.split_hash
+               and dict(e.figures) == dict(record.figures) for e in again)
     figures = dict(record.figures)
     assert figures["threshold"] == manifest.threshold
     assert figures["auroc"] >= 0.95
