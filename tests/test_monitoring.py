@@ -258,10 +258,10 @@ class _LosesTheRace(JobStore):
         return super()._run(interleaved, wait_s)
 
 
+# PostgreSQL only: SQLite's BEGIN IMMEDIATE serialises the two transactions.
+@pytest.mark.parametrize("store", ["postgres"], indirect=True)
 def test_two_workers_creating_the_alarm_at_once(store: JobStore,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    if store.engine.dialect.name == "sqlite":
-        pytest.skip("SQLite's BEGIN IMMEDIATE serialises the two transactions")
     _record(store, 25, "negative", 0.1)
     _record(store, 75, "positive", 0.9)  # drifted
     loser = _LosesTheRace(store)
