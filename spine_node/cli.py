@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -208,12 +209,36 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return 2
     if not isinstance(dest, DicomDestination):
         return _echo_tcp(dest, args.timeout)
-    status = echo(dest, settings.ae_title, timeout_s=args.timeout)
+    from spine_node.reach import check_connect
+    from spine_node.tls import client_ssl_context, unreadable_files
+
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    if dest.tls.enabled:
+        problem = unreadable_files(dest.tls, f"destinations.{dest.name}.tls")
+        if problem is None:
+            try:
+                client_ssl_context(dest.tls)
+            except (ValueError, ssl.SSLError, OSError) as exc:
+                problem = f"destinations.{dest.name}.tls: {exc}"
+        if problem is not None:
+            print(f"spine-node: {problem}", file=sys.stderr)
+            return 2
+    unreachable = check_connect(dest.host, dest.port, args.timeout)
+    if unreachable is not None:
+        print(f"{where}: C-ECHO failed: not reachable: {unreachable}")
+        return 1
+    notes: list[str] = []
+    try:
+        status = echo(dest, settings.ae_title, timeout_s=args.timeout, notes=notes)
+    except OSError as exc:
+        print(f"{where}: C-ECHO failed: {exc.strerror or exc}")
+        return 1
     if status == 0:
-        print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO success")
+        print(f"{where}: C-ECHO success")
         return 0
-    what = "no association" if status is None else f"status 0x{status:04X}"
-    print(f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port}): C-ECHO failed: {what}")
+    what = f"status 0x{status:04X}" if status is not None else "no association"
+    why = f": {notes[0]}" if notes else ""
+    print(f"{where}: C-ECHO failed: {what}{why}")
     return 1
 
 

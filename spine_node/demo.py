@@ -42,6 +42,13 @@ DEMO_ROLES = ("receiver", "worker", "dispatcher", "web")
 _KIND = {"SR": "SR", "OT": "overlay", "PR": "GSPS"}
 
 
+
+def _cli_name() -> str:
+    """How to call ``spine-node`` from here: its script beside this Python (the venv), or the
+    bare name when that is not there (installed elsewhere on PATH)."""
+    script = Path(sys.executable).parent / "spine-node"
+    return str(script) if script.is_file() else "spine-node"
+
 def samples_dir() -> Path:
     """The sample studies shipped inside the package (``spine_node/samples``)."""
     return Path(str(resources.files("spine_node") / "samples"))
@@ -231,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
             for uid, payload in entry["results"]:
                 rows.append((entry["study_instance_uid"], uid, ResultRecord.from_json(payload)))
         _print_results(out, rows, elapsed)
-        print(f"inspect it: spine-node status --config {config}  (also worklist, feedback)")
+        print(f"inspect it: {_cli_name()} status --config {config}  (also worklist, feedback)")
         if args.keep_open:
             print(f"status page: {page} (the node keeps running: press Ctrl-C to stop)",
                   flush=True)

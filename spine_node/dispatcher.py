@@ -149,8 +149,30 @@ def _scu_ae(
     return ae
 
 
-def echo(destination: DicomDestination, calling_ae: str, timeout_s: float = 10.0) -> int | None:
-    """C-ECHO a destination; return the DIMSE status (None when no association was made)."""
+def echo(
+    destination: DicomDestination,
+    calling_ae: str,
+    timeout_s: float = 10.0,
+    notes: list[str] | None = None,
+) -> int | None:
+    """C-ECHO a destination; return the DIMSE status (None when no association was made).
+
+    Parameters
+    ----------
+    destination : DicomDestination
+        The peer.
+    calling_ae : str
+        Our AE title.
+    timeout_s : float
+        ACSE, DIMSE and network timeouts, seconds.
+    notes : list of str, optional
+        Receives why no association was made: rejected, aborted or no answer.
+
+    Raises
+    ------
+    OSError
+        When the host cannot be resolved or the TLS files cannot be used.
+    """
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     ae.add_requested_context(Verification)
@@ -165,6 +187,17 @@ def echo(destination: DicomDestination, calling_ae: str, timeout_s: float = 10.0
         evt_handlers=low_latency_handlers(),
     )
     if not assoc.is_established:
+        if notes is not None:
+            if assoc.is_rejected:
+                notes.append(
+                    f"the peer rejected the association (is {destination.ae_title!r} its AE title, "
+                    f"and does it accept calls from {calling_ae!r}?)"
+                )
+            else:  # pynetdicom aborts a request left unanswered too
+                notes.append(
+                    f"the association request was aborted or not answered within {timeout_s:g} s "
+                    "(is it a DICOM port? with TLS: do both sides use it?)"
+                )
         return None
     try:
         status = assoc.send_c_echo()

@@ -237,3 +237,40 @@ def test_echo_of_hl7_and_webhook_destinations(tmp_path: Path, tiny_bundle: Path,
     assert f"ris (hl7 127.0.0.1:{open_port}): MLLP TCP connection accepted" in ris.stdout
     assert down.returncode == 1 and "not reachable" in down.stdout, down.stdout + down.stderr
     assert hook.returncode == 0 and "TCP connection accepted" in hook.stdout, hook.stdout
+
+
+def test_echo_says_why_a_dicom_destination_fails(tmp_path: Path, tiny_bundle: Path) -> None:
+    """One line naming the cause, never a traceback: DNS, refused port, non-DICOM port, TLS file."""
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts TCP, never speaks DICOM
+    silent_port = listener.getsockname()[1]
+    refused = socket.create_server(("127.0.0.1", 0))
+    refused_port = refused.getsockname()[1]
+    refused.close()
+    settings = node_settings(tmp_path, bundle=str(tiny_bundle), destinations=[
+        {"name": "dns", "ae_title": "PACS", "host": "no-such-host.invalid", "port": 104},
+        {"name": "down", "ae_title": "PACS", "host": "127.0.0.1", "port": refused_port},
+        {"name": "silent", "ae_title": "PACS", "host": "127.0.0.1", "port": silent_port},
+        {"name": "tls", "ae_title": "PACS", "host": "127.0.0.1", "port": silent_port,
+         "tls": {"enabled": True, "ca_file": str(tmp_path / "no-ca.pem")}},
+    ])
+    config = write_config(tmp_path / "node.toml", settings)
+
+    def echo(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*CLI, "echo", name, "--config", str(config), "--timeout", "2"],
+                              capture_output=True, text=True, timeout=60)
+
+    try:
+        dns, down, silent, tls = echo("dns"), echo("down"), echo("silent"), echo("tls")
+    finally:
+        listener.close()
+    for out in (dns, down, silent, tls):
+        assert "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert dns.returncode == 1 and "C-ECHO failed: not reachable" in dns.stdout, dns.stdout
+    assert down.returncode == 1 and "not reachable" in down.stdout, down.stdout
+    assert silent.returncode == 1, silent.stdout
+    assert "no association: the association request was aborted or not answered within 2 s" \
+        in silent.stdout
+    assert tls.returncode == 2 and "destinations.tls.tls.ca_file" in tls.stderr, tls.stderr
+    assert "cannot be read" in tls.stderr

@@ -588,8 +588,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work",
         type=Path,
-        default=Path(".cache/demo-work"),
-        help="scratch directory (default .cache/demo-work)",
+        default=None,
+        help="scratch directory: phantom, caches, trained members and detector, test "
+        "predictions; a re-run with the same settings reuses them (default "
+        ".cache/demo-work-SEED)",
     )
     parser.add_argument("--images", type=int, default=d.images)
     parser.add_argument("--seed", type=int, default=d.seed)
@@ -645,16 +647,17 @@ def run(args: argparse.Namespace) -> int:
         detect_size=args.detect_size,
         gate_renderings=args.gate_renderings,
     )
+    work = Path(args.work) if args.work is not None else Path(f".cache/demo-work-{args.seed}")
     manifest = build_demo_bundle(
         Path(args.out),
-        Path(args.work),
+        work,
         settings,
         detector_weights=args.detector_weights,
         detector_source=args.detector_source,
         precision_check=not args.skip_precision_check,
     )
     if not args.no_evaluate:
-        report = evaluate_demo_bundle(Path(args.out), Path(args.work))
+        report = evaluate_demo_bundle(Path(args.out), work)
         print(json.dumps(report, indent=2, default=str))
     write_readme(Path(args.out), manifest)
     from training.samples import write_demo_samples
