@@ -132,8 +132,11 @@ def test_webhook_retried_and_worklist_ranked(tmp_path: Path, hooks: HookServer) 
             uids[4]: POSITIVE,  # A, second image: 0.9 with findings
         }
     )
+    # one image per worker batch: the test counts one study summary (one POST) per result,
+    # and a batch holding both of study A's images makes one summary for the two
     settings = node_settings(
-        tmp_path, webhook_url=f"http://127.0.0.1:{hooks.port}/spine/priority", device="cpu"
+        tmp_path, webhook_url=f"http://127.0.0.1:{hooks.port}/spine/priority", device="cpu",
+        worker_batch_size=1,
     )
     config = write_config(tmp_path / "node.toml", settings)
     node = start_node(settings, cascade=cascade)
