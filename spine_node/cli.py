@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import threading
 import time
@@ -210,16 +209,11 @@ def cmd_echo(args: argparse.Namespace) -> int:
     if not isinstance(dest, DicomDestination):
         return _echo_tcp(dest, args.timeout)
     from spine_node.reach import check_connect
-    from spine_node.tls import client_ssl_context, unreadable_files
+    from spine_node.tls import client_ssl_context, settings_problem
 
     where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
-    if dest.tls.enabled:
-        problem = unreadable_files(dest.tls, f"destinations.{dest.name}.tls")
-        if problem is None:
-            try:
-                client_ssl_context(dest.tls)
-            except (ValueError, ssl.SSLError, OSError) as exc:
-                problem = f"destinations.{dest.name}.tls: {exc}"
+    if dest.tls.enabled:  # the check `serve` makes at start, same message
+        problem = settings_problem(dest.tls, f"destinations.{dest.name}.tls", client_ssl_context)
         if problem is not None:
             print(f"spine-node: {problem}", file=sys.stderr)
             return 2

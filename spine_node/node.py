@@ -136,9 +136,7 @@ def check_tls_files(settings: Settings, roles: tuple[str, ...]) -> None:
     StartupError
         Naming the setting, the file and the problem (missing, unreadable, not a key/cert).
     """
-    import ssl
-
-    from spine_node.tls import client_ssl_context, server_ssl_context, unreadable_files
+    from spine_node.tls import client_ssl_context, server_ssl_context, settings_problem
 
     checks: list[tuple[str, Any, Any]] = []
     if "receiver" in roles and settings.tls.enabled:
@@ -150,13 +148,9 @@ def check_tls_files(settings: Settings, roles: tuple[str, ...]) -> None:
             if d.tls.enabled
         ]
     for key, tls, build in checks:
-        problem = unreadable_files(tls, key)
+        problem = settings_problem(tls, key, build)
         if problem is not None:
             raise StartupError(problem)
-        try:
-            build(tls)
-        except (ValueError, ssl.SSLError, OSError) as exc:
-            raise StartupError(f"{key}: {exc}") from None
 
 
 def open_store(settings: Settings) -> JobStore:

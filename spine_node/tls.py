@@ -9,6 +9,7 @@ certificate required" means "signed by our CA", not "signed by any public CA".
 from __future__ import annotations
 
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from spine_node.config import TLSSettings
@@ -54,6 +55,35 @@ def unreadable_files(settings: object, prefix: str) -> str | None:
                 handle.read(1)
         except OSError as exc:
             return f"{prefix}.{field} {str(path)!r} cannot be read: {exc.strerror or exc}"
+    return None
+
+
+def settings_problem(
+    tls: TLSSettings, key: str, build: Callable[[TLSSettings], ssl.SSLContext]
+) -> str | None:
+    """Why ``tls`` cannot be used (a file unreadable, or no context built from it), or None.
+
+    Parameters
+    ----------
+    tls : TLSSettings
+        The settings to check.
+    key : str
+        Their name in the configuration (``"tls"``, ``"destinations.pacs.tls"``).
+    build : callable
+        :func:`server_ssl_context` or :func:`client_ssl_context`, run once on ``tls``.
+
+    Returns
+    -------
+    str or None
+        A one-line message naming the setting (and the file), None when usable.
+    """
+    problem = unreadable_files(tls, key)
+    if problem is not None:
+        return problem
+    try:
+        build(tls)
+    except (ValueError, ssl.SSLError, OSError) as exc:
+        return f"{key}: {exc}"
     return None
 
 
