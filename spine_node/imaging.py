@@ -60,6 +60,7 @@ import numpy as np
 import numpy.typing as npt
 import pydicom
 from pydicom import uid as dicom_uid
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_fragments
 from pydicom.multival import MultiValue
@@ -1194,6 +1195,39 @@ def prepare_array(pixels: np.ndarray, params: PrepParams = DEFAULT_PARAMS) -> Pr
         notes=("prepared from an array",),
     )
     return _finish(source, params)
+
+
+#: Elements holding pixel data (PS3.3 C.7.6.3, C.7.6.3.1.5): what :func:`without_pixels` leaves out.
+PIXEL_DATA_KEYWORDS: tuple[str, ...] = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
+def without_pixels(ds: Dataset) -> Dataset:
+    """A copy of ``ds``'s header: every element but the pixel data, ``ds`` left as it is.
+
+    The elements themselves are shared (raw ones stay raw), with the file meta information and
+    the encoding they were read in. ``Dataset(ds)`` and ``copy.copy(ds)`` would share ``ds``'s
+    element dictionary: deleting the pixel data from them deletes it from ``ds``.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        Any dataset.
+
+    Returns
+    -------
+    pydicom.Dataset
+        The header.
+    """
+    if not isinstance(ds, Dataset):
+        raise TypeError(f"ds must be a pydicom Dataset, got {type(ds).__name__}")
+    pixel_tags = {tag_for_keyword(k) for k in PIXEL_DATA_KEYWORDS}
+    header = Dataset({tag: element for tag, element in ds.items() if tag not in pixel_tags})
+    is_implicit, is_little = ds.original_encoding
+    if is_implicit is not None and is_little is not None:
+        header.set_original_encoding(is_implicit, is_little, ds.original_character_set)
+    if hasattr(ds, "file_meta"):
+        header.file_meta = ds.file_meta
+    return header
 
 
 def read_dataset(path: str | os.PathLike[str], *, max_pixels: int = 64_000_000) -> pydicom.Dataset:

@@ -238,6 +238,7 @@ def build_worker(
     """
     from spine_node.oru import hl7_headers
     from spine_node.results.builder import ResultOptions, build_results
+    from spine_node.results.parallel import ParallelBuilder, helper_wanted
     from spine_node.study_report import StudyReporter, StudyReportSettings
     from spine_node.worker import Worker, WorkerSettings
 
@@ -260,8 +261,13 @@ def build_worker(
         institution_name=r.institution_name,
     )
 
-    def builder(source: Any, result: Any, model: Any) -> list[Any]:
-        return build_results(source, result, model, options)
+    builder: Any
+    if helper_wanted():  # the SR in a helper process while the worker draws the overlay
+        builder = ParallelBuilder(options)
+    else:
+
+        def builder(source: Any, result: Any, model: Any) -> list[Any]:
+            return build_results(source, result, model, options)
 
     reporter = StudyReporter(
         store,
@@ -444,6 +450,7 @@ class RunningNode:
     heartbeat_thread: threading.Thread | None = None
     stop_event: threading.Event | None = None
     cascade: Any = None
+    result_builder: Any = None
     worker_progress: Progress | None = None
     worker_stall_s: float = 600.0
 
@@ -491,9 +498,10 @@ class RunningNode:
             self.dispatch_loop.stop()  # after the worker: its last wake is not needed
         if self.scheduler is not None:
             self.scheduler.shutdown(wait=True)
-        close = getattr(getattr(self.cascade, "preparer", None), "close", None)
-        if callable(close):
-            close()
+        for owner in (getattr(self.cascade, "preparer", None), self.result_builder):
+            close = getattr(owner, "close", None)
+            if callable(close):
+                close()
         self.store.close()
 
 
@@ -598,6 +606,7 @@ def start_node(
             node.cascade = cascade
             # in one process the worker wakes the dispatcher when it has queued sends
             worker = build_worker(settings, store, cascade, dispatch=node.dispatch_loop)
+            node.result_builder = worker.build_results
             node.stop_event = threading.Event()
             node.worker_thread = threading.Thread(
                 target=worker.run, args=(node.stop_event,), name="worker", daemon=False

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import Dataset, dcmread
-from pydicom.dataset import FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
 
+from spine_node.imaging import without_pixels
 from spine_node.isolation import DecoderCrash
 from spine_node.lease import LeaseRenewer
 from spine_node.results.types import CascadeResult, ModelInfo, ResultRecord, Status
@@ -354,7 +354,7 @@ class Worker:
                     crashed = readable[:1]
                 for job, ds in crashed:
                     self._count_decoder_crash(job)
-                    self._fail(job, _without_pixels(ds), str(exc))
+                    self._fail(job, without_pixels(ds), str(exc))
                     leases.release(job.job_id)
                 crashed_ids = {job.job_id for job, _ in crashed}
                 readable = [item for item in readable if item[0].job_id not in crashed_ids]
@@ -508,7 +508,7 @@ class Worker:
                 reason=reason[:500],
                 threshold=self._threshold(),
             )
-            self._finish(job, _without_pixels(header), result)
+            self._finish(job, without_pixels(header), result)
         except LeaseLost as exc:
             logger.warning("job %d: %s; report discarded", job.job_id, exc)
         except Exception as exc:
@@ -577,13 +577,3 @@ def _fields(job: ClaimedJob) -> dict[str, Any]:
         "study_instance_uid": job.study_instance_uid,
         "sop_instance_uid": job.sop_instance_uid,
     }
-
-
-def _without_pixels(ds: Dataset) -> Dataset:
-    """A shallow copy without pixel data: a "processing failed" report must not decode again."""
-    copy = Dataset(ds)
-    copy.file_meta = getattr(ds, "file_meta", FileMetaDataset())
-    for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"):
-        if keyword in copy:
-            del copy[keyword]
-    return copy

@@ -638,3 +638,20 @@ def test_rle_with_empty_offset_table_and_delimiter_bytes_in_a_fragment_decodes_e
     ds.PixelData = encapsulate([frame], has_bot=False)
     ds["PixelData"].is_undefined_length = True
     np.testing.assert_array_equal(decode(ds).pixels, plain)
+
+
+def test_without_pixels_copies_the_header_and_leaves_the_dataset_whole() -> None:
+    """The worker's header copy (for the SR helper and failure reports) must not take the pixel
+    data from the dataset it still decodes; raw elements read back in their own encoding."""
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))  # explicit VR, ISO_IR 100
+    header = imaging.without_pixels(ds)
+    assert "PixelData" in ds and "PixelData" not in header
+    assert header.original_encoding == ds.original_encoding
+    assert header.original_character_set == ds.original_character_set
+    assert header.file_meta is ds.file_meta
+    assert str(header.PatientName) == str(ds.PatientName)
+    assert len(header) == len(ds) - 1
+    with pytest.raises(TypeError, match="ds must be a pydicom Dataset"):
+        imaging.without_pixels({"PixelData": b""})  # type: ignore[arg-type]

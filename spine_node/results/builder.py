@@ -39,6 +39,10 @@ __all__ = [
     "OUTPUT_CHARACTER_SET",
     "ResultOptions",
     "build_results",
+    "build_sr_object",
+    "check_inputs",
+    "frame_number",
+    "image_objects",
     "reference_dataset",
 ]
 
@@ -72,6 +76,25 @@ def build_results(
         when enabled, with findings, on a single-frame grayscale source whose presentation
         can be reproduced.
     """
+    options = check_inputs(source, result, model, options)
+    return [
+        build_sr_object(source, result, model, options, frame_number(source, result.display)),
+        *image_objects(source, result, model, options),
+    ]
+
+
+def check_inputs(
+    source: object, result: object, model: object, options: object
+) -> ResultOptions:
+    """Check :func:`build_results`' arguments; return ``options`` (defaults when None).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (``result.display`` included).
+    ValueError
+        ``result.sop_instance_uid`` is not the source's SOP Instance UID.
+    """
     if not isinstance(source, Dataset):
         raise TypeError(f"source must be a pydicom Dataset, got {type(source).__name__}")
     if not isinstance(result, CascadeResult):
@@ -88,32 +111,59 @@ def build_results(
             f"result.sop_instance_uid {result.sop_instance_uid!r} does not match the source "
             f"SOP Instance UID {source_uid!r}"
         )
-
-    source_ref = source_reference(source)
-    reference = source_ref.dataset
     image = result.display
     if image is not None and not isinstance(image, imaging.SourceImage):
         raise TypeError(
             f"result.display must be an imaging.SourceImage or None, got {type(image).__name__}"
         )
+    return options
+
+
+def build_sr_object(
+    source: Dataset,
+    result: CascadeResult,
+    model: ModelInfo,
+    options: ResultOptions,
+    frame: int | None,
+) -> Dataset:
+    """The image's SR (TID 1500), the first object of :func:`build_results`.
+
+    It needs no pixels: ``source`` may come without pixel data and ``result`` without its
+    display image or heatmap (how :class:`spine_node.results.parallel.ParallelBuilder` sends
+    them to its helper process).
+
+    Parameters
+    ----------
+    source, result, model, options
+        As :func:`build_results` (checked there).
+    frame : int or None
+        1-based frame the findings refer to (:func:`frame_number`); None for a single frame.
+    """
+    source_ref = source_reference(source)
+    return sr_module.build_sr(
+        source_ref.dataset,
+        result,
+        model,
+        options,
+        frame_number=frame,
+        notes=tuple(d.sentence() for d in source_ref.derived_uids),
+    )
+
+
+def image_objects(
+    source: Dataset, result: CascadeResult, model: ModelInfo, options: ResultOptions
+) -> list[Dataset]:
+    """The objects of :func:`build_results` after the SR: ``[SC?, heatmap SC?, GSPS?]``."""
+    source_uid = source_sop_instance_uid(source)
+    reference = source_reference(source).dataset
+    image = result.display
     if image is None and options.secondary_capture:
         logger.info(
             "no overlay for %s: the cascade has no decoded image of it (%s)",
             source_uid,
             result.reason or "not decoded",
         )
-    frame_number = _frame_number(source, image)
-
-    objects: list[Dataset] = [
-        sr_module.build_sr(
-            reference,
-            result,
-            model,
-            options,
-            frame_number=frame_number,
-            notes=tuple(d.sentence() for d in source_ref.derived_uids),
-        )
-    ]
+    objects: list[Dataset] = []
     if options.secondary_capture and image is not None:
         objects.append(overlay_module.build_overlay(reference, image, result, model, options))
     if options.heatmap and image is not None:
@@ -164,7 +214,7 @@ def _n_frames(source: Dataset) -> int:
         return 1
 
 
-def _frame_number(source: Dataset, image: imaging.SourceImage | None) -> int | None:
+def frame_number(source: Dataset, image: imaging.SourceImage | None) -> int | None:
     """1-based frame the findings refer to, for multi-frame sources; None otherwise."""
     if _n_frames(source) <= 1:
         return None
