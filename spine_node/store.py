@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -83,6 +84,8 @@ T = TypeVar("T")
 
 #: Execution option of :meth:`JobStore.read` connections: SQLite begins a deferred transaction.
 READ_ONLY_OPTION = "spine_node_read_only"
+#: A SHA-256 digest as ``hashlib``'s ``hexdigest`` writes it.
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 #: How long one SQLite statement waits for another connection's write lock (``busy_timeout``).
 DEFAULT_BUSY_TIMEOUT_S = 30.0
 #: Pause between two tries when the database stayed locked for a whole busy timeout.
@@ -538,14 +541,18 @@ class JobOutcome:
     bundle_version : str or None
         Version of the model bundle that produced it (``ModelInfo.version``; the score drift
         window counts only the results of the bundle in use). None: no bundle (tests).
+    content_sha256 : str or None
+        SHA-256 (64 hex digits) of the received file that was analysed, remembered with the
+        result (a later re-send with other bytes is analysed again); None: not read (a
+        report from the header of a job whose attempts are spent).
 
     Raises
     ------
     TypeError
-        When ``bundle_version`` is neither a string nor None.
+        When ``bundle_version`` or ``content_sha256`` is neither a string nor None.
     ValueError
-        When ``status`` names no :class:`Status`, or ``bundle_version`` is empty or longer
-        than 64 characters.
+        When ``status`` names no :class:`Status`, ``bundle_version`` is empty or longer
+        than 64 characters, or ``content_sha256`` is not 64 lowercase hex digits.
     """
 
     status: Status
@@ -553,6 +560,7 @@ class JobOutcome:
     reason: str | None
     payload: dict[str, Any]
     bundle_version: str | None = None
+    content_sha256: str | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -566,6 +574,11 @@ class JobOutcome:
             raise TypeError(f"bundle_version must be a str or None, got {type(version).__name__}")
         if version is not None and not 0 < len(version) <= 64:
             raise ValueError(f"bundle_version must be 1 to 64 characters, got {version!r}")
+        digest = self.content_sha256
+        if digest is not None and not isinstance(digest, str):
+            raise TypeError(f"content_sha256 must be a str or None, got {type(digest).__name__}")
+        if digest is not None and not _SHA256_HEX.fullmatch(digest):
+            raise ValueError(f"content_sha256 must be 64 lowercase hex digits, got {digest!r}")
 
 
 @dataclass(frozen=True)
@@ -1040,8 +1053,11 @@ class JobStore:
 
         The same transaction marks the study's summary report owed (``study_states``
         ``report_due_at``, the row created when absent), so that a report that fails or
-        never runs after this commit is made later (:meth:`owed_studies`), and records the
-        seconds the image spent in each inference stage (``job_stage_times``).
+        never runs after this commit is made later (:meth:`owed_studies`), records the
+        seconds the image spent in each inference stage (``job_stage_times``), the analysed
+        file's hash (``outcome.content_sha256``, ``analysed_content``) and the worker's last
+        job (its ``worker_heartbeats`` row, when it has one): one commit per image, so the
+        dispatcher woken by it finds the database free.
 
         Parameters
         ----------
@@ -1089,6 +1105,9 @@ class JobStore:
             _mark_report_due(s, inst.study_instance_uid, now)
             for stage, seconds in timings.items():
                 s.add(JobStageTime(job_id=job.id, stage=stage, seconds=seconds, recorded_at=now))
+            if outcome.content_sha256 is not None:
+                _record_analysed(s, inst.id, outcome.content_sha256, now)
+            _record_worker_job(s, owner, job.id, now)
 
         self._run(complete_job)
 
@@ -2068,6 +2087,24 @@ class JobStore:
 _DIED = "worker died during processing"
 
 
+def _record_analysed(s: Session, instance_id: int, sha256: str, now: float) -> None:
+    """Remember (in ``s``) which bytes of instance ``instance_id`` were analysed."""
+    row = s.get(AnalysedContent, instance_id)
+    if row is None:
+        s.add(AnalysedContent(instance_id=instance_id, sha256=sha256, analysed_at=now, revision=1))
+    else:
+        row.sha256, row.analysed_at = sha256, now
+
+
+def _record_worker_job(s: Session, owner: str, job_id: int, now: float) -> None:
+    """Note (in ``s``) the last job worker ``owner`` finished, on its heartbeat row if any."""
+    s.execute(
+        update(WorkerBeat)
+        .where(WorkerBeat.owner == owner)
+        .values(last_job_id=job_id, last_job_at=now, last_seen_at=now)
+    )
+
+
 def _mark_report_due(s: Session, study_instance_uid: str, now: float) -> None:
     """Mark the study's summary report owed, creating its state row when absent.
 
@@ -2235,19 +2272,6 @@ class Monitor:
             )
 
         self.store._run(beat)
-
-    def worker_job_done(self, owner: str, job_id: int) -> None:
-        """Record the last job a worker finished (shown by ``spine-node status``)."""
-        now = self.store.clock()
-
-        def worker_job_done(s: Session) -> None:
-            s.execute(
-                update(WorkerBeat)
-                .where(WorkerBeat.owner == owner)
-                .values(last_job_id=job_id, last_job_at=now, last_seen_at=now)
-            )
-
-        self.store._run(worker_job_done)
 
     def worker_stopped(self, owner: str) -> None:
         """Remove the heartbeat of a worker that stopped cleanly."""
@@ -2512,23 +2536,6 @@ class Monitor:
             return requeued, skipped
 
         return self.store._run(requeue_finished)
-
-    def record_analysed(self, job_id: int, sha256: str) -> None:
-        """Remember the SHA-256 of the received file job ``job_id`` analysed."""
-        now = self.store.clock()
-
-        def record_analysed(s: Session) -> None:
-            instance_id = s.scalar(select(Job.instance_id).where(Job.id == job_id))
-            if instance_id is None:
-                return
-            row = s.get(AnalysedContent, instance_id)
-            if row is None:
-                s.add(AnalysedContent(instance_id=instance_id, sha256=sha256, analysed_at=now,
-                                      revision=1))
-            else:
-                row.sha256, row.analysed_at = sha256, now
-
-        self.store._run(record_analysed)
 
     def analysis_revision(self, job_id: int) -> int:
         """The analysis revision of a job's image (1 unless re-sent with other content)."""

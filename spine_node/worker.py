@@ -371,8 +371,7 @@ class Worker:
         summaries: dict[str, tuple[ClaimedJob, Dataset]] = {}
         for (job, ds), result in zip(readable, results, strict=True):
             try:
-                self._finish(job, ds, result, summaries)
-                self._note_analysed(job, analysed[job.job_id])
+                self._finish(job, ds, result, summaries, analysed[job.job_id])
             except LeaseLost as exc:
                 logger.warning("job %d: %s; result discarded", job.job_id, exc, extra=_fields(job))
             except Exception as exc:
@@ -403,14 +402,6 @@ class Worker:
                 ):
                     sr.PredecessorDocumentsSequence = [_predecessor(old)]
 
-    def _note_analysed(self, job: ClaimedJob, sha256: str) -> None:
-        """Remember which bytes were analysed: a re-send with other bytes is analysed again."""
-        try:
-            Monitor(self.store).record_analysed(job.job_id, sha256)
-        except Exception as exc:
-            logger.warning("job %d: analysed-content hash not recorded: %s", job.job_id, exc,
-                           extra=_fields(job))
-
     def _count_decoder_crash(self, job: ClaimedJob) -> None:
         """Count the crash for the metrics; a failure to count never changes the job's fate."""
         try:
@@ -425,9 +416,11 @@ class Worker:
         ds: Dataset,
         result: CascadeResult,
         summaries: dict[str, tuple[ClaimedJob, Dataset]] | None = None,
+        content_sha256: str | None = None,
     ) -> None:
-        """Build, write and record the image's result objects; then update the study summary,
-        or, with ``summaries``, leave that to the caller (the batch's last image of each study)."""
+        """Build, write and record the image's result objects (with ``content_sha256``, the
+        hash of the file analysed: re-send detection); then update the study summary, or, with
+        ``summaries``, leave that to the caller (the batch's last image of each study)."""
         model = self.cascade.model_info
         revision = Monitor(self.store).analysis_revision(job.job_id)
         if revision != 1:  # re-sent with other content: new objects, new UIDs
@@ -450,16 +443,13 @@ class Worker:
             job.study_instance_uid, result, tuple(str(o.SOPInstanceUID) for o in objects)
         )
         payload = record.to_json()
-        outcome = JobOutcome(result.status, result.score, result.reason, payload, model.version)
+        outcome = JobOutcome(
+            result.status, result.score, result.reason, payload, model.version, content_sha256
+        )
+        # one commit: the result, its sends, the analysed file's hash and the last-job heartbeat
         self.store.complete_job(job.job_id, self.settings.owner, outcome, sends, spent)
         if sends:
             self._sends_queued()
-        try:
-            Monitor(self.store).worker_job_done(self.settings.owner, job.job_id)
-        except Exception as exc:  # the heartbeat is for status only; the job is recorded
-            logger.warning(
-                "job %d: last-job heartbeat not written: %s", job.job_id, exc, extra=_fields(job)
-            )
         logger.info(
             "job %d: %s%s score=%s findings=%d objects=%d",
             job.job_id,

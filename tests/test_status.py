@@ -14,7 +14,8 @@ import pytest
 
 from spine_node.cli import STATUS_DEAD, STATUS_NO_WORKER, STATUS_OK, STATUS_STALE_QUEUE
 from spine_node.node import open_store
-from spine_node.store import InstanceRecord, JobStore, Monitor, WorkerIdentity
+from spine_node.results.types import Status
+from spine_node.store import InstanceRecord, JobOutcome, JobStore, Monitor, WorkerIdentity
 from tests.nodekit import node_settings, write_config
 
 CLI = [sys.executable, "-m", "spine_node.cli"]
@@ -59,7 +60,10 @@ def test_status_codes_follow_the_queue(tmp_path: Path) -> None:
     # a live worker: its heartbeat, bundle and last job are shown
     monitor = Monitor(store)
     monitor.beat(WORKER, started_at=time.time())
-    monitor.worker_job_done(WORKER.owner, job_id)
+    (claimed,) = store.claim_jobs(WORKER.owner, 60.0, 1, 3)  # the worker's one commit per job
+    outcome = JobOutcome(Status.NEGATIVE, 0.1, None, {}, "2.1.0", "0f" * 32)
+    store.complete_job(claimed.job_id, WORKER.owner, outcome, [])
+    _receive(store, "1.2.9.4")  # and the next image waits for it
     code, report = _status(config)
     assert code == STATUS_OK, report["problems"]
     (worker,) = report["workers"]

@@ -336,6 +336,31 @@ def test_an_outcome_speaks_the_result_vocabulary() -> None:
     assert JobState.NOT_PROCESSED.value == Status.NOT_PROCESSED.value
     with pytest.raises(ValueError, match="'abnormal'"):
         JobOutcome("abnormal", 0.9, None, {})
+    with pytest.raises(ValueError, match="content_sha256 must be 64 lowercase hex digits"):
+        JobOutcome("negative", 0.1, None, {}, None, "AB" * 32)
+    with pytest.raises(TypeError, match="content_sha256 must be a str or None"):
+        JobOutcome("negative", 0.1, None, {}, None, b"ab" * 32)  # type: ignore[arg-type]
+
+
+def test_complete_job_records_the_analysed_hash_and_last_job_in_its_commit(
+    store: tuple[JobStore, Clock],
+) -> None:
+    """One commit per image: the result, the analysed file's hash (re-send detection) and the
+    worker's last job are written together."""
+    from spine_node.store import Monitor, WorkerIdentity
+
+    s, _ = store
+    monitor = Monitor(s)
+    monitor.beat(WorkerIdentity("w1", "host", 1, "bundle", "1.0", "ab" * 32), started_at=0.0)
+    s.receive(record("1.2.3.1"))
+    (job,) = s.claim_jobs("w1", 60.0, 1, 3)
+    s.complete_job(job.job_id, "w1", JobOutcome("negative", 0.1, None, {}, "1.0", "0f" * 32), [])
+    (worker,) = monitor.workers()
+    assert worker["last_job_id"] == job.job_id
+    assert monitor.resent_with_new_content("1.2.3.1", "0f" * 32) is None  # the bytes analysed
+    assert monitor.analysis_revision(job.job_id) == 1
+    assert monitor.resent_with_new_content("1.2.3.1", "1e" * 32) == job.job_id  # other bytes
+    assert monitor.analysis_revision(job.job_id) == 2
 
 
 def test_study_delivery_supersede_and_webhook_update(store: tuple[JobStore, Clock]) -> None:
