@@ -623,6 +623,14 @@ class ClaimedSend:
     path: str
     attempts: int
 
+    @classmethod
+    def of(cls, row: Outbound) -> ClaimedSend:
+        """The claimed form of an ``outbound`` row."""
+        return cls(
+            row.id, row.destination, DestinationKind(row.kind), row.object_uid, row.path,
+            row.attempts,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -1313,16 +1321,7 @@ class JobStore:
                 row.state = SendState.SENDING.value
                 row.attempts += 1
                 row.lease_until = now + lease_s
-                out.append(
-                    ClaimedSend(
-                        row.id,
-                        row.destination,
-                        DestinationKind(row.kind),
-                        row.object_uid,
-                        row.path,
-                        row.attempts,
-                    )
-                )
+                out.append(ClaimedSend.of(row))
             return out
 
         return self._run(claim_sends)
@@ -2648,16 +2647,7 @@ class Commitments:
             out = []
             for row in rows:
                 row.lease_until = now + lease_s
-                out.append(
-                    ClaimedSend(
-                        row.id,
-                        row.destination,
-                        DestinationKind(row.kind),
-                        row.object_uid,
-                        row.path,
-                        row.attempts,
-                    )
-                )
+                out.append(ClaimedSend.of(row))
             return out
 
         return self.store._run(claim_due)
