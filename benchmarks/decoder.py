@@ -3,14 +3,18 @@
 
 The image is one phantom DX For Presentation radiograph as ``benchmarks/latency.py`` sends
 (default 2500 x 2000, 16 bits allocated, 12 stored, uncompressed: a 10 MB dataset whose
-prepared arrays are 42 MB), read once; each round calls, in turn:
+prepared arrays are 42 MB as float32, 12 MB as the node hands them on), read once; each round
+calls, in turn:
 
 * ``in-process``: :func:`spine_node.imaging.prepare` in this process (the floor);
-* ``isolated, shared area``: the preparer the node uses (dataset and arrays through a memfd);
+* ``isolated, float32 arrays``: ``prepare`` in the isolated child (the node before it handed
+  the display and enhanced images on at 8 bits);
+* ``isolated, shared area``: the preparer the node uses (``prepare_compact``; dataset and
+  arrays through a memfd);
 * ``isolated, pipe only``: ``area_bytes=0``, everything pickled through the pipe (the
   transport before the shared area, and the fallback for images larger than the area).
 
-Both children are started and warmed before the rounds. Reported: the median (and minimum) s
+The children are started and warmed before the rounds. Reported: the median (and minimum) s
 per call over the rounds, and each isolated path's cost above in-process.
 
 Run from the repository root::
@@ -35,7 +39,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from latency import make_images  # noqa: E402  (benchmarks/latency.py)
 from pydicom import Dataset, dcmread  # noqa: E402
 
-from spine_node.imaging import DEFAULT_PARAMS, PreparedImage, PrepParams, prepare  # noqa: E402
+from spine_node.imaging import (  # noqa: E402
+    DEFAULT_PARAMS,
+    PreparedImage,
+    PrepParams,
+    prepare,
+    prepare_compact,
+)
 from spine_node.isolation import IsolatedPreparer  # noqa: E402
 
 
@@ -57,18 +67,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         ds = dcmread(path, force=True)
         size_mb = path.stat().st_size / 1e6
     params = DEFAULT_PARAMS
-    area = IsolatedPreparer(prepare)
-    pipe = IsolatedPreparer(prepare, area_bytes=0)
+    area_full = IsolatedPreparer(prepare)
+    area = IsolatedPreparer(prepare_compact)
+    pipe = IsolatedPreparer(prepare_compact, area_bytes=0)
     paths: dict[str, Callable[[Dataset, PrepParams], PreparedImage]] = {
         "in-process": prepare,
+        "isolated, float32 arrays": area_full,
         "isolated, shared area": area,
         "isolated, pipe only": pipe,
     }
+
+    def megabytes(out: PreparedImage) -> float:
+        return sum(a.nbytes for a in (out.source.pixels, out.enhanced, out.triage, out.detect)) / 1e6
+
     try:
-        out = prepare(ds, params)
-        arrays_mb = sum(a.nbytes for a in (out.source.pixels, out.enhanced, out.triage,
-                                           out.detect)) / 1e6  # fmt: skip
-        for fn in (area, pipe):
+        full_mb, compact_mb = megabytes(prepare(ds, params)), megabytes(prepare_compact(ds, params))
+        for fn in (area_full, area, pipe):
             fn(ds, params)  # start the child, warm it
         times: dict[str, list[float]] = {name: [] for name in paths}
         for _ in range(args.rounds):
@@ -78,10 +92,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 times[name].append(time.perf_counter() - t0)
         in_pipe = (area.requests_in_pipe, area.results_in_pipe)
     finally:
+        area_full.close()
         area.close()
         pipe.close()
     print(f"1 DX image {args.rows}x{args.columns} 16-bit uncompressed ({size_mb:.1f} MB; "
-          f"prepared arrays {arrays_mb:.1f} MB), {args.rounds} rounds, paths in turn")  # fmt: skip
+          f"prepared arrays {full_mb:.1f} MB as float32, {compact_mb:.1f} MB as the node hands "
+          f"them on), {args.rounds} rounds, paths in turn")  # fmt: skip
     floor = statistics.median(times["in-process"])
     for name, values in times.items():
         median = statistics.median(values)

@@ -190,14 +190,17 @@ def load_cascade(settings: Settings) -> Any:
     """
     path, _digest = check_bundle(settings.bundle)  # before the heavy imports: fail fast
 
-    from spine_node.imaging import prepare
+    from spine_node.imaging import prepare_compact
     from spine_node.isolation import IsolatedPreparer
     from spine_node.models.bundle import BundleError
     from spine_node.models.triage import TTA_VIEW_NAMES
     from spine_node.pipeline import Cascade
 
+    # 8-bit display and enhanced images: what the results draw, a quarter of the bytes to copy
     preparer: Any = (
-        IsolatedPreparer(prepare, settings.decode_timeout_s) if settings.decode_isolation else prepare
+        IsolatedPreparer(prepare_compact, settings.decode_timeout_s)
+        if settings.decode_isolation
+        else prepare_compact
     )
     try:
         return Cascade.load(

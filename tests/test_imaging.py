@@ -655,3 +655,32 @@ def test_without_pixels_copies_the_header_and_leaves_the_dataset_whole() -> None
     assert len(header) == len(ds) - 1
     with pytest.raises(TypeError, match="ds must be a pydicom Dataset"):
         imaging.without_pixels({"PixelData": b""})  # type: ignore[arg-type]
+
+
+def test_compact_preparation_hands_on_the_same_pixels_at_8_bits() -> None:
+    """The node's preparation (prepare_compact) gives the models the same inputs, the overlay
+    the same 8-bit pixels and the grader the same enhanced values, in a quarter of the bytes."""
+    from pydicom.data import get_testdata_file
+
+    from spine_node.models.grader import crop_box
+    from spine_node.results.overlay import render_overlay
+    from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status
+
+    ds = pydicom.dcmread(get_testdata_file("MR_small.dcm"))  # 16-bit, windowed
+    full = prepare(ds, PrepParams(triage_size=64, detect_size=96))
+    small = imaging.prepare_compact(ds, PrepParams(triage_size=64, detect_size=96))
+    assert small.source.pixels.dtype == small.enhanced.dtype == np.uint8
+    np.testing.assert_array_equal(small.source.pixels, imaging.to_uint8(full.source.pixels))
+    np.testing.assert_array_equal(imaging.unit_float(small.enhanced), full.enhanced)  # bit for bit
+    np.testing.assert_array_equal(small.triage, full.triage)
+    np.testing.assert_array_equal(small.detect, full.detect)
+    assert small.letterbox == full.letterbox
+    box = (10.0, 12.0, 40.0, 44.0)
+    np.testing.assert_array_equal(crop_box(small.enhanced, box, 32), crop_box(full.enhanced, box, 32))
+    result = CascadeResult(sop_instance_uid=str(ds.SOPInstanceUID), status=Status.POSITIVE,
+                           score=0.9, threshold=0.5, findings=(Finding("Osteophytes", 0.8, box),))
+    model = ModelInfo(name="m", version="1")
+    np.testing.assert_array_equal(render_overlay(small.source.pixels, result, model),
+                                  render_overlay(full.source.pixels, result, model))
+    with pytest.raises(TypeError, match="params must be PrepParams"):
+        imaging.prepare_compact(ds, {})  # type: ignore[arg-type]

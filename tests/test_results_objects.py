@@ -18,9 +18,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spine_node import imaging
+from spine_node.imaging import to_uint8
 from spine_node.results import codes, uids
 from spine_node.results.builder import ResultOptions, build_results, reference_dataset
-from spine_node.results.overlay import banner_lines, to_uint8, upscale_factor
+from spine_node.results.overlay import banner_lines, upscale_factor
 from spine_node.results.types import CascadeResult, Finding, ModelInfo, Status, display_label
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

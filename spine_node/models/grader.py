@@ -20,6 +20,7 @@ import numpy as np
 from skimage.feature import hog
 from skimage.transform import resize
 
+from spine_node.imaging import unit_float
 from spine_node.labels import MEYERDING_GRADES
 
 __all__ = [
@@ -68,7 +69,8 @@ def crop_box(
     Parameters
     ----------
     image : numpy.ndarray
-        2-D float image in [0, 1] (the prepared full-resolution image).
+        2-D float image in [0, 1] or its uint8 form (the prepared full-resolution image,
+        ``PreparedImage.enhanced``; see ``imaging.unit_float``).
     box : sequence of float
         ``(xmin, ymin, xmax, ymax)``, column/row pixel coordinates.
     size : int
@@ -103,7 +105,7 @@ def crop_box(
     c1, r1 = min(w, int(np.ceil(x1 + mx))), min(h, int(np.ceil(y1 + my)))
     if c1 - c0 < 2 or r1 - r0 < 2:
         raise ValueError(f"box {box!r} lies outside the {w}x{h} image")
-    crop = image[r0:r1, c0:c1].astype(np.float32)
+    crop = unit_float(image[r0:r1, c0:c1])  # an 8-bit enhanced image: the same k / 255
     return resize(crop, (size, size), order=1, anti_aliasing=True, preserve_range=True).astype(
         np.float32
     )
@@ -161,7 +163,7 @@ def grade(grader: Grader, image: np.ndarray, box: Sequence[float]) -> str:
     grader : Grader
         From :func:`load_grader`.
     image : numpy.ndarray
-        ``PreparedImage.enhanced`` (CLAHE'd full resolution, float [0, 1]).
+        ``PreparedImage.enhanced`` (CLAHE'd full resolution, float [0, 1] or uint8).
     box : sequence of float
         The finding's ``(xmin, ymin, xmax, ymax)`` in source pixels.
     """

@@ -51,7 +51,7 @@ def render_heatmap(
     Parameters
     ----------
     pixels : numpy.ndarray
-        float ``(rows, columns)`` in [0, 1], display polarity.
+        float ``(rows, columns)`` in [0, 1] or uint8 (``imaging.to_uint8``), display polarity.
     heatmap : numpy.ndarray
         float ``(rows, columns)`` in [0, 1] (same shape).
     lines : list of str
@@ -62,7 +62,7 @@ def render_heatmap(
     (numpy.ndarray, float)
         uint8 RGB ``(banner_rows + r, c, 3)`` and the scale applied to the image.
     """
-    image = np.asarray(pixels, dtype=np.float32)
+    image = imaging.unit_float(np.asarray(pixels))
     heat = np.asarray(heatmap, dtype=np.float32)
     if image.ndim != 2 or min(image.shape) < 1:
         raise ValueError(f"pixels must be a non-empty 2-D array, got shape {image.shape}")

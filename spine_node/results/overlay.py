@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from spine_node import imaging
+from spine_node.imaging import to_uint8
 from spine_node.results import codes, layout
 from spine_node.results.equipment import algorithm_equipment, software_versions
 from spine_node.results.options import ResultOptions
@@ -90,7 +91,7 @@ def render_overlay(
     Parameters
     ----------
     pixels : numpy.ndarray
-        float, shape (rows, columns), values in [0, 1], display polarity.
+        float in [0, 1] or uint8 (``imaging.to_uint8``), shape (rows, columns), display polarity.
     result, model
         What to draw.
 
@@ -104,8 +105,8 @@ def render_overlay(
     array = np.asarray(pixels)
     if array.ndim != 2 or min(array.shape) < 1:
         raise ValueError(f"pixels must be a non-empty 2-D array, got shape {array.shape}")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise TypeError(f"pixels must be floating point in [0, 1], got {array.dtype}")
+    if not (np.issubdtype(array.dtype, np.floating) or array.dtype == np.uint8):
+        raise TypeError(f"pixels must be floating point in [0, 1] or uint8, got {array.dtype}")
     image = to_uint8(array)
     scale = upscale_factor(image.shape[1])
     if scale > 1:
@@ -148,30 +149,6 @@ def render_overlay(
 
     banner = _banner(banner_lines(result, model), width, font_scale, thickness)
     return np.vstack([banner, image])
-
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """Map display values in ``[0, 1]`` to 8 bits: ``round(255 * v)``, clipped to 0..255.
-
-    Rounds half to even (as ``numpy.rint``); NaN gives 0, +inf 255, -inf 0. One float32
-    temporary, clipped in place, and OpenCV's rounding conversion: a few ms for 2500 x 2000
-    pixels, where ``clip(rint(nan_to_num(v) * 255))`` made five full-size temporaries.
-
-    Parameters
-    ----------
-    pixels : numpy.ndarray
-        float, shape (rows, columns).
-
-    Returns
-    -------
-    numpy.ndarray
-        uint8, same shape.
-    """
-    with np.errstate(over="ignore", invalid="ignore"):
-        scaled = np.multiply(pixels, np.float32(255.0), dtype=np.float32)
-    np.fmax(scaled, 0.0, out=scaled)  # NaN -> 0, negatives -> 0 (convertScaleAbs takes |v|)
-    np.minimum(scaled, 255.0, out=scaled)  # +inf -> 255
-    return cv2.convertScaleAbs(scaled)  # rounds half to even, as numpy.rint
 
 
 def upscale_factor(columns: int) -> int:
