@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, values in times.items():
         median = statistics.median(values)
         extra = "" if name == "in-process" else f"  (+{median - floor:.4f} s over in-process)"
-        print(f"{name:22s} median {median:.4f} s, min {min(values):.4f} s{extra}")
+        print(f"{name:24s} median {median:.4f} s, min {min(values):.4f} s{extra}")
     print(f"shared-area preparer: {in_pipe[0]} requests and {in_pipe[1]} results "
           "went through the pipe (too big for the area)")
     return 0

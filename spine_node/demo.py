@@ -238,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
             for uid, payload in entry["results"]:
                 rows.append((entry["study_instance_uid"], uid, ResultRecord.from_json(payload)))
         _print_results(out, rows, elapsed)
-        print(f"inspect it: {_cli_name()} status --config {config}  (also worklist, feedback)")
+        print(f"inspect it: {_cli_name()} status --config {config}  (also worklist, feedback list)")
         if args.keep_open:
             print(f"status page: {page} (the node keeps running: press Ctrl-C to stop)",
                   flush=True)

@@ -105,3 +105,43 @@ def test_bad_arguments_are_refused_before_any_work() -> None:
         ParallelBuilder(object())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="timeout_s must be > 0"):
         ParallelBuilder(ResultOptions(), timeout_s=0)
+
+
+def test_a_killed_node_leaves_no_helper_behind(tmp_path: object) -> None:
+    """SIGKILL cannot stop the helper from the node; the helper sees its parent gone and ends
+    (it would otherwise wait on its task queue for ever, re-parented to init)."""
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import multiprocessing, sys, time\n"
+        "from spine_node.results.builder import ResultOptions\n"
+        "from spine_node.results.parallel import ParallelBuilder\n"
+        "if __name__ == '__main__':\n"
+        "    builder = ParallelBuilder(ResultOptions())\n"
+        "    print(' '.join(str(p.pid) for p in multiprocessing.active_children()), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    node = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert node.stdout is not None
+        helpers = [int(pid) for pid in node.stdout.readline().split()]
+        assert helpers
+        assert all(_alive(pid) for pid in helpers)
+    finally:
+        node.kill()
+        node.wait(timeout=30)
+    deadline = time.monotonic() + 60  # a wait for the outcome, not a timing goal
+    while any(_alive(pid) for pid in helpers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in helpers)
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -1,7 +1,7 @@
 """Build an image's result objects in two processes at once: the SR in a helper process, the
 images (overlay, heatmap, GSPS) in the worker.
 
-Building and encoding the SR (TID 1500, highdicom) is pure Python: about 45-60 ms per positive
+Building and encoding the SR (TID 1500, highdicom) is pure Python: 36-70 ms per positive
 image on this project's reference CPU, most of the time the node spends outside the models
 after the detector (``benchmarks/latency.py``). The overlay needs the decoded image, which is
 in the worker; the SR needs only the header and the findings. So :class:`ParallelBuilder`
@@ -16,7 +16,8 @@ The helper is a convenience, never a point of failure: when it has died, hangs p
 says why); a helper that died or hangs is replaced by a new one (a hung one is left to end
 on its own: the standard library's pool cannot kill it); an error the SR's build raises in
 the worker too propagates as from ``build_results``. The helper is started and warmed (imports, highdicom's
-tables of the standard) when the builder is made, not on the first image.
+tables of the standard) when the builder is made, not on the first image, and ends by itself
+when the process that made it is gone (a node killed with SIGKILL leaves no helper behind).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import dataclasses
 import logging
 import multiprocessing
 import os
+import threading
+import time
 from concurrent.futures.process import BrokenProcessPool
 
 from pydicom import dcmread
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ParallelBuilder", "encoded_sr", "helper_wanted"]
 
+#: How often the helper checks that the process that started it is still there (seconds).
+PARENT_CHECK_S = 1.0
 #: DX Image Storage - For Presentation: the warm-up source's SOP class.
 _DX_FOR_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.1"
 
@@ -72,6 +77,24 @@ def encoded_sr(
     buffer = DicomBytesIO()
     sr.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+def _helper_start(parent_pid: int) -> None:
+    """Helper process start: end it when the worker's process is gone.
+
+    A node killed outright (SIGKILL, or OOM) cannot stop its helper, which would wait on its
+    task queue for ever (it holds that pipe's both ends); a daemon thread watches the parent's
+    pid instead and ends the helper within :data:`PARENT_CHECK_S`.
+    """
+    threading.Thread(
+        target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
+    ).start()
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(PARENT_CHECK_S)
+    os._exit(0)
 
 
 def _warm_up() -> None:
@@ -127,7 +150,10 @@ class ParallelBuilder:
 
     def _start(self) -> None:
         self._executor = concurrent.futures.ProcessPoolExecutor(
-            max_workers=1, mp_context=multiprocessing.get_context("spawn")
+            max_workers=1,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_helper_start,
+            initargs=(os.getpid(),),
         )
         self._executor.submit(_warm_up)  # starts the helper now; the first SR waits for it
 
