@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -52,13 +53,24 @@ def _source(tmp_path: object, sop: str) -> Dataset:
     return write_and_read(dx_source(sop=sop), Path(str(tmp_path)) / f"{sop}.dcm")
 
 
+def _warm(builder: ParallelBuilder) -> None:
+    deadline = time.monotonic() + 120  # a wait for the helper's start, not a timing goal
+    while not builder.ready() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert builder.ready()
+
+
 def test_same_objects_as_build_results(builder: ParallelBuilder, tmp_path: object) -> None:
     source = _source(tmp_path, "1.2.826.0.1.3680043.8.498.31")
     result = positive(source, n=3)
     want = _encoded(build_results(source, result, MODEL, ResultOptions(gsps=True)))
+    early = builder(source, result, MODEL)  # the helper is still starting: built here
+    assert builder.built_here == 1
+    _warm(builder)
     got = builder(source, result, MODEL)
+    assert builder.built_here == 1  # by the helper
     assert [str(o.Modality) for o in got] == ["SR", "OT", "PR"]
-    assert _encoded(got) == want  # byte for byte (but the clock): same UIDs, content, order
+    assert _encoded(got) == _encoded(early) == want  # byte for byte (but the clock)
     assert builder.helper_failures == 0
     assert "PixelData" in source  # the worker's dataset is left whole
 
@@ -66,8 +78,9 @@ def test_same_objects_as_build_results(builder: ParallelBuilder, tmp_path: objec
 def test_helper_killed_sr_built_in_the_worker_then_a_new_helper(
     builder: ParallelBuilder, tmp_path: object, caplog: pytest.LogCaptureFixture
 ) -> None:
+    _warm(builder)
     first = _source(tmp_path, "1.2.826.0.1.3680043.8.498.41")
-    builder(first, positive(first), MODEL)  # the helper is up and warm
+    builder(first, positive(first), MODEL)
     helpers = multiprocessing.active_children()
     assert helpers
     for helper in helpers:
@@ -80,9 +93,10 @@ def test_helper_killed_sr_built_in_the_worker_then_a_new_helper(
     assert builder.helper_failures == 1
     assert "SR helper process failed" in caplog.text
     assert "a new helper is started" in caplog.text
+    _warm(builder)
     third = _source(tmp_path, "1.2.826.0.1.3680043.8.498.43")
     builder(third, positive(third), MODEL)
-    assert builder.helper_failures == 1  # the new helper built it
+    assert builder.helper_failures == 1 and builder.built_here == 1  # the new helper built it
     assert {h.pid for h in multiprocessing.active_children()}.isdisjoint({h.pid for h in helpers})
 
 
@@ -90,6 +104,7 @@ def test_an_error_of_the_sr_build_itself_reaches_the_caller(
     builder: ParallelBuilder, tmp_path: object
 ) -> None:
     """A model whose name the SR cannot carry fails here as in build_results (no restart)."""
+    _warm(builder)
     source = _source(tmp_path, "1.2.826.0.1.3680043.8.498.51")
     result = positive(source)
     bad = ModelInfo(name="", version="1.0")

@@ -15,9 +15,10 @@ The helper is a convenience, never a point of failure: when it has died, hangs p
 ``timeout_s`` or fails for any reason, the SR is built in the worker as before (a warning
 says why); a helper that died or hangs is replaced by a new one (a hung one is left to end
 on its own: the standard library's pool cannot kill it); an error the SR's build raises in
-the worker too propagates as from ``build_results``. The helper is started and warmed (imports, highdicom's
-tables of the standard) when the builder is made, not on the first image, and ends by itself
-when the process that made it is gone (a node killed with SIGKILL leaves no helper behind).
+the worker too propagates as from ``build_results``. The helper is started and warmed
+(imports, highdicom's tables of the standard) when the builder is made; until it is ready,
+SRs are built in the worker, so no image waits for it. It ends by itself when the process
+that made it is gone (a node killed with SIGKILL leaves no helper behind).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ParallelBuilder", "encoded_sr", "helper_wanted"]
 
+#: Niceness added to the helper: a node starting (or restarted) is not slowed by its warm-up.
+HELPER_NICENESS = 5
 #: How often the helper checks that the process that started it is still there (seconds).
 PARENT_CHECK_S = 1.0
 #: DX Image Storage - For Presentation: the warm-up source's SOP class.
@@ -89,6 +92,10 @@ def _helper_start(parent_pid: int) -> None:
     threading.Thread(
         target=_watch_parent, args=(parent_pid,), name="parent-watch", daemon=True
     ).start()
+    try:
+        os.nice(HELPER_NICENESS)  # its start-up yields to the node's own (receiver, models)
+    except OSError:
+        pass
 
 
 def _watch_parent(parent_pid: int) -> None:
@@ -133,6 +140,14 @@ class ParallelBuilder:
         Series numbers, descriptions and switches, as for ``build_results``.
     timeout_s : float
         Longest wait for the helper's SR (seconds, > 0) before building it here.
+
+    Attributes
+    ----------
+    helper_failures : int
+        SRs the helper did not deliver (each logged).
+    built_here : int
+        SRs built in this process: while the helper was starting (a node's first images are
+        never kept waiting for it) or after it failed.
     """
 
     def __init__(self, options: ResultOptions, timeout_s: float = 60.0) -> None:
@@ -145,7 +160,9 @@ class ParallelBuilder:
         self.options = options
         self.timeout_s = float(timeout_s)
         self.helper_failures = 0
+        self.built_here = 0
         self._executor: concurrent.futures.ProcessPoolExecutor | None = None
+        self._warm: concurrent.futures.Future[None] | None = None
         self._start()
 
     def _start(self) -> None:
@@ -155,7 +172,11 @@ class ParallelBuilder:
             initializer=_helper_start,
             initargs=(os.getpid(),),
         )
-        self._executor.submit(_warm_up)  # starts the helper now; the first SR waits for it
+        self._warm = self._executor.submit(_warm_up)  # starts the helper now
+
+    def ready(self) -> bool:
+        """True once the helper has started and warmed up (until then SRs are built here)."""
+        return self._warm is not None and self._warm.done()
 
     def _replace(self) -> None:
         executor, self._executor = self._executor, None
@@ -177,10 +198,13 @@ class ParallelBuilder:
             raise RuntimeError("the result builder is closed")
         light = dataclasses.replace(result, display=None, heatmap=None)
         pending: concurrent.futures.Future[bytes] | None = None
-        try:
-            pending = self._executor.submit(encoded_sr, without_pixels(source), light, model, options, frame)
-        except BrokenProcessPool as exc:
-            self._helper_failed(result.sop_instance_uid, exc, restart=True)
+        if self.ready():  # a helper still starting would make this image wait for it
+            try:
+                pending = self._executor.submit(
+                    encoded_sr, without_pixels(source), light, model, options, frame
+                )
+            except BrokenProcessPool as exc:
+                self._helper_failed(result.sop_instance_uid, exc, restart=True)
         images = image_objects(source, result, model, options)
         sr: Dataset | None = None
         if pending is not None:
@@ -191,6 +215,7 @@ class ParallelBuilder:
             except Exception as exc:  # the build failed there: here it fails too, or works
                 self._helper_failed(result.sop_instance_uid, exc, restart=False)
         if sr is None:
+            self.built_here += 1
             sr = build_sr_object(source, result, model, options, frame)
         return [sr, *images]
 
