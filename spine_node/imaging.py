@@ -1202,7 +1202,9 @@ def _finish(source: SourceImage, params: PrepParams, *, compact: bool = False) -
     )
 
 
-def prepare(ds: Dataset, params: PrepParams = DEFAULT_PARAMS) -> PreparedImage:
+def prepare(
+    ds: Dataset, params: PrepParams = DEFAULT_PARAMS, *, compact: bool = False
+) -> PreparedImage:
     """Decode a dataset and build every model input (the one preparation path).
 
     Parameters
@@ -1211,6 +1213,8 @@ def prepare(ds: Dataset, params: PrepParams = DEFAULT_PARAMS) -> PreparedImage:
         Dataset with Pixel Data (see :func:`decode`).
     params : PrepParams
         Sizes and CLAHE settings.
+    compact : bool
+        The source frame and the CLAHE'd image at 8 bits (:func:`prepare_compact`).
 
     Returns
     -------
@@ -1224,7 +1228,7 @@ def prepare(ds: Dataset, params: PrepParams = DEFAULT_PARAMS) -> PreparedImage:
     """
     if not isinstance(params, PrepParams):
         raise TypeError(f"params must be PrepParams, got {type(params).__name__}")
-    return _finish(decode(ds, max_pixels=params.max_pixels), params)
+    return _finish(decode(ds, max_pixels=params.max_pixels), params, compact=compact)
 
 
 def prepare_compact(ds: Dataset, params: PrepParams = DEFAULT_PARAMS) -> PreparedImage:
@@ -1242,9 +1246,7 @@ def prepare_compact(ds: Dataset, params: PrepParams = DEFAULT_PARAMS) -> Prepare
     ImageError
         When the image cannot be read.
     """
-    if not isinstance(params, PrepParams):
-        raise TypeError(f"params must be PrepParams, got {type(params).__name__}")
-    return _finish(decode(ds, max_pixels=params.max_pixels), params, compact=True)
+    return prepare(ds, params, compact=True)
 
 
 def prepare_array(pixels: np.ndarray, params: PrepParams = DEFAULT_PARAMS) -> PreparedImage:
